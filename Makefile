@@ -1,0 +1,48 @@
+# The two commands: `make run` and `make test`. Both set everything up first, idempotently.
+SHELL := /bin/bash
+PYTHON_VERSION ?= 3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help setup run stop status test test-unit test-integration lint format lock bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@command -v uv >/dev/null || python3 -m pip install --quiet uv
+	@test -x $(PY) || uv venv --quiet --python $(PYTHON_VERSION) $(VENV)
+	VIRTUAL_ENV=$(VENV) uv pip install --quiet -r requirements.txt -r requirements-dev.txt
+	VIRTUAL_ENV=$(VENV) uv pip install --quiet --no-deps -e .
+	@touch $(STAMP)
+
+setup: $(STAMP) ## Create .venv and install the pinned environment
+
+lock: ## Recompile the pinned requirements from requirements*.in
+	uv pip compile --quiet --python $(PYTHON_VERSION) requirements.in -o requirements.txt
+	uv pip compile --quiet --python $(PYTHON_VERSION) requirements-dev.in -o requirements-dev.txt
+
+lint: setup ## Ruff over the whole repository
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
+
+run: setup ## Start the platform on embedded defaults and trigger the demo training run
+	$(PY) -m airmlops.platform up --trigger churn_training
+
+stop: ## Stop what `make run` started
+	@test -x $(PY) && $(PY) -m airmlops.platform down || true
+
+status: setup ## Show which platform processes are alive
+	$(PY) -m airmlops.platform status
+
+test: setup lint ## Lint, then every test suite (unit, DAG, integration, e2e)
+	$(VENV)/bin/pytest tests
+
+test-unit: setup
+	$(VENV)/bin/pytest tests/unit tests/dags
+
+clean: stop ## Remove data and runtime state (keeps .venv)
+	rm -rf .data .run

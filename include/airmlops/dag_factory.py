@@ -1,0 +1,209 @@
+"""Turns each pipeline spec into its Airflow DAGs.
+
+Parse-time cost matters (the DAG processor parses often), so this module imports only Airflow's
+SDK, pydantic and YAML; every task imports what it needs when it runs. A spec that fails
+validation yields one placeholder DAG that explains the error (in its docs and in the failure of
+its only task), so the problem shows in the UI while every other pipeline keeps loading.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Param, dag, get_current_context, task
+
+from airmlops.settings import get_settings
+from airmlops.spec import NAME_PATTERN, PipelineSpec, SpecError, load_spec, spec_paths
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARGS = {
+    "owner": "mlops",
+    "retries": 2,
+    "retry_delay": dt.timedelta(seconds=30),
+    "retry_exponential_backoff": True,
+}
+SCENARIOS = ["stable", "covariate_drift", "concept_drift", "data_quality"]
+
+TRAINING_DOC = """
+### {name}: training
+
+{description}
+
+The lifecycle, one task per stage:
+**ingest** (immutable, content-addressed snapshot of the run's data interval) →
+**validate_data** (Great Expectations suite from the spec; a failing batch is quarantined with its
+report and nothing downstream runs) → **preprocess** (time-based split with an embargo of
+{gap_days} days) → **train** (scikit-learn Pipeline `{estimator}`, tracked in MLflow with lineage)
+→ **validate_model** (absolute gates on `{metric}` and a paired bootstrap against the champion;
+not blessed ends the run here, successfully) → **register** (new version, alias `challenger`).
+
+Spec: `{path}` (hash `{spec_hash}`). Task: {task}. Schedule: `{schedule}`.
+"""
+
+
+def _run_context(spec: PipelineSpec):
+    """The current task's RunContext, from Airflow's context and the run's params."""
+    from airmlops.stages import RunContext, resolve_git_commit
+
+    context = get_current_context()
+    dag_run = context["dag_run"]
+    params = context["params"]
+    as_of = context.get("data_interval_end") or dag_run.logical_date or dag_run.run_after
+    reason = params.get("trigger_reason") or (
+        "scheduled" if dag_run.run_type == "scheduled" else f"{dag_run.run_type} run"
+    )
+    return RunContext(
+        dag_id=dag_run.dag_id,
+        run_id=dag_run.run_id,
+        as_of=as_of,
+        git_commit=resolve_git_commit(params.get("git_commit"), get_settings()),
+        trigger_reason=str(reason),
+        scenario=params.get("scenario"),
+        full_history=bool(params.get("full_history")),
+    )
+
+
+def training_params() -> dict[str, Param]:
+    """Typed params for manual runs (and the conf a webhook or the monitoring DAG sends)."""
+    return {
+        "trigger_reason": Param(None, type=["null", "string"], maxLength=500,
+                                description="Why this run happens; recorded in MLflow."),
+        "git_commit": Param(None, type=["null", "string"], pattern="^[0-9a-fA-F]{7,64}$",
+                            description="Commit to record in lineage (webhooks set it)."),
+        "git_ref": Param(None, type=["null", "string"], maxLength=255),
+        "git_repository": Param(None, type=["null", "string"], maxLength=255),
+        "scenario": Param(None, type=["null", "string"], enum=[None, *SCENARIOS],
+                          description="Simulator only: override the spec's scenario."),
+        "full_history": Param(False, type="boolean",
+                              description="Read the source from the spec's start_date."),
+    }
+
+
+def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
+    """The ``<name>_training`` DAG: ingest → … → register."""
+    from airmlops import stages
+
+    def load() -> PipelineSpec:
+        # Tasks read the spec file as it is when they run, validated again.
+        return load_spec(spec_path)
+
+    @dag(
+        dag_id=spec.training_dag_id,
+        schedule=spec.schedule,
+        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        default_args={**DEFAULT_ARGS, "owner": spec.owner},
+        tags=["mlops", "training", spec.name, *spec.tags],
+        doc_md=TRAINING_DOC.format(
+            name=spec.name, description=spec.description.strip(), gap_days=spec.training.gap_days,
+            estimator=spec.estimator.class_path, metric=spec.gates.primary_metric,
+            path=spec_path.name, spec_hash=spec.spec_hash()[:12], task=spec.task,
+            schedule=spec.schedule,
+        ),
+        params=training_params(),
+    )
+    def training() -> None:
+        @task
+        def ingest() -> dict[str, Any]:
+            """Snapshot the run's data interval (content-addressed, written once)."""
+            current = load()
+            return stages.ingest(current, _run_context(current), get_settings())
+
+        @task
+        def validate_data(snapshot: dict[str, Any]) -> dict[str, Any]:
+            """Data contract; a failing batch is quarantined and the run fails without retries."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            try:
+                return stages.validate_data(load(), snapshot, get_settings())
+            except stages.DataValidationFailed as failure:
+                raise AirflowFailException(str(failure)) from failure
+
+        @task
+        def preprocess(snapshot: dict[str, Any]) -> dict[str, Any]:
+            """Point-in-time training set with a time-based split."""
+            return stages.preprocess(load(), snapshot, get_settings())
+
+        @task
+        def train(training_set: dict[str, Any]) -> dict[str, Any]:
+            """Fit and track the model."""
+            current = load()
+            return stages.train(current, training_set, _run_context(current), get_settings())
+
+        @task.short_circuit
+        def validate_model(trained: dict[str, Any]) -> bool:
+            """Gates; False skips everything downstream (the run still succeeds)."""
+            decision = stages.validate_model(load(), trained, get_settings())
+            return bool(decision["blessed"])
+
+        @task
+        def register(trained: dict[str, Any]) -> dict[str, Any]:
+            """New model version with alias ``challenger``."""
+            return stages.register(load(), trained, get_settings())
+
+        snapshot = ingest()
+        checked = validate_data(snapshot)
+        training_set = preprocess(snapshot)
+        checked >> training_set
+        trained = train(training_set)
+        validate_model(trained) >> register(trained)
+
+    return training()
+
+
+def _placeholder_name(path: Path) -> str:
+    stem = re.sub(r"[^a-z0-9_]", "_", path.stem.lower())
+    return stem if re.match(NAME_PATTERN, stem) else f"pipeline_{stem}"[:60]
+
+
+def build_invalid_spec_dag(path: Path, error: SpecError) -> DAG:
+    """A DAG that shows a spec's validation error in the UI and fails if triggered."""
+    message = str(error)
+
+    @dag(
+        dag_id=f"{_placeholder_name(path)}_invalid_spec",
+        schedule=None,
+        start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+        catchup=False,
+        default_args=DEFAULT_ARGS,
+        tags=["mlops", "invalid-spec"],
+        doc_md=f"### Invalid pipeline spec\n\n```\n{message}\n```\n\nFix the file; this DAG "
+        "disappears and the pipeline's DAGs load on the next parse.",
+    )
+    def invalid_spec() -> None:
+        @task
+        def explain() -> None:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(message)
+
+        explain()
+
+    return invalid_spec()
+
+
+def build_all(pipelines_dir: Path | None = None) -> dict[str, DAG]:
+    """Every DAG of every spec in the folder, keyed by dag_id."""
+    folder = pipelines_dir or get_settings().pipelines_dir
+    dags: dict[str, DAG] = {}
+    for path in spec_paths(folder):
+        try:
+            spec = load_spec(path)
+        except SpecError as error:
+            log.error("%s", error)
+            built = [build_invalid_spec_dag(path, error)]
+        else:
+            built = [build_training_dag(spec, path)]
+        for item in built:
+            if item.dag_id in dags:
+                log.error("%s: dag_id %s is already defined by another spec; skipped",
+                          path, item.dag_id)
+                continue
+            dags[item.dag_id] = item
+    return dags

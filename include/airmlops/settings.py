@@ -1,0 +1,87 @@
+"""One typed settings object, read from the environment (prefix ``MLOPS_``) and ``.env``.
+
+Every field is documented in ``.env.example``. Nothing is created or contacted at import time:
+call :func:`get_settings` where a setting is needed.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+"""The repository root when the package is installed editable (the supported layout)."""
+
+
+class Settings(BaseSettings):
+    """Platform settings. Secrets come only from here or from Airflow connections."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MLOPS_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    data_root: Path = Field(
+        default=PROJECT_ROOT / ".data",
+        description="Root of all platform data: snapshots, quarantine, features, reports.",
+    )
+    pipelines_dir: Path = Field(
+        default=PROJECT_ROOT / "include" / "pipelines",
+        description="Folder of pipeline specs (one YAML file per model).",
+    )
+    mlflow_tracking_uri: str = Field(
+        default="http://127.0.0.1:5000",
+        description="MLflow tracking server (tracking and model registry).",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis URL for the online store and prediction log; unset means SQLite.",
+    )
+    git_commit: str | None = Field(
+        default=None,
+        description="Commit recorded in lineage when a run's conf carries none; "
+        "unset means `git rev-parse HEAD` of the project checkout.",
+    )
+    github_webhook_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="Shared secret of GitHub webhooks; empty refuses every GitHub delivery.",
+    )
+    gitlab_webhook_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Secret token of GitLab webhooks; empty refuses every GitLab delivery.",
+    )
+    webhook_branches: list[str] = Field(
+        default=["main"],
+        description="Branches whose pushes trigger training (JSON list in the environment).",
+    )
+    webhook_max_body_bytes: int = Field(
+        default=1_048_576,
+        description="Largest webhook body accepted, in bytes; larger gets 413.",
+    )
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.data_root / "snapshots"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_root / "quarantine"
+
+    @property
+    def training_sets_dir(self) -> Path:
+        return self.data_root / "training_sets"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_root / "reports"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once on first use."""
+    return Settings()

@@ -1,0 +1,319 @@
+"""The pipeline spec: one YAML file per model under ``include/pipelines/``.
+
+A spec says where the data comes from, which columns are the entity key, the event time, the
+label and the features, which estimator to train, which gates a model must pass and how it is
+monitored and deployed. Adding a model to the platform means adding a spec; no code.
+
+:func:`load_spec` validates a file and raises :class:`SpecError` naming the file, the field and
+what was expected. Loading is cheap (no heavy imports), so the DAG factory can call it at parse
+time; :func:`resolve_estimator` does the expensive check of the estimator class.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+ESTIMATOR_PATTERN = r"^sklearn(\.[a-z_][a-z0-9_]*)+\.[A-Z][A-Za-z0-9]*$"
+"""Only scikit-learn estimators: a spec must not be able to import arbitrary code."""
+
+Column = Annotated[str, Field(pattern=COLUMN_PATTERN)]
+
+HIGHER_IS_BETTER = {"roc_auc": True, "accuracy": True, "f1": True, "precision": True,
+                    "recall": True, "log_loss": False, "r2": True, "mae": False, "rmse": False}
+METRICS_BY_TASK = {
+    "binary_classification": ("roc_auc", "accuracy", "f1", "precision", "recall", "log_loss"),
+    "regression": ("mae", "rmse", "r2"),
+}
+
+
+class SpecError(ValueError):
+    """A pipeline spec is invalid. The message names the file, the field and what was expected."""
+
+    def __init__(self, path: Path | str, problems: list[tuple[str, str]]) -> None:
+        self.path = str(path)
+        self.problems = problems
+        lines = [f"{field}: {message}" for field, message in problems]
+        super().__init__(f"invalid pipeline spec {self.path}:\n  " + "\n  ".join(lines))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SimulatorSource(_Strict):
+    """The built-in subscription-business simulator (deterministic for a seed)."""
+
+    kind: Literal["simulator"]
+    seed: int = 7
+    customers: int = Field(default=2000, ge=10, le=5_000_000)
+    scenario: Literal["stable", "covariate_drift", "concept_drift", "data_quality"] = "stable"
+    scenario_start: dt.date | None = Field(
+        default=None, description="First day the scenario applies; before it the data is stable."
+    )
+    label_delay_days: int = Field(default=30, ge=0, le=365)
+
+
+class FileSource(_Strict):
+    """CSV or Parquet files: one path or a glob, relative paths under the data root."""
+
+    kind: Literal["file"]
+    path: str = Field(min_length=1)
+    format: Literal["csv", "parquet"] | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _no_parent_escape(cls, value: str) -> str:
+        if ".." in Path(value).parts:
+            raise ValueError("must not contain '..'")
+        return value
+
+
+class SqlSource(_Strict):
+    """A SQL query through an Airflow connection.
+
+    The query is parameterised: it must use the named parameters ``%(start)s`` and ``%(end)s``
+    (or ``:start``/``:end``), which the platform binds to the run's data interval.
+    """
+
+    kind: Literal["sql"]
+    conn_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,250}$")
+    query: str = Field(min_length=1)
+
+    @field_validator("query")
+    @classmethod
+    def _uses_interval_parameters(cls, value: str) -> str:
+        if not re.search(r"(%\(start\)s|:start\b)", value) or not re.search(
+            r"(%\(end\)s|:end\b)", value
+        ):
+            raise ValueError("must bind the data interval as %(start)s and %(end)s parameters")
+        return value
+
+
+Source = Annotated[SimulatorSource | FileSource | SqlSource, Field(discriminator="kind")]
+
+
+class FeatureColumn(_Strict):
+    """One model input column and what valid values look like."""
+
+    name: Column
+    type: Literal["numeric", "categorical"]
+    min: float | None = None
+    max: float | None = None
+    values: list[str] | None = Field(default=None, description="Allowed categories.")
+    max_null_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bounds_fit_type(self) -> FeatureColumn:
+        if self.type == "categorical" and (self.min is not None or self.max is not None):
+            raise ValueError("min/max apply to numeric features only")
+        if self.type == "numeric" and self.values is not None:
+            raise ValueError("values apply to categorical features only")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class TrainingConfig(_Strict):
+    window_days: int = Field(default=120, ge=1, le=36500,
+                             description="History pulled for one training run.")
+    test_fraction: float = Field(default=0.2, gt=0.0, lt=0.9)
+    gap_days: int = Field(default=0, ge=0, le=365,
+                          description="Embargo between train and test (the label horizon).")
+    min_rows: int = Field(default=200, ge=10)
+
+
+class EstimatorConfig(_Strict):
+    class_path: str = Field(pattern=ESTIMATOR_PATTERN)
+    params: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 42
+
+
+class ChampionComparison(_Strict):
+    max_regression: float = Field(
+        default=0.0, ge=0.0,
+        description="The challenger is blessed when the lower confidence bound of "
+        "(challenger - champion) on the primary metric is at least -max_regression.",
+    )
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    n_bootstrap: int = Field(default=1000, ge=100, le=100_000)
+    recent_days: int | None = Field(
+        default=None, ge=1, description="Compare on the last N days of the held-out set only."
+    )
+
+
+class Gates(_Strict):
+    primary_metric: str
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Absolute bounds: a minimum for higher-is-better metrics, a maximum otherwise.",
+    )
+    champion: ChampionComparison = Field(default_factory=ChampionComparison)
+
+
+class PipelineSpec(_Strict):
+    """One model's pipeline."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    owner: str = "mlops"
+    schedule: str | None = Field(default=None, description="Cron or preset; null = triggered only.")
+    start_date: dt.date = dt.date(2026, 1, 1)
+    task: Literal["binary_classification", "regression"]
+    source: Source
+    entity_key: Column
+    timestamp: Column
+    label: Column
+    features: list[FeatureColumn] = Field(min_length=1)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    estimator: EstimatorConfig
+    gates: Gates
+    tags: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _columns_are_consistent(self) -> PipelineSpec:
+        names = [f.name for f in self.features]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"features: duplicated names {duplicated}")
+        special = {"entity_key": self.entity_key, "timestamp": self.timestamp, "label": self.label}
+        for field_name, column in special.items():
+            if column in names:
+                raise ValueError(f"{field_name} '{column}' must not also be a feature")
+        metrics = METRICS_BY_TASK[self.task]
+        if self.gates.primary_metric not in metrics:
+            raise ValueError(
+                f"gates.primary_metric: '{self.gates.primary_metric}' is not a {self.task} "
+                f"metric; expected one of {list(metrics)}"
+            )
+        unknown = sorted(set(self.gates.thresholds) - set(metrics))
+        if unknown:
+            raise ValueError(
+                f"gates.thresholds: unknown metric(s) {unknown}; expected any of {list(metrics)}"
+            )
+        return self
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def numeric_features(self) -> list[str]:
+        return [f.name for f in self.features if f.type == "numeric"]
+
+    @property
+    def categorical_features(self) -> list[str]:
+        return [f.name for f in self.features if f.type == "categorical"]
+
+    @property
+    def required_columns(self) -> list[str]:
+        return [self.entity_key, self.timestamp, self.label, *self.feature_names]
+
+    @property
+    def training_dag_id(self) -> str:
+        return f"{self.name}_training"
+
+    @property
+    def registered_model_name(self) -> str:
+        return self.name
+
+    def spec_hash(self) -> str:
+        """A digest of the validated spec (not of its formatting), recorded in lineage."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def features_hash(self) -> str:
+        """A digest of the feature definitions alone."""
+        canonical = json.dumps([f.model_dump(mode="json") for f in self.features], sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("simulator", "file", "sql") and parts and parts[-1] == "source":
+            continue  # the discriminator tag adds nothing for a reader
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts) or "(top level)"
+
+
+def _problems(error: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "is required"
+        elif item["type"] == "extra_forbidden":
+            message = "is not a known field"
+        elif "input" in item and item["type"] not in ("model_type",):
+            message = f"{message} (got {item['input']!r})"
+        problems.append((_field_path(item["loc"]), message))
+    return problems
+
+
+def parse_spec(data: Any, path: Path | str = "<memory>") -> PipelineSpec:
+    """Validate a spec given as a mapping; raise :class:`SpecError` on any bad field."""
+    if not isinstance(data, dict):
+        raise SpecError(path, [("(top level)", "expected a mapping of fields")])
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(path, _problems(error)) from None
+
+
+def load_spec(path: Path | str) -> PipelineSpec:
+    """Read and validate one spec file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SpecError(path, [("(file)", f"cannot be read: {error.strerror}")]) from None
+    except yaml.YAMLError as error:
+        raise SpecError(path, [("(file)", f"is not valid YAML: {error}")]) from None
+    return parse_spec(data, path)
+
+
+def spec_paths(pipelines_dir: Path) -> list[Path]:
+    """The spec files of a folder, in a stable order."""
+    return sorted([*pipelines_dir.glob("*.yaml"), *pipelines_dir.glob("*.yml")])
+
+
+def resolve_estimator(spec: PipelineSpec, path: Path | str = "<memory>") -> type:
+    """Import the estimator class and check it fits the task; raise :class:`SpecError` if not.
+
+    This imports scikit-learn, so it runs inside tasks and in ``airmlops spec check``, not at
+    DAG parse time.
+    """
+    module_name, _, class_name = spec.estimator.class_path.rpartition(".")
+    field = "estimator.class_path"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise SpecError(path, [(field, f"module '{module_name}' does not exist")]) from None
+    estimator = getattr(module, class_name, None)
+    if not isinstance(estimator, type):
+        raise SpecError(path, [(field, f"'{module_name}' has no estimator class '{class_name}'")])
+    from sklearn.base import is_classifier, is_regressor
+
+    try:
+        instance = estimator(**spec.estimator.params)
+    except TypeError as error:
+        raise SpecError(path, [("estimator.params", str(error))]) from None
+    wanted = is_classifier if spec.task == "binary_classification" else is_regressor
+    if not wanted(instance):
+        kind = "classifier" if spec.task == "binary_classification" else "regressor"
+        raise SpecError(path, [(field, f"'{class_name}' is not a {kind} (task is {spec.task})")])
+    return estimator

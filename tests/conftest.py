@@ -1,0 +1,22 @@
+"""Test-session defaults: every suite runs against its own Airflow home and data root.
+
+Nothing here touches the user's `make run` state under .run/ and .data/.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="airmlops-tests-"))
+
+# Set before anything imports airflow or airmlops.settings.
+os.environ.setdefault("AIRFLOW_HOME", str(_SESSION_DIR / "airflow"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("AIRFLOW__CORE__UNIT_TEST_MODE", "False")
+os.environ.setdefault("MLOPS_DATA_ROOT", str(_SESSION_DIR / "data"))
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
