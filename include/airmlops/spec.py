@@ -134,9 +134,19 @@ class TrainingConfig(_Strict):
 
 
 class EstimatorConfig(_Strict):
-    class_path: str = Field(pattern=ESTIMATOR_PATTERN)
+    class_path: str
     params: dict[str, Any] = Field(default_factory=dict)
     seed: int = 42
+
+    @field_validator("class_path")
+    @classmethod
+    def _is_a_sklearn_class_path(cls, value: str) -> str:
+        if not re.match(ESTIMATOR_PATTERN, value):
+            raise ValueError(
+                "expected a scikit-learn estimator class path such as "
+                "'sklearn.linear_model.LogisticRegression'"
+            )
+        return value
 
 
 class ChampionComparison(_Strict):

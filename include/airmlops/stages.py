@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,10 +144,11 @@ def preprocess(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings)
     frame = snapshots.read_snapshot(ref)
     train, test, split = dataset.time_split(frame, spec)
     key = f"{spec.name}/{ref.digest[:16]}-{spec.spec_hash()[:12]}"
-    paths = dataset.write_training_set(train, test, settings.training_sets_dir, key)
-    split_info = split.to_dict() if hasattr(split, "to_dict") else asdict(split)
+    paths = dataset.write_training_set(train, test, settings.training_sets_dir, key, split=split)
+    split_info = split.to_dict()
     log.info("preprocess %s: %s", spec.name, split_info)
-    return {**paths, "split": split_info, "data_digest": ref.digest}
+    return {"train_path": paths["train"], "test_path": paths["test"], "split": split_info,
+            "data_digest": ref.digest}
 
 
 def train(spec: PipelineSpec, training_set: dict[str, Any], run: RunContext,
@@ -179,8 +180,13 @@ def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settin
     if champion is not None:
         test = pd.read_parquet(trained["test_path"])
         champion_uri = f"models:/{spec.registered_model_name}/{champion.version}"
-        comparison = gates.evaluate_against_champion(spec, test, trained["model_uri"],
-                                                     champion_uri)
+        try:
+            comparison = gates.evaluate_against_champion(
+                spec, test, trained["model_uri"], champion_uri, tracking_uri=uri
+            )
+        except Exception:  # the champion cannot score these rows: fail closed, not crash
+            log.exception("validate_model %s: champion version %s could not be compared",
+                          spec.name, champion.version)
     decision = gates.decide(spec, trained["metrics"], comparison,
                             champion.version if champion else None)
     gates.log_decision(decision, trained["run_id"], uri)

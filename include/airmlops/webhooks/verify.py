@@ -25,8 +25,12 @@ COMMIT_PATTERN = re.compile(r"^[0-9a-f]{40}(?:[0-9a-f]{24})?$")
 """A full SHA-1 (40 hex) or SHA-256 (64 hex) object name, lower case as both providers send it."""
 REPOSITORY_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,100}(?:/[A-Za-z0-9_.-]{1,100}){1,20}$")
 """``owner/name`` on GitHub, ``group/subgroup/.../name`` on GitLab."""
-BRANCH_PATTERN = re.compile(r"^[^\x00-\x20\x7f~^:?*\[\\]{1,250}$")
-"""What git accepts in a branch name (``git check-ref-format``), minus the rarer corner cases."""
+BRANCH_PATTERN = re.compile(r"^[^\x00-\x20\x7f~^:?*\[\\]{1,244}$")
+"""What git accepts in a branch name (``git check-ref-format``), minus the rarer corner cases;
+short enough that ``refs/heads/<branch>`` fits the training DAG's 255-character ``git_ref``."""
+MAX_REPOSITORY_LENGTH = 255
+MAX_REASON_LENGTH = 500
+"""The training DAG's params cap ``git_repository`` and ``trigger_reason`` at these lengths."""
 EVENT_NAME_PATTERN = re.compile(r"^[A-Za-z _]{1,50}$")
 GITHUB_MAX_PUSH_COMMITS = 2048
 """GitHub lists at most this many commits in a push; beyond that the changed files are unknown."""
@@ -64,7 +68,8 @@ class PushEvent:
     def describe(self) -> str:
         """One line for a run's ``trigger_reason``, built only from validated fields."""
         action = "git push to" if self.kind == "push" else "merge into"
-        return f"{action} {self.branch} of {self.repository} at {self.short_commit}"
+        reason = f"{action} {self.branch} of {self.repository} at {self.short_commit}"
+        return reason[:MAX_REASON_LENGTH]
 
 
 @dataclass(frozen=True)
@@ -307,7 +312,7 @@ def _string(payload: Mapping[str, Any], key: str, where: str = "") -> str:
 
 def _repository(payload: Mapping[str, Any], key: str, where: str) -> str:
     value = _string(payload, key, where)
-    if not REPOSITORY_PATTERN.fullmatch(value):
+    if len(value) > MAX_REPOSITORY_LENGTH or not REPOSITORY_PATTERN.fullmatch(value):
         raise PayloadError(f"{where}.{key}: not a repository name")
     return value
 

@@ -1,0 +1,313 @@
+"""Fit the model and record it in MLflow: params, metrics, signature, input example, dataset
+inputs, lineage tags and the model itself (skops format, so loading it runs no pickle).
+
+The run is the unit of lineage: its tags say which commit, data, spec, feature definitions and
+Airflow run produced the model, and the model version registered from it copies them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from airmlops.spec import PipelineSpec
+
+LINEAGE_TAGS = (
+    "git_commit",
+    "data_digest",
+    "spec_hash",
+    "features_hash",
+    "airflow_dag_id",
+    "airflow_run_id",
+)
+"""Tags every training run carries; the caller gives git and Airflow ones in ``lineage``."""
+
+UNKNOWN = "unknown"
+"""Value of a lineage tag the caller did not give (a run outside Airflow, say)."""
+
+MODEL_NAME = "model"
+"""Name of the logged model within its run."""
+
+TRUSTED_MODULE_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
+"""Packages whose types a saved model may reference (the spec allows scikit-learn estimators)."""
+
+RUNTIME_PACKAGES = ("scikit-learn", "skops", "numpy", "scipy", "pandas")
+"""Pinned in the model's requirements (MLflow adds its own pin)."""
+
+_MAX_PARAM_LENGTH = 6000
+_INPUT_EXAMPLE_ROWS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced; small enough for XCom (see :meth:`to_dict`).
+
+    ``model_uri`` is ``models:/<model_id>``; ``metrics`` are the test metrics, unprefixed.
+    ``reused`` is true when an identical finished run was found and returned instead.
+    """
+
+    run_id: str
+    model_uri: str
+    metrics: dict[str, float]
+    experiment_id: str
+    reused: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@contextlib.contextmanager
+def using_tracking_uri(tracking_uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API (runs, model logging and loading) at ``tracking_uri`` for a while.
+
+    With None, nothing changes. The previous URI is restored afterwards.
+    """
+    import mlflow
+
+    if tracking_uri is None:
+        yield
+        return
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def get_or_create_experiment(
+    client: MlflowClient, name: str, artifact_location: str | None = None
+) -> str:
+    """The id of the experiment called ``name``, created if missing (safe against a race)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)  # another worker created it
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage != "active":
+        raise ValueError(
+            f"MLflow experiment '{name}' is deleted; restore it or delete it permanently"
+        )
+    return experiment.experiment_id
+
+
+def train_and_log(
+    spec: PipelineSpec,
+    train_path: Path | str,
+    test_path: Path | str,
+    *,
+    lineage: dict[str, str],
+    tracking_uri: str,
+    data_digest: str,
+    extra_params: dict[str, Any] | None = None,
+    artifact_location: str | None = None,
+) -> TrainResult:
+    """Fit ``spec``'s pipeline on the training set, score it on the test set, log it all.
+
+    The run goes to the experiment named ``spec.name`` (created with ``artifact_location``
+    if missing). ``lineage`` gives ``git_commit``, ``airflow_dag_id``, ``airflow_run_id`` and
+    anything else to tag (``trigger_reason``, ...); ``data_digest``, ``spec_hash`` and
+    ``features_hash`` are filled in here. Missing lineage tags are set to ``unknown``.
+
+    A retry is idempotent: when a finished run with the same inputs (training set bytes, spec,
+    lineage and params) exists in the experiment, it is returned (``reused=True``) and nothing
+    is trained or logged again.
+    """
+    import mlflow
+    import mlflow.sklearn
+    import pandas as pd
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from airmlops.spec import resolve_estimator
+    from airmlops.training.dataset import read_split_info
+    from airmlops.training.model import build_pipeline, feature_frame, label_array, score
+
+    train_path, test_path = Path(train_path), Path(test_path)
+    train_digest, test_digest = _file_digest(train_path), _file_digest(test_path)
+    tags = lineage_tags(spec, lineage, data_digest)
+    params = _params(spec, extra_params)
+    split = read_split_info(train_path)
+    if split is not None:
+        params.update({f"split.{k}": v for k, v in split.to_dict().items()})
+    training_key = hashlib.sha256(
+        json.dumps(
+            {"train": train_digest, "test": test_digest, "tags": tags, "params": params},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    ).hexdigest()
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = get_or_create_experiment(client, spec.name, artifact_location)
+    previous = _finished_run(client, experiment_id, training_key)
+    if previous is not None:
+        return previous
+
+    train = pd.read_parquet(train_path)
+    test = pd.read_parquet(test_path)
+    X_train, y_train = feature_frame(spec, train), label_array(spec, train)
+    X_test, y_test = feature_frame(spec, test), label_array(spec, test)
+    params.update({"data.train_rows": len(train), "data.test_rows": len(test)})
+
+    with using_tracking_uri(tracking_uri), mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=f"{spec.name}-{data_digest[:12]}",
+        tags={**tags, "training_key": training_key, "pipeline": spec.name},
+    ) as run:
+        mlflow.log_params({k: _param_value(v) for k, v in params.items()})
+        train_dataset = _dataset(train, train_path, spec.label, "train", train_digest)
+        test_dataset = _dataset(test, test_path, spec.label, "test", test_digest)
+        mlflow.log_input(train_dataset, context="training")
+        mlflow.log_input(test_dataset, context="testing")
+
+        pipeline = build_pipeline(spec, resolve_estimator(spec))
+        pipeline.fit(X_train, y_train)
+        example = X_train.head(_INPUT_EXAMPLE_ROWS)
+        model_info = mlflow.sklearn.log_model(
+            pipeline,
+            name=MODEL_NAME,
+            signature=infer_signature(X_train, pipeline.predict(example)),
+            input_example=example,
+            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+            skops_trusted_types=skops_trusted_types(pipeline),
+            pip_requirements=pinned_requirements(),
+        )
+        test_metrics = score(spec, pipeline, X_test, y_test)
+        train_metrics = score(spec, pipeline, X_train, y_train)
+        mlflow.log_metrics(
+            {f"test_{k}": v for k, v in test_metrics.items()},
+            model_id=model_info.model_id, dataset=test_dataset,
+        )
+        mlflow.log_metrics(
+            {f"train_{k}": v for k, v in train_metrics.items()},
+            model_id=model_info.model_id, dataset=train_dataset,
+        )
+        mlflow.set_tags({"model_uri": model_info.model_uri, "model_id": model_info.model_id})
+
+    return TrainResult(
+        run_id=run.info.run_id,
+        model_uri=model_info.model_uri,
+        metrics=test_metrics,
+        experiment_id=experiment_id,
+    )
+
+
+def lineage_tags(spec: PipelineSpec, lineage: dict[str, str], data_digest: str) -> dict[str, str]:
+    """The run's lineage tags: every :data:`LINEAGE_TAGS` key, plus the caller's extra keys."""
+    tags = {key: UNKNOWN for key in LINEAGE_TAGS}
+    tags.update({str(k): str(v) for k, v in lineage.items() if v is not None and str(v)})
+    tags.update(
+        {"data_digest": data_digest, "spec_hash": spec.spec_hash(),
+         "features_hash": spec.features_hash()}
+    )
+    return tags
+
+
+def skops_trusted_types(model: Any) -> list[str]:
+    """Types the skops loader must be told to trust for ``model`` (tree structures, say).
+
+    Only types from :data:`TRUSTED_MODULE_ROOTS` are accepted: anything else raises
+    ``ValueError`` rather than widening what loading a model may construct.
+    """
+    import skops.io
+
+    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    foreign = [name for name in untrusted if name.split(".")[0] not in TRUSTED_MODULE_ROOTS]
+    if foreign:
+        raise ValueError(f"the model references types outside {sorted(TRUSTED_MODULE_ROOTS)}: "
+                         f"{foreign}")
+    return sorted(untrusted)
+
+
+def pinned_requirements() -> list[str]:
+    """Exact versions of the packages the model needs, so serving installs what trained it.
+
+    Given explicitly because MLflow's inference of requirements loads the model in a
+    subprocess, which takes ~13 s per model here.
+    """
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in RUNTIME_PACKAGES]
+
+
+def _params(spec: PipelineSpec, extra_params: dict[str, Any] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "estimator.class_path": spec.estimator.class_path,
+        "estimator.seed": spec.estimator.seed,
+        "task": spec.task,
+        "features.numeric": ",".join(spec.numeric_features),
+        "features.categorical": ",".join(spec.categorical_features),
+    }
+    params.update({f"estimator.{k}": v for k, v in spec.estimator.params.items()})
+    params.update({f"training.{k}": v for k, v in spec.training.model_dump().items()})
+    params.update(extra_params or {})
+    return params
+
+
+def _dataset(frame: pd.DataFrame, path: Path, label: str, name: str, digest: str) -> Any:
+    import mlflow.data
+
+    with warnings.catch_warnings():
+        # MLflow registers two local-file source classes ("" and "file" schemes) and warns
+        # that a local path matches both; either is right.
+        warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+        return mlflow.data.from_pandas(
+            frame, source=str(path), targets=label, name=name, digest=digest[:32]
+        )
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return text[:_MAX_PARAM_LENGTH]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished_run(
+    client: MlflowClient, experiment_id: str, training_key: str
+) -> TrainResult | None:
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.training_key = '{training_key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs or "model_uri" not in runs[0].data.tags:
+        return None
+    run = runs[0]
+    metrics = {
+        key.removeprefix("test_"): value
+        for key, value in run.data.metrics.items()
+        if key.startswith("test_")
+    }
+    return TrainResult(
+        run_id=run.info.run_id,
+        model_uri=run.data.tags["model_uri"],
+        metrics=metrics,
+        experiment_id=experiment_id,
+        reused=True,
+    )

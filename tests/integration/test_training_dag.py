@@ -1,0 +1,125 @@
+"""The demo training DAG run for real with `airflow dags test` against a real MLflow server.
+
+One run ends with a registered `challenger` carrying every lineage tag; a run on the
+data-quality-incident scenario ends in quarantine with its report and no new model version; a
+clear-and-rerun of the same logical date writes no second snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+LINEAGE_TAGS = {"git_commit", "data_digest", "spec_hash", "features_hash", "airflow_dag_id",
+                "airflow_run_id", "trigger_reason"}
+
+
+@pytest.fixture(scope="module")
+def dags_test_env(mlflow_server, tmp_path_factory) -> dict[str, str]:
+    """An Airflow home on SQLite for in-process `dags test` runs, and its own data root."""
+    home = tmp_path_factory.mktemp("airflow-dags-test")
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "MLOPS_DATA_ROOT": str(home / "data"),
+        "MLOPS_MLFLOW_TRACKING_URI": mlflow_server,
+        "MLOPS_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567",
+    }
+    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True,
+                   timeout=300)
+    return env
+
+
+def dags_test(env: dict[str, str], logical_date: str, conf: dict | None = None):
+    command = [AIRFLOW, "dags", "test", "churn_training", logical_date]
+    if conf:
+        command += ["--conf", json.dumps(conf)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _client(env):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=env["MLOPS_MLFLOW_TRACKING_URI"])
+
+
+def test_training_run_registers_a_challenger_with_lineage(dags_test_env):
+    result = dags_test(dags_test_env, "2026-06-01T00:00:00+00:00",
+                       {"trigger_reason": "integration test"})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    client = _client(dags_test_env)
+    challenger = client.get_model_version_by_alias("churn", "challenger")
+    missing = LINEAGE_TAGS - set(challenger.tags)
+    assert not missing, f"lineage tags missing on the version: {missing}"
+    assert challenger.tags["git_commit"] == dags_test_env["MLOPS_GIT_COMMIT"]
+    assert challenger.tags["trigger_reason"] == "integration test"
+    assert challenger.tags["airflow_dag_id"] == "churn_training"
+
+    run = client.get_run(challenger.run_id)
+    assert run.data.metrics["test_roc_auc"] > 0.7
+    assert set(run.data.tags) >= LINEAGE_TAGS
+    assert run.data.tags["gate_blessed"] == "true"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {"train", "test"}
+
+    data_root = Path(dags_test_env["MLOPS_DATA_ROOT"])
+    snapshots = list((data_root / "snapshots" / "churn").glob("*.parquet"))
+    assert [s.stem for s in snapshots] == [challenger.tags["data_digest"]]
+
+
+def test_rerun_of_the_same_run_writes_no_duplicate_snapshot(dags_test_env):
+    data_root = Path(dags_test_env["MLOPS_DATA_ROOT"])
+    before = sorted(p.name for p in (data_root / "snapshots" / "churn").glob("*.parquet"))
+    result = dags_test(dags_test_env, "2026-06-01T00:00:00+00:00")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    after = sorted(p.name for p in (data_root / "snapshots" / "churn").glob("*.parquet"))
+    assert after == before
+    assert "snapshot already present, nothing written" in result.stdout + result.stderr
+
+
+def test_data_quality_incident_is_quarantined_and_registers_nothing(dags_test_env):
+    client = _client(dags_test_env)
+    versions_before = {v.version for v in client.search_model_versions("name='churn'")}
+
+    result = dags_test(dags_test_env, "2026-06-02T00:00:00+00:00", {"scenario": "data_quality"})
+    assert result.returncode != 0, "a bad batch must fail the run"
+    output = result.stdout + result.stderr
+    assert "quarantined" in output and "monthly_fee" in output
+
+    quarantine = Path(dags_test_env["MLOPS_DATA_ROOT"]) / "quarantine" / "churn"
+    batches = [p for p in quarantine.iterdir() if p.is_dir()]
+    assert len(batches) == 1
+    report = json.loads((batches[0] / "report.json").read_text())
+    assert report, "the validation report is kept beside the quarantined batch"
+    assert (batches[0] / "data.parquet").exists()
+    snapshots = Path(dags_test_env["MLOPS_DATA_ROOT"]) / "snapshots" / "churn"
+    assert not (snapshots / f"{batches[0].name}.parquet").exists()
+
+    versions_after = {v.version for v in client.search_model_versions("name='churn'")}
+    assert versions_after == versions_before
+    states = task_states(dags_test_env, "2026-06-02T00:00:00+00:00")
+    assert states["ingest"] == "success" and states["validate_data"] == "failed"
+    assert states["train"] != "success" and states["register"] != "success"
+
+
+def task_states(env: dict[str, str], logical_date: str) -> dict[str, str]:
+    """The state of each task of the `dags test` run at that logical date."""
+    out = subprocess.run(
+        [AIRFLOW, "tasks", "states-for-dag-run", "churn_training", f"manual__{logical_date}",
+         "-o", "json"], env=env, capture_output=True, text=True, timeout=120, check=True,
+    )
+    rows = json.loads(out.stdout[out.stdout.index("["):])
+    return {row["task_id"]: row["state"] for row in rows}

@@ -1,0 +1,113 @@
+"""The pipeline spec: valid specs load, every bad field gives an error naming file and field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from airmlops.spec import SpecError, load_spec, parse_spec, resolve_estimator
+
+DEMO = Path(__file__).resolve().parents[2] / "include" / "pipelines" / "churn.yaml"
+
+
+@pytest.fixture
+def demo() -> dict:
+    return yaml.safe_load(DEMO.read_text())
+
+
+def _error_for(tmp_path: Path, data: dict) -> SpecError:
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(SpecError) as caught:
+        spec = load_spec(path)
+        resolve_estimator(spec, path)
+    assert str(path) in str(caught.value)
+    return caught.value
+
+
+def test_demo_spec_loads_and_resolves():
+    spec = load_spec(DEMO)
+    assert spec.training_dag_id == "churn_training"
+    assert spec.required_columns[:3] == ["customer_id", "event_timestamp", "churned"]
+    assert resolve_estimator(spec).__name__ == "LogisticRegression"
+
+
+def test_spec_hash_ignores_formatting_but_not_content(demo):
+    again = parse_spec(copy.deepcopy(demo))
+    assert again.spec_hash() == parse_spec(demo).spec_hash()
+    demo["estimator"]["params"]["C"] = 0.5
+    assert parse_spec(demo).spec_hash() != again.spec_hash()
+
+
+def test_missing_label_column_is_named(tmp_path, demo):
+    del demo["label"]
+    assert ("label", "is required") in _error_for(tmp_path, demo).problems
+
+
+def test_unknown_estimator_class_is_named(tmp_path, demo):
+    demo["estimator"]["class_path"] = "sklearn.linear_model.LogisticRegresion"
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0][0] == "estimator.class_path"
+    assert "no estimator class 'LogisticRegresion'" in error.problems[0][1]
+
+
+def test_non_sklearn_estimator_is_refused(tmp_path, demo):
+    demo["estimator"]["class_path"] = "os.system"
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0][0] == "estimator.class_path"
+    assert "scikit-learn estimator class path" in error.problems[0][1]
+
+
+def test_regressor_for_a_classification_task_is_refused(tmp_path, demo):
+    demo["estimator"] = {"class_path": "sklearn.linear_model.Ridge", "params": {}}
+    assert "is not a classifier" in str(_error_for(tmp_path, demo))
+
+
+def test_wrong_type_names_field_and_value(tmp_path, demo):
+    demo["features"][2]["min"] = "eighteen"
+    error = _error_for(tmp_path, demo)
+    field, message = error.problems[0]
+    assert field == "features[2].min"
+    assert "valid number" in message and "'eighteen'" in message
+
+
+def test_unknown_field_and_bad_enum(tmp_path, demo):
+    demo["sourc"] = {}
+    demo["task"] = "multiclass"
+    fields = dict(_error_for(tmp_path, demo).problems)
+    assert fields["sourc"] == "is not a known field"
+    assert "binary_classification" in fields["task"]
+
+
+def test_gate_metric_must_fit_the_task(tmp_path, demo):
+    demo["gates"]["primary_metric"] = "rmse"
+    assert "not a binary_classification metric" in str(_error_for(tmp_path, demo))
+
+
+def test_label_cannot_also_be_a_feature(tmp_path, demo):
+    demo["features"].append({"name": "churned", "type": "numeric"})
+    assert "must not also be a feature" in str(_error_for(tmp_path, demo))
+
+
+def test_sql_source_must_bind_the_interval(tmp_path, demo):
+    demo["source"] = {"kind": "sql", "conn_id": "warehouse", "query": "SELECT * FROM t"}
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0][0] == "source.query"
+
+
+def test_file_source_cannot_escape_the_data_root(tmp_path, demo):
+    demo["source"] = {"kind": "file", "path": "../../etc/*.csv"}
+    assert "must not contain '..'" in str(_error_for(tmp_path, demo))
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(path)
+    path.write_text("- a list")
+    with pytest.raises(SpecError, match="expected a mapping"):
+        load_spec(path)
