@@ -30,7 +30,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 run: setup ## Start the platform on embedded defaults and trigger the demo training run
-	$(PY) -m airmlops.platform up --trigger churn_training
+	$(PY) -m airmlops.platform up --trigger churn_training --wait
 
 stop: ## Stop what `make run` started
 	@test -x $(PY) && $(PY) -m airmlops.platform down || true
