@@ -1,0 +1,624 @@
+"""The online store: the newest feature row per (view, entity), served in one round trip.
+
+One small interface, :class:`OnlineStore`, two backends:
+
+- :class:`SqliteOnlineStore` (the embedded default): one WAL-mode table keyed
+  (namespace, view, entity) with the row's ``event_ts``, an expiry time and a JSON payload.
+- :class:`RedisOnlineStore` (when ``MLOPS_REDIS_URL`` is set): one hash per view per entity at
+  ``airmlops:<namespace>:<view>:<entity>`` whose fields are the feature names plus ``__ts``
+  (the row's event time, epoch microseconds), expiring ``ttl`` seconds after the write.
+  Writes go through a Lua script, so "write only when newer than the stored ``__ts``" is atomic.
+  Redis Cluster is not supported (a batched write touches many keys in one script).
+
+:func:`make_online_store` picks the backend from the settings.
+
+Semantics shared by both backends (one test body runs on both):
+
+- ``write(view, rows)`` takes a DataFrame or a list of dicts with the view's join key,
+  ``event_timestamp`` and the features; it is batched (``executemany``, pipelined Lua calls) and
+  returns how many rows were stored. A row replaces the stored one only when its event time is
+  strictly newer (or the stored one has expired): out-of-order and repeated writes are safe.
+  The key expires ``ttl_seconds`` (default: the view's ``ttl_days``) after the write.
+- ``read(views, entity_ids, as_of=None)`` costs exactly one round trip for all views and all
+  entities (``round_trips`` counts them). It returns an :class:`OnlineResult`: values for every
+  requested entity and feature (``None`` where missing) and ``missing``, the entities found in
+  no view: an unknown entity is a result, not an exception. With ``as_of`` (the request time), a
+  row whose event time is not newer than ``as_of - ttl`` is treated as missing, exactly the
+  offline store's point-in-time rule.
+- Values come back typed: ``bool``, ``int``, ``float``, ``str`` or ``None``. NaN is stored as
+  missing; numpy scalars become Python values; anything else is stored as its ``str``.
+  Redis encoding of a field: one type tag then the text, ``b1``/``b0``, ``i<int>``,
+  ``f<repr(float)>`` (exact round trip), ``s<utf-8 text>``; a missing value has no field.
+- Entity ids are keyed by ``str(entity_id)`` (so ``7`` and ``"7"`` are the same entity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from airmlops.features.compute import DAY_US, NAT_US, datetime_to_epoch_us, to_epoch_us
+from airmlops.features.definitions import FEATURE_TIMESTAMP, NAME_PATTERN, FeatureView
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from airmlops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TS_FIELD = "__ts"
+"""The Redis hash field holding the row's event time (epoch microseconds)."""
+
+_SQLITE_MAX_VARIABLES = 30_000
+
+
+@dataclasses.dataclass
+class OnlineResult:
+    """What a read found.
+
+    ``values[entity]`` has every requested feature of every requested view (``None`` where the
+    view had no row for the entity); ``missing`` lists the requested entities found in no view
+    (unknown, expired or too old for ``as_of``), in request order; ``event_ts[entity][view]`` is
+    the event time (epoch microseconds) of the row served, or ``None``.
+    """
+
+    values: dict[Any, dict[str, Any]]
+    missing: list[Any]
+    event_ts: dict[Any, dict[str, int | None]]
+
+    def __getitem__(self, entity_id: Any) -> dict[str, Any]:
+        return self.values[entity_id]
+
+    def is_unknown(self, entity_id: Any) -> bool:
+        return entity_id in self._missing_set
+
+    @property
+    def _missing_set(self) -> set:
+        return set(self.missing)
+
+
+@runtime_checkable
+class OnlineStore(Protocol):
+    """The interface of every online store backend."""
+
+    namespace: str
+    round_trips: int
+
+    @property
+    def location(self) -> str:
+        """Where the rows live, without secrets (keys the materialization watermarks)."""
+        ...
+
+    def write(
+        self,
+        view: FeatureView,
+        rows: pd.DataFrame | Sequence[Mapping[str, Any]],
+        *,
+        ttl_seconds: int | None = None,
+    ) -> int: ...
+
+    def read(
+        self,
+        views: Sequence[FeatureView],
+        entity_ids: Iterable[Any],
+        *,
+        as_of: dt.datetime | None = None,
+    ) -> OnlineResult: ...
+
+    def close(self) -> None: ...
+
+
+# --- shared helpers ------------------------------------------------------------------------
+
+
+def python_value(value: Any) -> Any:
+    """The stored form of a feature value: bool, int, float, str or None (NaN -> None)."""
+    if value is None or type(value) in (bool, str, int):
+        return value
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):  # numpy float64 included (a float subclass)
+        return None if math.isnan(value) else float(value)
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item) and type(value).__module__ == "numpy":
+        return python_value(item())
+    try:
+        import pandas as pd
+
+        if value is pd.NA or value is pd.NaT:
+            return None
+    except ImportError:  # pragma: no cover - pandas is always installed here
+        pass
+    return str(value)
+
+
+def _rows_columns(
+    view: FeatureView, rows: pd.DataFrame | Sequence[Mapping[str, Any]]
+) -> tuple[list[str], list[int], list[list[Any]]]:
+    """(entity strings, event times in epoch us, per-feature value lists) of the input rows."""
+    names = view.feature_names
+    if hasattr(rows, "columns"):
+        frame = rows
+        missing = [c for c in (view.join_key, FEATURE_TIMESTAMP) if c not in frame.columns]
+        if missing:
+            raise ValueError(f"view '{view.name}': rows have no column(s) {missing}")
+        if frame[view.join_key].isna().any():
+            raise ValueError(f"view '{view.name}': rows with a missing key")
+        entities = [str(e) for e in frame[view.join_key].tolist()]
+        stamps = to_epoch_us(frame[FEATURE_TIMESTAMP]).tolist()
+        columns = [
+            _series_values(frame[n]) if n in frame.columns else [None] * len(frame)
+            for n in names
+        ]
+        if any(s == NAT_US for s in stamps):
+            raise ValueError(f"view '{view.name}': rows with a missing timestamp")
+        return entities, stamps, columns
+    else:
+        entities, stamps, columns = [], [], [[] for _ in names]
+        for row in rows:
+            if view.join_key not in row or FEATURE_TIMESTAMP not in row:
+                raise ValueError(
+                    f"view '{view.name}': a row lacks '{view.join_key}' or '{FEATURE_TIMESTAMP}'"
+                )
+            if row[view.join_key] is None:
+                raise ValueError(f"view '{view.name}': a row with a missing key")
+            entities.append(str(row[view.join_key]))
+            stamps.append(_epoch_us(row[FEATURE_TIMESTAMP]))
+            for i, name in enumerate(names):
+                columns[i].append(row.get(name))
+    if any(s == NAT_US for s in stamps):
+        raise ValueError(f"view '{view.name}': rows with a missing timestamp")
+    return entities, stamps, [[python_value(v) for v in column] for column in columns]
+
+
+def _series_values(series: pd.Series) -> list[Any]:
+    """A column as stored Python values, fast for the common dtypes."""
+    kind = series.dtype.kind
+    if kind == "f":
+        return [None if v != v else v for v in series.tolist()]  # NaN != NaN
+    if kind in "iub":
+        return series.tolist()
+    return [python_value(v) for v in series.tolist()]
+
+
+def _epoch_us(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, dt.datetime | str):
+        return datetime_to_epoch_us(value)
+    return int(to_epoch_us([value])[0])
+
+
+def _unique_entities(entity_ids: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(entity_ids))
+
+
+def _assemble(
+    views: Sequence[FeatureView],
+    entity_ids: list[Any],
+    found: dict[tuple[str, str], tuple[int, list[Any]]],
+    as_of: dt.datetime | None,
+) -> OnlineResult:
+    """Build the result from {(view, entity string): (event_ts, values in feature order)}."""
+    as_of_us = datetime_to_epoch_us(as_of) if as_of is not None else None
+    plan = [
+        (
+            view.name,
+            view.feature_names,
+            None if as_of_us is None else as_of_us - view.ttl_days * DAY_US,
+        )
+        for view in views
+    ]
+    values: dict[Any, dict[str, Any]] = {}
+    stamps: dict[Any, dict[str, int | None]] = {}
+    missing = []
+    for entity in entity_ids:
+        key = str(entity)
+        row: dict[str, Any] = {}
+        entity_stamps: dict[str, int | None] = {}
+        known = False
+        for view_name, names, too_old in plan:
+            hit = found.get((view_name, key))
+            if hit is None or (too_old is not None and hit[0] <= too_old):
+                entity_stamps[view_name] = None
+                row.update(dict.fromkeys(names))
+            else:
+                known = True
+                entity_stamps[view_name] = hit[0]
+                row.update(zip(names, hit[1], strict=True))
+        values[entity] = row
+        stamps[entity] = entity_stamps
+        if not known:
+            missing.append(entity)
+    return OnlineResult(values=values, missing=missing, event_ts=stamps)
+
+
+def _check_namespace(namespace: str) -> str:
+    if not re.match(NAME_PATTERN, namespace):
+        raise ValueError(f"namespace {namespace!r} does not match {NAME_PATTERN}")
+    return namespace
+
+
+# --- SQLite --------------------------------------------------------------------------------
+
+
+class SqliteOnlineStore:
+    """The embedded online store: one SQLite file in WAL mode, safe across threads.
+
+    ``clock`` (seconds since the epoch) decides key expiry, like the Redis server's clock does
+    for :class:`RedisOnlineStore`; tests may pass their own.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        namespace: str = "default",
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.namespace = _check_namespace(namespace)
+        self.round_trips = 0
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS online_features ("
+            " namespace TEXT NOT NULL, view TEXT NOT NULL, entity TEXT NOT NULL,"
+            " event_ts INTEGER NOT NULL, expires_at REAL NOT NULL, payload TEXT NOT NULL,"
+            " PRIMARY KEY (namespace, view, entity)) WITHOUT ROWID"
+        )
+
+    def write(
+        self,
+        view: FeatureView,
+        rows: pd.DataFrame | Sequence[Mapping[str, Any]],
+        *,
+        ttl_seconds: int | None = None,
+    ) -> int:
+        """Upsert ``rows``, each only if newer than the stored row; return rows stored."""
+        entities, stamps, columns = _rows_columns(view, rows)
+        names = view.feature_names
+        now = self._clock()
+        expires_at = now + (ttl_seconds if ttl_seconds is not None else view.ttl_seconds)
+        params = [
+            (
+                self.namespace, view.name, entity, stamp, expires_at,
+                json.dumps(dict(zip(names, values, strict=True)), allow_nan=False),
+                now,
+            )
+            for entity, stamp, *values in zip(entities, stamps, *columns, strict=True)
+        ]
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.execute("BEGIN IMMEDIATE")
+            try:
+                cursor.executemany(
+                    "INSERT INTO online_features"
+                    " (namespace, view, entity, event_ts, expires_at, payload)"
+                    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                    " ON CONFLICT (namespace, view, entity) DO UPDATE SET"
+                    " event_ts = excluded.event_ts, expires_at = excluded.expires_at,"
+                    " payload = excluded.payload"
+                    " WHERE excluded.event_ts > online_features.event_ts"
+                    " OR online_features.expires_at <= ?7",
+                    params,
+                )
+                written = cursor.rowcount
+                cursor.execute("COMMIT")
+            except BaseException:
+                cursor.execute("ROLLBACK")
+                raise
+            self.round_trips += 1
+        return max(int(written), 0)
+
+    def read(
+        self,
+        views: Sequence[FeatureView],
+        entity_ids: Iterable[Any],
+        *,
+        as_of: dt.datetime | None = None,
+    ) -> OnlineResult:
+        """The newest unexpired row of each (view, entity): one query (per 30k entities)."""
+        entity_ids = _unique_entities(entity_ids)
+        keys = [str(e) for e in entity_ids]
+        view_names = [v.name for v in views]
+        names_of = {v.name: v.feature_names for v in views}
+        found: dict[tuple[str, str], tuple[int, list[Any]]] = {}
+        if keys and views:
+            chunk = max(1, _SQLITE_MAX_VARIABLES - len(view_names) - 2)
+            with self._lock:
+                now = self._clock()
+                for offset in range(0, len(keys), chunk):
+                    part = keys[offset : offset + chunk]
+                    # Only placeholders are formatted in; every value is a bound parameter.
+                    query = (
+                        "SELECT view, entity, event_ts, payload FROM online_features"  # noqa: S608
+                        " WHERE namespace = ? AND expires_at > ?"
+                        f" AND view IN ({','.join('?' * len(view_names))})"
+                        f" AND entity IN ({','.join('?' * len(part))})"
+                    )
+                    rows = self._db.execute(
+                        query, [self.namespace, now, *view_names, *part]
+                    ).fetchall()
+                    self.round_trips += 1
+                    for view_name, entity, stamp, payload in rows:
+                        stored = json.loads(payload)
+                        found[(view_name, entity)] = (
+                            stamp, [stored.get(n) for n in names_of[view_name]]
+                        )
+        return _assemble(views, entity_ids, found, as_of)
+
+    @property
+    def location(self) -> str:
+        return f"sqlite:{self.path.resolve()}"
+
+    def purge_expired(self) -> int:
+        """Delete expired rows (reads already ignore them); return how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM online_features WHERE expires_at <= ?", (self._clock(),)
+            )
+            self.round_trips += 1
+            return cursor.rowcount
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> SqliteOnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- Redis ---------------------------------------------------------------------------------
+
+_WRITE_NEWER = """
+-- KEYS: one hash per row. ARGV[1]: ttl seconds; ARGV[2]: JSON list of the field names;
+-- ARGV[3]: JSON list of rows, each [event time (epoch us, as text), encoded values...]
+-- where '' means missing (no field). Times stay text: Lua numbers would round them on HSET.
+local ttl = tonumber(ARGV[1])
+local names = cjson.decode(ARGV[2])
+local rows = cjson.decode(ARGV[3])
+local written = 0
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local row = rows[i]
+  local ts = row[1]
+  local current = redis.call('HGET', key, '__ts')
+  if (not current) or tonumber(current) < tonumber(ts) then
+    if current then redis.call('DEL', key) end
+    local args = {'__ts', ts}
+    for j = 1, #names do
+      local value = row[j + 1]
+      if value ~= '' then
+        args[#args + 1] = names[j]
+        args[#args + 1] = value
+      end
+    end
+    redis.call('HSET', key, unpack(args))
+    redis.call('EXPIRE', key, ttl)
+    written = written + 1
+  end
+end
+return written
+"""
+
+_WRITE_BATCH_ROWS = 500
+
+
+def encode_value(value: Any) -> str:
+    """The Redis text of a stored value ('' for missing); see the module docstring."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "b1" if value else "b0"
+    if isinstance(value, int):
+        return f"i{value}"
+    if isinstance(value, float):
+        return f"f{value!r}"
+    return f"s{value}"
+
+
+def _encode_column(values: list[Any]) -> list[str]:
+    out = []
+    for value in values:
+        kind = type(value)
+        if kind is float:
+            out.append(f"f{value!r}")
+        elif value is None:
+            out.append("")
+        else:
+            out.append(encode_value(value))
+    return out
+
+
+def decode_value(raw: bytes | None) -> Any:
+    """The Python value of a Redis field written by :func:`encode_value`."""
+    if raw is None:
+        return None
+    tag = raw[:1]
+    if tag == b"f":
+        return float(raw[1:])
+    if tag == b"i":
+        return int(raw[1:])
+    if tag == b"s":
+        return raw[1:].decode("utf-8")
+    if tag == b"b":
+        return raw[1:] == b"1"
+    raise ValueError(f"unknown online value encoding {raw[:8]!r}")
+
+
+class RedisOnlineStore:
+    """The Redis online store (see the module docstring for the layout and the encoding)."""
+
+    def __init__(self, url: str, namespace: str = "default", *, client: Any = None) -> None:
+        import redis
+
+        if not re.match(r"^(redis|rediss|unix)://", url):
+            raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
+        self.url = url
+        self.namespace = _check_namespace(namespace)
+        self.prefix = f"airmlops:{self.namespace}"
+        self.round_trips = 0
+        self._client = client or redis.Redis.from_url(url, decode_responses=False)
+        self._write_script = self._client.register_script(_WRITE_NEWER)
+        self._packed: dict[tuple[str, tuple[str, ...]], tuple[bytes, bytes, bytes]] = {}
+
+    @property
+    def location(self) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.url)
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+    def key(self, view: FeatureView | str, entity_id: Any) -> str:
+        """The hash key of one entity's row of one view."""
+        name = view if isinstance(view, str) else view.name
+        return f"{self.prefix}:{name}:{entity_id}"
+
+    def write(
+        self,
+        view: FeatureView,
+        rows: pd.DataFrame | Sequence[Mapping[str, Any]],
+        *,
+        ttl_seconds: int | None = None,
+    ) -> int:
+        """Write ``rows`` (only newer ones take effect), pipelined in Lua batches."""
+        entities, stamps, columns = _rows_columns(view, rows)
+        if not entities:
+            return 0
+        ttl = int(ttl_seconds if ttl_seconds is not None else view.ttl_seconds)
+        if ttl < 1:
+            raise ValueError("ttl_seconds must be at least 1")
+        names = json.dumps(view.feature_names)
+        encoded = [_encode_column(column) for column in columns]
+        rows_text = [str(stamp) for stamp in stamps]
+        pipe = self._client.pipeline(transaction=False)
+        for start in range(0, len(entities), _WRITE_BATCH_ROWS):
+            stop = min(start + _WRITE_BATCH_ROWS, len(entities))
+            keys = [self.key(view, entities[i]) for i in range(start, stop)]
+            batch = [
+                [rows_text[i], *(column[i] for column in encoded)] for i in range(start, stop)
+            ]
+            self._write_script(keys=keys, args=[ttl, names, json.dumps(batch)], client=pipe)
+        replies = pipe.execute()
+        self.round_trips += 1
+        return int(sum(replies))
+
+    def read(
+        self,
+        views: Sequence[FeatureView],
+        entity_ids: Iterable[Any],
+        *,
+        as_of: dt.datetime | None = None,
+    ) -> OnlineResult:
+        """HMGET every (view, entity) in one pipeline: exactly one round trip."""
+        entity_ids = _unique_entities(entity_ids)
+        keys = [str(e).encode() for e in entity_ids]
+        found: dict[tuple[str, str], tuple[int, list[Any]]] = {}
+        if keys and views:
+            packed, plan = [], []
+            for view in views:
+                names = view.feature_names
+                head, prefix, tail = self._hmget_parts(view.name, names)
+                for key in keys:
+                    full_key = prefix + key
+                    packed.append(b"%s$%d\r\n%s\r\n%s" % (head, len(full_key), full_key, tail))
+                plan.append((view.name, len(names)))
+            replies = self._pipelined(b"".join(packed), len(packed))
+            position = 0
+            for view_name, width in plan:
+                for key in keys:
+                    reply = replies[position]
+                    position += 1
+                    stamp = reply[width]
+                    if stamp is not None:
+                        found[(view_name, key.decode())] = (
+                            int(stamp), [decode_value(raw) for raw in reply[:width]]
+                        )
+        return _assemble(views, entity_ids, found, as_of)
+
+    def _hmget_parts(self, view_name: str, names: list[str]) -> tuple[bytes, bytes, bytes]:
+        """RESP pieces of ``HMGET <key> <fields...>`` for a view (cached): the command header,
+        the key prefix and the packed field list; the key itself is added per entity."""
+        cache_key = (view_name, tuple(names))
+        parts = self._packed.get(cache_key)
+        if parts is None:
+            fields = [n.encode() for n in (*names, TS_FIELD)]
+            prefix = f"{self.prefix}:{view_name}:".encode()
+            head = b"*%d\r\n$5\r\nHMGET\r\n" % (len(fields) + 2)
+            tail = b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+            parts = (head, prefix, tail)
+            self._packed[cache_key] = parts
+        return parts
+
+    def _pipelined(self, packed: bytes, count: int) -> list[Any]:
+        """Send ``count`` packed commands at once and read all replies: one round trip.
+
+        The same as a redis-py pipeline without transaction, minus its per-command
+        bookkeeping (a third of the latency of a small read). A connection that fails mid-way is
+        dropped, never reused; a broken idle connection is retried once on a fresh one.
+        """
+        import redis
+
+        pool = self._client.connection_pool
+        for attempt in (1, 2):
+            connection = pool.get_connection()
+            try:
+                connection.send_packed_command([packed])
+                replies = [connection.read_response() for _ in range(count)]
+            except (redis.ConnectionError, redis.TimeoutError):
+                connection.disconnect()
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                connection.disconnect()
+                raise
+            finally:
+                pool.release(connection)
+            self.round_trips += 1
+            return replies
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RedisOnlineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_online_store(settings: Settings, namespace: str) -> OnlineStore:
+    """Redis when ``settings.redis_url`` is set, else SQLite at ``<data_root>/online/store.sqlite``.
+
+    ``namespace`` is the pipeline name: pipelines never see each other's rows.
+    """
+    if settings.redis_url:
+        return RedisOnlineStore(settings.redis_url, namespace)
+    return SqliteOnlineStore(Path(settings.data_root) / "online" / "store.sqlite", namespace)
