@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Param, dag, get_current_context, task
+from airflow.sdk import DAG, Asset, Param, dag, get_current_context, task
 
 from airmlops.settings import get_settings
 from airmlops.spec import NAME_PATTERN, PipelineSpec, SpecError, load_spec, spec_paths
@@ -109,7 +109,7 @@ def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         params=training_params(),
     )
     def training() -> None:
-        @task
+        @task(outlets=[snapshot_asset(spec)] if spec.feature_store else [])
         def ingest() -> dict[str, Any]:
             """Snapshot the run's data interval (content-addressed, written once)."""
             current = load()
@@ -157,6 +157,70 @@ def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     return training()
 
 
+FEATURES_DOC = """
+### {name}: features
+
+Keeps the feature store of `{name}` fresh: **build_offline** computes the feature views
+({views}) for the run's days from the pipeline's events and profiles and writes them to the
+offline store (Parquet, partitioned by date; a first run backfills {backfill} days), then
+**materialize** copies the rows newer than each view's watermark to the online store (SQLite, or
+Redis when `MLOPS_REDIS_URL` is set). Both steps are idempotent: a re-run writes nothing new.
+
+Runs on `{schedule}` and whenever `{name}_training` ingests a new snapshot (asset `{asset}`).
+"""
+
+
+def snapshot_asset(spec: PipelineSpec) -> Asset:
+    """The asset a training run updates when it ingests a batch."""
+    return Asset(name=f"{spec.name}_snapshots", uri=f"airmlops://{spec.name}/snapshots")
+
+
+def build_features_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
+    """The ``<name>_features`` DAG: build the offline store, then materialize online."""
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+
+    from airmlops import stages
+
+    store = spec.feature_store
+    asset = snapshot_asset(spec)
+    schedule: Any = [asset]
+    if store.schedule:
+        schedule = AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable(store.schedule, timezone="UTC"), assets=[asset]
+        )
+
+    @dag(
+        dag_id=spec.features_dag_id,
+        schedule=schedule,
+        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        default_args={**DEFAULT_ARGS, "owner": spec.owner},
+        tags=["mlops", "features", spec.name, *spec.tags],
+        doc_md=FEATURES_DOC.format(
+            name=spec.name, views=", ".join(v.name for v in store.views),
+            backfill=store.backfill_days, schedule=store.schedule, asset=asset.uri,
+        ),
+        params={"scenario": training_params()["scenario"]},
+    )
+    def features() -> None:
+        @task
+        def build_offline() -> dict[str, Any]:
+            """Compute the feature views for the run's days into the offline store."""
+            current = load_spec(spec_path)
+            return stages.build_features(current, _run_context(current), get_settings())
+
+        @task
+        def materialize() -> dict[str, Any]:
+            """Copy new offline rows to the online store (watermark per view)."""
+            current = load_spec(spec_path)
+            return stages.materialize_features(current, _run_context(current), get_settings())
+
+        build_offline() >> materialize()
+
+    return features()
+
+
 def _placeholder_name(path: Path) -> str:
     stem = re.sub(r"[^a-z0-9_]", "_", path.stem.lower())
     return stem if re.match(NAME_PATTERN, stem) else f"pipeline_{stem}"[:60]
@@ -200,6 +264,8 @@ def build_all(pipelines_dir: Path | None = None) -> dict[str, DAG]:
             built = [build_invalid_spec_dag(path, error)]
         else:
             built = [build_training_dag(spec, path)]
+            if spec.feature_store is not None:
+                built.append(build_features_dag(spec, path))
         for item in built:
             if item.dag_id in dags:
                 log.error("%s: dag_id %s is already defined by another spec; skipped",

@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from airmlops.features.definitions import FeatureSet
+
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 ESTIMATOR_PATTERN = r"^sklearn(\.[a-z_][a-z0-9_]*)+\.[A-Z][A-Za-z0-9]*$"
@@ -171,6 +173,23 @@ class Gates(_Strict):
     champion: ChampionComparison = Field(default_factory=ChampionComparison)
 
 
+class FeatureStoreConfig(FeatureSet):
+    """Feature views, request fields and on-demand features of a pipeline (see README).
+
+    ``events`` views aggregate the source's activity events and ``profiles`` views keep the
+    latest profile attributes; the simulator provides both. ``schedule`` drives the
+    ``<name>_features`` DAG, which also runs whenever the training DAG ingests a snapshot.
+    """
+
+    schedule: str | None = "@daily"
+    backfill_days: int = Field(default=150, ge=1, le=3650,
+                               description="Days computed on the first run of an empty store.")
+    events_path: str | None = Field(
+        default=None, description="CSV/Parquet glob of events for non-simulator sources.")
+    profiles_path: str | None = Field(
+        default=None, description="CSV/Parquet glob of profiles for non-simulator sources.")
+
+
 class PipelineSpec(_Strict):
     """One model's pipeline."""
 
@@ -189,6 +208,15 @@ class PipelineSpec(_Strict):
     estimator: EstimatorConfig
     gates: Gates
     tags: list[str] = Field(default_factory=list)
+    feature_store: FeatureStoreConfig | None = Field(
+        default=None, description="Feature views and on-demand features; without it the model "
+        "reads the raw feature columns of each row.",
+    )
+    model_inputs: list[Column] | None = Field(
+        default=None, description="The model's input columns; default: every feature-store "
+        "feature plus the request fields that are declared features, or, without a feature "
+        "store, every declared feature.",
+    )
 
     @model_validator(mode="after")
     def _columns_are_consistent(self) -> PipelineSpec:
@@ -211,19 +239,75 @@ class PipelineSpec(_Strict):
             raise ValueError(
                 f"gates.thresholds: unknown metric(s) {unknown}; expected any of {list(metrics)}"
             )
+        store = self.feature_store
+        if store is not None:
+            if store.views and self.source.kind != "simulator":
+                needs = {v.source for v in store.views}
+                if "events" in needs and not store.events_path:
+                    raise ValueError("feature_store.events_path: required for events views "
+                                     "unless the source is the simulator")
+                if "profiles" in needs and not store.profiles_path:
+                    raise ValueError("feature_store.profiles_path: required for profiles views "
+                                     "unless the source is the simulator")
+            keys = {e.join_key for e in store.entities}
+            if keys != {self.entity_key}:
+                raise ValueError(f"feature_store.entities: join keys {sorted(keys)} must be the "
+                                 f"entity_key '{self.entity_key}'")
+            names = set(self.feature_names)
+            raw = [f for f in store.request_fields if f not in names and f != self.timestamp]
+            if raw:
+                raise ValueError(f"feature_store.request_fields: {raw} are not declared features")
+        if self.model_inputs is not None:
+            unknown = sorted(set(self.model_inputs) - set(self._input_types_of_everything()))
+            if unknown:
+                raise ValueError(f"model_inputs: unknown column(s) {unknown}")
         return self
 
     @property
     def feature_names(self) -> list[str]:
+        """The declared raw feature columns of a batch (validated by validate_data)."""
         return [f.name for f in self.features]
+
+    def _input_types_of_everything(self) -> dict[str, str]:
+        types = {f.name: f.type for f in self.features}
+        if self.feature_store is None:
+            return types
+        available = {n: t for n, t in types.items() if n in self.feature_store.request_fields}
+        for view in self.feature_store.views:
+            if view.source == "profiles":
+                for column, name in zip(view.columns, view.feature_names, strict=True):
+                    available[name] = types.get(column, "numeric")
+            else:
+                available.update(dict.fromkeys(view.feature_names, "numeric"))
+        for feature in self.feature_store.on_demand:
+            available[feature.name] = feature.type
+        return available
+
+    @property
+    def input_types(self) -> dict[str, str]:
+        """The model's input columns, in order, with their type (numeric or categorical)."""
+        everything = self._input_types_of_everything()
+        names = self.model_inputs if self.model_inputs is not None else list(everything)
+        return {name: everything[name] for name in names}
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_types)
 
     @property
     def numeric_features(self) -> list[str]:
-        return [f.name for f in self.features if f.type == "numeric"]
+        return [n for n, t in self.input_types.items() if t == "numeric"]
 
     @property
     def categorical_features(self) -> list[str]:
-        return [f.name for f in self.features if f.type == "categorical"]
+        return [n for n, t in self.input_types.items() if t == "categorical"]
+
+    @property
+    def request_fields(self) -> list[str]:
+        """What a prediction request carries besides the entity key."""
+        if self.feature_store is None:
+            return self.feature_names
+        return list(self.feature_store.request_fields)
 
     @property
     def required_columns(self) -> list[str]:
@@ -243,9 +327,17 @@ class PipelineSpec(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def features_hash(self) -> str:
-        """A digest of the feature definitions alone."""
-        canonical = json.dumps([f.model_dump(mode="json") for f in self.features], sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """A digest of the feature definitions (and of the on-demand code they run)."""
+        parts = {
+            "columns": [f.model_dump(mode="json") for f in self.features],
+            "store": self.feature_store.definitions_hash() if self.feature_store else None,
+            "inputs": self.input_names,
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def features_dag_id(self) -> str:
+        return f"{self.name}_features"
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -268,9 +360,17 @@ def _problems(error: ValidationError) -> list[tuple[str, str]]:
             message = "is required"
         elif item["type"] == "extra_forbidden":
             message = "is not a known field"
-        elif "input" in item and item["type"] not in ("model_type",):
+        elif "input" in item and item["type"] != "model_type" and not isinstance(
+            item["input"], dict
+        ):
             message = f"{message} (got {item['input']!r})"
-        problems.append((_field_path(item["loc"]), message))
+        field = _field_path(item["loc"])
+        # Checks across fields name their field at the start of the message.
+        named = re.match(r"^([a-z_]+(?:[.\[][\w.\[\]]*)?): (.*)$", message, re.DOTALL)
+        if named and named.group(1).split(".")[0].split("[")[0] in PipelineSpec.model_fields:
+            prefix = "" if field == "(top level)" else f"{field}."
+            field, message = prefix + named.group(1), named.group(2)
+        problems.append((field, message))
     return problems
 
 

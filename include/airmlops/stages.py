@@ -142,6 +142,8 @@ def preprocess(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings)
 
     ref = snapshots.SnapshotRef.from_dict(snapshot)
     frame = snapshots.read_snapshot(ref)
+    if spec.feature_store is not None:
+        frame = _with_store_features(spec, frame, ref, settings)
     train, test, split = dataset.time_split(frame, spec)
     key = f"{spec.name}/{ref.digest[:16]}-{spec.spec_hash()[:12]}"
     paths = dataset.write_training_set(train, test, settings.training_sets_dir, key, split=split)
@@ -149,6 +151,49 @@ def preprocess(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings)
     log.info("preprocess %s: %s", spec.name, split_info)
     return {"train_path": paths["train"], "test_path": paths["test"], "split": split_info,
             "data_digest": ref.digest}
+
+
+def _with_store_features(spec: PipelineSpec, frame, ref, settings: Settings):
+    """The batch joined with its point-in-time features from the offline store, building the
+    offline days the batch needs when the features DAG has not yet."""
+    from airmlops.features import pipeline as features
+
+    first, last = ref.interval_start.date(), ref.interval_end.date()
+    built = features.ensure_offline(spec, first, last, settings.data_root)
+    if built:
+        log.info("preprocess %s: built %d missing offline feature days", spec.name, built)
+    joined = features.training_frame(spec, frame, settings.data_root)
+    coverage = joined[spec.input_names].notna().all(axis=1).mean()
+    log.info("preprocess %s: %d rows joined point-in-time with %d store features; %.1f%% "
+             "of rows have every feature", spec.name, len(joined),
+             len(spec.feature_store.feature_names), 100 * coverage)
+    return joined
+
+
+def build_features(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str, Any]:
+    """The features DAG's offline step: compute the run's days (backfill an empty store)."""
+    from airmlops.features import pipeline as features
+
+    end = day_floor(run.as_of).date() + dt.timedelta(days=1)
+    present = features.offline_days_present(spec, settings.data_root)
+    span = spec.feature_store.backfill_days if not present else 2
+    start = end - dt.timedelta(days=span)
+    written = features.build_offline(spec, start, end, settings.data_root, scenario=run.scenario)
+    return {"start": start.isoformat(), "end": end.isoformat(), "rows": written}
+
+
+def materialize_features(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict:
+    """The features DAG's online step: new offline rows up to the run's time, watermarked."""
+    from airmlops.features import pipeline as features
+    from airmlops.features.online import make_online_store
+
+    store = make_online_store(settings, spec.name)
+    try:
+        written = features.materialize_online(spec, settings.data_root, store, end=run.as_of)
+    finally:
+        store.close()
+    log.info("materialize %s: %s rows written to %s", spec.name, written, store.location)
+    return {"rows": written, "store": store.location}
 
 
 def train(spec: PipelineSpec, training_set: dict[str, Any], run: RunContext,
@@ -206,10 +251,3 @@ def register(spec: PipelineSpec, trained: dict[str, Any], settings: Settings) ->
     log.info("register %s: version %s is now 'challenger'", spec.name, version.version)
     return {"name": version.name, "version": str(version.version),
             "model_uri": version.model_uri}
-
-
-def report_path(settings: Settings, *parts: str) -> Path:
-    """A path under the reports folder, confined to it."""
-    from airmlops.paths import safe_join
-
-    return safe_join(settings.reports_dir, *parts)

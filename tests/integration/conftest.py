@@ -18,7 +18,10 @@ lock that user out of a data directory below it.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -140,3 +143,23 @@ def airflow_platform(platform_factory: PlatformFactory, platform_dags_folder: Pa
     ``airflow`` CLI calls) and ``run_dir``. Torn down at the end of the session.
     """
     return platform_factory("main", platform_dags_folder)
+
+
+@pytest.fixture(scope="session")
+def dags_test_env(mlflow_server, tmp_path_factory) -> dict[str, str]:
+    """An Airflow home on SQLite for in-process `dags test` runs, and its own data root."""
+    home = tmp_path_factory.mktemp("airflow-dags-test")
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "MLOPS_DATA_ROOT": str(home / "data"),
+        "MLOPS_MLFLOW_TRACKING_URI": mlflow_server,
+        "MLOPS_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567",
+    }
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env, check=True, capture_output=True,
+                   timeout=300)
+    return env

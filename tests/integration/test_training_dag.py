@@ -23,26 +23,6 @@ LINEAGE_TAGS = {"git_commit", "data_digest", "spec_hash", "features_hash", "airf
                 "airflow_run_id", "trigger_reason"}
 
 
-@pytest.fixture(scope="module")
-def dags_test_env(mlflow_server, tmp_path_factory) -> dict[str, str]:
-    """An Airflow home on SQLite for in-process `dags test` runs, and its own data root."""
-    home = tmp_path_factory.mktemp("airflow-dags-test")
-    env = {
-        **os.environ,
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO_ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "MLOPS_DATA_ROOT": str(home / "data"),
-        "MLOPS_MLFLOW_TRACKING_URI": mlflow_server,
-        "MLOPS_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567",
-    }
-    subprocess.run([AIRFLOW, "db", "migrate"], env=env, check=True, capture_output=True,
-                   timeout=300)
-    return env
-
-
 def dags_test(env: dict[str, str], logical_date: str, conf: dict | None = None):
     command = [AIRFLOW, "dags", "test", "churn_training", logical_date]
     if conf:

@@ -111,3 +111,45 @@ def test_invalid_yaml_and_non_mapping(tmp_path):
     path.write_text("- a list")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(path)
+
+
+def test_feature_store_inputs_and_types(demo):
+    spec = parse_spec(demo)
+    types = spec.input_types
+    assert types["tenure_days"] == "numeric"
+    assert types["profile__plan"] == "categorical"
+    assert types["activity__sessions_sum_7d"] == "numeric"
+    assert types["minutes_per_session"] == "numeric"
+    assert "sessions" not in types, "raw columns are not inputs when a feature store is declared"
+    assert spec.request_fields == ["tenure_days"]
+    assert spec.features_dag_id == "churn_features"
+
+
+def test_feature_store_changes_the_features_hash(demo):
+    before = parse_spec(copy.deepcopy(demo)).features_hash()
+    demo["feature_store"]["views"][0]["ttl_days"] = 3
+    assert parse_spec(demo).features_hash() != before
+
+
+def test_events_views_need_events_for_file_sources(tmp_path, demo):
+    demo["source"] = {"kind": "file", "path": "raw/*.csv"}
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0][0] == "feature_store.events_path"
+    assert "{" not in error.problems[0][1], "the message must not dump the whole spec"
+
+
+def test_request_fields_must_be_declared_features(tmp_path, demo):
+    demo["feature_store"]["request_fields"] = ["nonexistent"]
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0][0] == "feature_store.request_fields"
+
+
+def test_unknown_on_demand_function_is_named(tmp_path, demo):
+    demo["feature_store"]["on_demand"][0]["function"] = "rm_rf"
+    assert "not a registered on-demand function" in str(_error_for(tmp_path, demo))
+
+
+def test_model_inputs_must_exist(tmp_path, demo):
+    demo["model_inputs"] = ["tenure_days", "ghost"]
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0] == ("model_inputs", "unknown column(s) ['ghost']")

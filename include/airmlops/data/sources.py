@@ -344,3 +344,26 @@ def _run_sqlalchemy(connection: Any, query: str, start: pd.Timestamp,
     )
     result = connection.execute(text(sql), parameters)
     return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+
+def read_files(pattern: str, data_root: Path, *, field: str,
+               timestamp_column: str = "event_timestamp",
+               entity_key: str | None = None) -> pd.DataFrame:
+    """Every CSV/Parquet file matching ``pattern`` (relative to the data root), concatenated,
+    with ``timestamp_column`` parsed to UTC. Errors name ``field``, the spec field at fault."""
+    source = FileSource(kind="file", path=pattern)
+    try:
+        files = _matching_files(source, data_root)
+        frames = [
+            pd.read_parquet(path) if _file_format(path, source) == "parquet"
+            else pd.read_csv(path, dtype={entity_key: str} if entity_key else None)
+            for path in files
+        ]
+    except SourceError as error:
+        raise SourceError(str(error).replace("source.path", field, 1)
+                          .replace("source.format", field, 1)) from None
+    frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    if timestamp_column not in frame.columns:
+        raise SourceError(f"{field}: the files have no {timestamp_column!r} column")
+    frame[timestamp_column] = pd.to_datetime(frame[timestamp_column], utc=True, format="ISO8601")
+    return frame

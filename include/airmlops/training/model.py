@@ -73,7 +73,7 @@ def feature_frame(spec: PipelineSpec, df: pd.DataFrame) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
 
-    missing = [name for name in spec.feature_names if name not in df.columns]
+    missing = [name for name in spec.input_names if name not in df.columns]
     if missing:
         raise ValueError(f"data has no feature column(s) {missing}")
     columns: dict[str, pd.Series] = {}
@@ -82,7 +82,7 @@ def feature_frame(spec: PipelineSpec, df: pd.DataFrame) -> pd.DataFrame:
     for name in spec.categorical_features:
         values = df[name]
         columns[name] = values.astype(str).where(values.notna(), np.nan).astype(object)
-    return pd.DataFrame(columns, index=df.index)[spec.feature_names]
+    return pd.DataFrame(columns, index=df.index)[spec.input_names]
 
 
 def label_array(spec: PipelineSpec, df: pd.DataFrame) -> np.ndarray:
