@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from airmlops.settings import PROJECT_ROOT, Settings

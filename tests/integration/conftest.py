@@ -160,6 +160,7 @@ def dags_test_env(mlflow_server, tmp_path_factory) -> dict[str, str]:
         "MLOPS_MLFLOW_TRACKING_URI": mlflow_server,
         "MLOPS_GIT_COMMIT": "0123456789abcdef0123456789abcdef01234567",
     }
-    subprocess.run([str(Path(sys.executable).with_name("airflow")), "db", "migrate"], env=env, check=True, capture_output=True,
+    airflow = str(Path(sys.executable).with_name("airflow"))
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True,
                    timeout=300)
     return env

@@ -8,7 +8,6 @@ clear-and-rerun of the same logical date writes no second snapshot.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
