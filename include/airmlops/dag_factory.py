@@ -40,7 +40,11 @@ The lifecycle, one task per stage:
 report and nothing downstream runs) → **preprocess** (time-based split with an embargo of
 {gap_days} days) → **train** (scikit-learn Pipeline `{estimator}`, tracked in MLflow with lineage)
 → **validate_model** (absolute gates on `{metric}` and a paired bootstrap against the champion;
-not blessed ends the run here, successfully) → **register** (new version, alias `challenger`).
+not blessed ends the run here, successfully) → **register** (new version, alias `challenger`)
+→ **containerize** (a BentoML bento of that version; a Docker image when an engine is reachable)
+→ **deploy** (blue/green behind the stable address http://127.0.0.1:{port}; any failure leaves
+the old version serving) → **monitor** (bake period on live traffic with automatic rollback;
+then alias `champion` and the reference data for drift monitoring).
 
 Spec: `{path}` (hash `{spec_hash}`). Task: {task}. Schedule: `{schedule}`.
 """
@@ -81,6 +85,9 @@ def training_params() -> dict[str, Param]:
                           description="Simulator only: override the spec's scenario."),
         "full_history": Param(False, type="boolean",
                               description="Read the source from the spec's start_date."),
+        "skip_deploy": Param(False, type="boolean",
+                             description="Register the challenger but do not package or "
+                             "deploy it."),
     }
 
 
@@ -104,7 +111,7 @@ def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
             name=spec.name, description=spec.description.strip(), gap_days=spec.training.gap_days,
             estimator=spec.estimator.class_path, metric=spec.gates.primary_metric,
             path=spec_path.name, spec_hash=spec.spec_hash()[:12], task=spec.task,
-            schedule=spec.schedule,
+            schedule=spec.schedule, port=spec.deploy.port,
         ),
         params=training_params(),
     )
@@ -147,12 +154,53 @@ def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
             """New model version with alias ``challenger``."""
             return stages.register(load(), trained, get_settings())
 
+        @task.short_circuit(ignore_downstream_trigger_rules=True)
+        def should_deploy() -> bool:
+            """The ``skip_deploy`` param stops here (the run still succeeds)."""
+            return not get_current_context()["params"].get("skip_deploy")
+
+        @task
+        def containerize(registered: dict[str, Any]) -> dict[str, Any]:
+            """A bento of that exact version, and an image when a Docker engine is reachable."""
+            return stages.containerize(load(), str(spec_path), registered, get_settings())
+
+        @task
+        def deploy(packaged: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+            """Blue/green behind the stable address; any failure leaves the old version."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            from airmlops.serving.deploy import DeployFailed
+
+            current = load()
+            try:
+                return stages.deploy(current, packaged, trained, _run_context(current),
+                                     get_settings())
+            except DeployFailed as failure:  # deterministic: a retry would fail the same way
+                raise AirflowFailException(f"deploy failed, old version still serving: "
+                                           f"{failure}") from failure
+
+        @task
+        def monitor(deployed: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+            """Bake period with automatic rollback, then champion and reference data."""
+            from airflow.sdk.exceptions import AirflowFailException
+
+            current = load()
+            try:
+                return stages.monitor(current, deployed, trained, _run_context(current),
+                                      get_settings())
+            except stages.BakeFailed as failure:  # rolled back already: never retry
+                raise AirflowFailException(str(failure)) from failure
+
         snapshot = ingest()
         checked = validate_data(snapshot)
         training_set = preprocess(snapshot)
         checked >> training_set
         trained = train(training_set)
-        validate_model(trained) >> register(trained)
+        registered = register(trained)
+        validate_model(trained) >> registered
+        packaged = containerize(registered)
+        registered >> should_deploy() >> packaged
+        monitor(deploy(packaged, trained), trained)
 
     return training()
 
@@ -221,6 +269,35 @@ def build_features_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     return features()
 
 
+def build_rollback_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
+    """``<name>_rollback``: serve the previous version again and move ``champion`` back."""
+    from airmlops import stages
+
+    @dag(
+        dag_id=f"{spec.name}_rollback",
+        schedule=None,
+        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        default_args={**DEFAULT_ARGS, "owner": spec.owner},
+        tags=["mlops", "deploy", spec.name, *spec.tags],
+        doc_md=f"### {spec.name}: rollback\n\nSwitches the stable address "
+        f"http://127.0.0.1:{spec.deploy.port} back to the previous version (restarting it if "
+        "needed) and moves the `champion` alias back to it. Trigger it by hand.",
+        params={"trigger_reason": training_params()["trigger_reason"]},
+    )
+    def rollback_dag() -> None:
+        @task
+        def rollback() -> dict[str, Any]:
+            """Switch back to the previous slot."""
+            current = load_spec(spec_path)
+            return stages.rollback(current, _run_context(current), get_settings())
+
+        rollback()
+
+    return rollback_dag()
+
+
 def _placeholder_name(path: Path) -> str:
     stem = re.sub(r"[^a-z0-9_]", "_", path.stem.lower())
     return stem if re.match(NAME_PATTERN, stem) else f"pipeline_{stem}"[:60]
@@ -263,7 +340,7 @@ def build_all(pipelines_dir: Path | None = None) -> dict[str, DAG]:
             log.error("%s", error)
             built = [build_invalid_spec_dag(path, error)]
         else:
-            built = [build_training_dag(spec, path)]
+            built = [build_training_dag(spec, path), build_rollback_dag(spec, path)]
             if spec.feature_store is not None:
                 built.append(build_features_dag(spec, path))
         for item in built:

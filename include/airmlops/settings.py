@@ -64,6 +64,28 @@ class Settings(BaseSettings):
         description="Largest webhook body accepted, in bytes; larger gets 413.",
     )
 
+    base_image: str = Field(
+        default="airmlops/python:3.11-bookworm",
+        description="Base image of model images; users pull a normal Python 3.11 image, the "
+        "test setup builds this tag locally (scripts/ensure-base-image.sh).",
+    )
+    wheelhouse_dir: Path | None = Field(
+        default=None, description="Wheel cache for image builds; default <data_root>/wheelhouse.")
+    bentoml_home: Path | None = Field(
+        default=None, description="BentoML store of built bentos; default <data_root>/bentoml.")
+    serving_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer token required by /predict and /feedback; empty means open.",
+    )
+
+    @property
+    def wheelhouse(self) -> Path:
+        return self.wheelhouse_dir or self.data_root / "wheelhouse"
+
+    @property
+    def bentoml_store(self) -> Path:
+        return self.bentoml_home or self.data_root / "bentoml"
+
     @property
     def snapshots_dir(self) -> Path:
         return self.data_root / "snapshots"

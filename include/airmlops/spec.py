@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from airmlops.features.definitions import FeatureSet
+from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
@@ -190,6 +191,23 @@ class FeatureStoreConfig(FeatureSet):
         default=None, description="CSV/Parquet glob of profiles for non-simulator sources.")
 
 
+class DeployConfig(_Strict):
+    """Where and how a blessed model is served (containerize, deploy and monitor stages)."""
+
+    target: Literal["auto", "docker", "process"] = Field(
+        default="auto", description="auto: docker when an engine is reachable, else process.")
+    port: int = Field(default=8600, ge=1024, le=65535,
+                      description="The stable address http://127.0.0.1:<port> clients call.")
+    ready_timeout_seconds: float = Field(default=120.0, gt=0, le=1800)
+    smoke_requests: int = Field(default=5, ge=1, le=100)
+    latency_budget_ms: float = Field(default=500.0, gt=0)
+    bake_seconds: float = Field(default=30.0, ge=0, le=86400,
+                                description="Watch the new version this long before trusting it.")
+    bake_probe_interval_seconds: float = Field(default=1.0, gt=0)
+    max_error_rate: float = Field(default=0.01, ge=0, le=1)
+    max_p99_ms: float = Field(default=1000.0, gt=0)
+
+
 class PipelineSpec(_Strict):
     """One model's pipeline."""
 
@@ -212,6 +230,8 @@ class PipelineSpec(_Strict):
         default=None, description="Feature views and on-demand features; without it the model "
         "reads the raw feature columns of each row.",
     )
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
     model_inputs: list[Column] | None = Field(
         default=None, description="The model's input columns; default: every feature-store "
         "feature plus the request fields that are declared features, or, without a feature "
@@ -261,6 +281,7 @@ class PipelineSpec(_Strict):
             unknown = sorted(set(self.model_inputs) - set(self._input_types_of_everything()))
             if unknown:
                 raise ValueError(f"model_inputs: unknown column(s) {unknown}")
+        validate_against_spec(self.monitoring, self)
         return self
 
     @property

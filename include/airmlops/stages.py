@@ -26,6 +26,10 @@ class DataValidationFailed(RuntimeError):
     """The batch failed its data contract; it is quarantined and nothing downstream runs."""
 
 
+class BakeFailed(RuntimeError):
+    """The new version breached its bake limits and was rolled back."""
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What a stage needs to know about the Airflow run that calls it."""
@@ -250,3 +254,230 @@ def register(spec: PipelineSpec, trained: dict[str, Any], settings: Settings) ->
     log.info("register %s: version %s is now 'challenger'", spec.name, version.version)
     return {"name": version.name, "version": str(version.version),
             "model_uri": version.model_uri}
+
+
+# --- serving: containerize, deploy, monitor --------------------------------------------------
+
+
+def containerize(spec: PipelineSpec, spec_path: str, registered: dict[str, Any],
+                 settings: Settings) -> dict[str, Any]:
+    """A bento from the registered version, then an image when a Docker engine is reachable."""
+    from pathlib import Path
+
+    from airmlops.serving import bento, container, docker_engine
+
+    version = registered["version"]
+    ref = bento.build_bento(spec, version, settings.mlflow_tracking_uri, settings.bentoml_store,
+                            spec_path=Path(spec_path))
+    log.info("containerize %s: bento %s built from version %s", spec.name, ref.tag, version)
+    result: dict[str, Any] = {"version": version, "bento_tag": ref.tag,
+                              "bento_export": str(ref.export_path), "image_id": None,
+                              "image_tag": None}
+    # Containers reach the online store and prediction log over the network: SQLite files
+    # under the host's data root are for local processes, so docker needs Redis.
+    wants_docker = spec.deploy.target == "docker" or (
+        spec.deploy.target == "auto" and settings.redis_url is not None
+    )
+    if wants_docker and spec.deploy.target == "docker" and settings.redis_url is None:
+        raise RuntimeError("deploy.target docker needs MLOPS_REDIS_URL: containers cannot share "
+                           "the host's SQLite online store and prediction log")
+    if wants_docker and docker_engine.engine_available():
+        tag = f"airmlops/{spec.name.replace('_', '-')}:v{version}"
+        image = container.build_image(
+            ref.export_path, tag, settings.base_image, settings.wheelhouse,
+            labels={"airmlops.model": spec.registered_model_name,
+                    "airmlops.version": str(version)},
+            progress=lambda line: log.info("containerize %s: %s", spec.name, line),
+        )
+        result.update(image_id=image.id, image_tag=image.tag)
+        log.info("containerize %s: image %s (%s, %.0f MB)", spec.name, image.tag, image.id,
+                 image.size / 1e6)
+    elif spec.deploy.target == "docker":
+        raise RuntimeError("deploy.target is docker but no Docker engine is reachable")
+    else:
+        why = "no Docker engine reachable" if wants_docker else "no Redis configured"
+        log.info("containerize %s: %s: no image built; the bento will be served as a local "
+                 "process", spec.name, why)
+    bento.record_on_version(spec.registered_model_name, version, settings.mlflow_tracking_uri,
+                            bento_tag=ref.tag, image_id=result["image_id"] or "none",
+                            image_tag=result["image_tag"] or "none (no Docker engine)")
+    return result
+
+
+def _service_env(settings: Settings) -> dict[str, str]:
+    env = {"MLOPS_DATA_ROOT": str(settings.data_root),
+           "MLOPS_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
+    if settings.redis_url:
+        env["MLOPS_REDIS_URL"] = settings.redis_url
+    if settings.serving_token.get_secret_value():
+        env["MLOPS_SERVING_TOKEN"] = settings.serving_token.get_secret_value()
+    return env
+
+
+def _auth_headers(settings: Settings) -> dict[str, str]:
+    token = settings.serving_token.get_secret_value()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def golden_requests(spec: PipelineSpec, test_path: str, count: int) -> list[dict[str, Any]]:
+    """Smoke requests: the most recent held-out rows, as clients would send them."""
+    import pandas as pd
+
+    columns = [spec.entity_key, *spec.request_fields]
+    rows = pd.read_parquet(test_path, columns=list(dict.fromkeys(columns)))
+    rows = rows.drop_duplicates(spec.entity_key).tail(count)
+    return [{"instances": [{k: _plain(v) for k, v in row.items()}]}
+            for row in rows.to_dict(orient="records")]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any],
+           run: RunContext, settings: Settings) -> dict[str, Any]:
+    """Blue/green: the new version beside the old, ready, smoke-tested, then the switch.
+
+    Online features are materialized first so the service finds its entities. Any failure
+    leaves the old version serving and the champion alias untouched.
+    """
+    from airmlops.serving import deploy as deployer
+    from airmlops.training import registry
+
+    materialize_features(spec, run, settings) if spec.feature_store else None
+    version = str(packaged["version"])
+    target = "docker" if packaged.get("image_id") else "process"
+    artifact = packaged["image_tag"] if target == "docker" else packaged["bento_tag"]
+    golden = golden_requests(spec, trained["test_path"], spec.deploy.smoke_requests)
+
+    def valid(request: dict[str, Any], body: Any) -> bool:
+        predictions = body.get("predictions") if isinstance(body, dict) else None
+        return (isinstance(predictions, list) and len(predictions) == len(request["instances"])
+                and str(body.get("model_version")) == version)
+
+    uri = settings.mlflow_tracking_uri
+    previous = registry.get_alias_version(spec.registered_model_name, "champion", uri)
+    result = deployer.deploy(
+        spec.name, version, artifact, target, golden, root=settings.data_root,
+        proxy_port=spec.deploy.port, ready_timeout=spec.deploy.ready_timeout_seconds,
+        latency_budget_ms=spec.deploy.latency_budget_ms, now=run.as_of, validate=valid,
+        env=_service_env(settings), bentoml_home=settings.bentoml_store,
+        headers=_auth_headers(settings),
+    )
+    log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "
+             "rollback; timings %s", spec.name, version, result.stable_url, result.slot,
+             target, result.previous_version, result.timings)
+    return {"version": version, "target": target, "slot": result.slot,
+            "stable_url": result.stable_url, "previous_version": result.previous_version,
+            "previous_champion": previous.version if previous else None}
+
+
+def _probe(url: str, golden: list[dict[str, Any]], seconds: float, interval: float,
+           token: str) -> tuple[int, int, list[float]]:
+    import itertools
+    import time
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    errors = total = 0
+    latencies: list[float] = []
+    deadline = time.monotonic() + seconds
+    with httpx.Client(timeout=10.0, headers=headers) as client:
+        for request in itertools.cycle(golden):
+            if time.monotonic() >= deadline:
+                break
+            started = time.perf_counter()
+            try:
+                response = client.post(f"{url}/predict", json=request)
+                ok = response.status_code < 500
+            except httpx.HTTPError:
+                ok = False
+            latencies.append((time.perf_counter() - started) * 1000)
+            total += 1
+            errors += 0 if ok else 1
+            time.sleep(interval)
+    return errors, total, latencies
+
+
+def monitor(spec: PipelineSpec, deployed: dict[str, Any], trained: dict[str, Any],
+            run: RunContext, settings: Settings) -> dict[str, Any]:
+    """Bake the new version on live traffic plus probes; a breach rolls back. Then promote it
+    to ``champion`` and record its reference data for drift monitoring."""
+    import numpy as np
+
+    from airmlops.serving import deploy as deployer
+    from airmlops.training import registry
+
+    version = deployed["version"]
+    golden = golden_requests(spec, trained["test_path"], spec.deploy.smoke_requests)
+    errors, total, latencies = _probe(deployed["stable_url"], golden, spec.deploy.bake_seconds,
+                                      spec.deploy.bake_probe_interval_seconds,
+                                      settings.serving_token.get_secret_value())
+    error_rate = errors / total if total else 1.0
+    p99 = float(np.percentile(latencies, 99)) if latencies else float("inf")
+    bake = {"requests": total, "errors": errors, "error_rate": error_rate, "p99_ms": p99}
+    breached = error_rate > spec.deploy.max_error_rate or p99 > spec.deploy.max_p99_ms
+    uri = settings.mlflow_tracking_uri
+    if breached:
+        log.error("monitor %s: version %s breached its bake limits %s; rolling back", spec.name,
+                  version, bake)
+        deployer.rollback(spec.name, settings.data_root, now=run.as_of,
+                          env=_service_env(settings))
+        raise BakeFailed(f"version {version} was rolled back after its bake period: {bake}")
+    registry.set_alias(spec.registered_model_name, "champion", version, uri)
+    from airmlops.serving import bento
+
+    bento.record_on_version(
+        spec.registered_model_name, version, uri, deployed_at=run.as_of.isoformat(),
+        deployed_target=f"{deployed['target']} {deployed['stable_url']}",
+        previous_champion=str(deployed.get("previous_champion") or "none"),
+    )
+    reference = record_reference(spec, version, trained, settings)
+    log.info("monitor %s: version %s baked %s and is now 'champion' (previous: %s); "
+             "reference data at %s", spec.name, version, bake,
+             deployed.get("previous_champion"), reference)
+    return {"version": version, "bake": bake, "reference": reference}
+
+
+def record_reference(spec: PipelineSpec, version: str, trained: dict[str, Any],
+                     settings: Settings) -> str:
+    """Summarize the champion's held-out data once, for drift monitoring of its windows."""
+    import pandas as pd
+
+    from airmlops.monitoring.config import MonitoringConfig
+    from airmlops.monitoring.reference import summarize_reference
+    from airmlops.paths import safe_join
+
+    from airmlops.training.model import feature_frame, predict_scores
+    from airmlops.training.tracking import using_tracking_uri
+
+    frame = pd.read_parquet(trained["test_path"])
+    with using_tracking_uri(settings.mlflow_tracking_uri):
+        import mlflow.sklearn
+
+        model = mlflow.sklearn.load_model(f"models:/{spec.registered_model_name}/{version}")
+    frame["prediction"] = predict_scores(spec, model, feature_frame(spec, frame))
+    config = getattr(spec, "monitoring", None) or MonitoringConfig()
+    where = safe_join(settings.data_root, "monitoring", spec.name, "reference", str(version))
+    summarize_reference(frame, spec, config, where)
+    return str(where)
+
+
+def rollback(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str, Any]:
+    """Serve the previous version again and move ``champion`` back to it."""
+    from airmlops.serving import deploy as deployer
+    from airmlops.training import registry
+
+    result = deployer.rollback(spec.name, settings.data_root, now=run.as_of,
+                               env=_service_env(settings))
+    registry.set_alias(spec.registered_model_name, "champion", result.version,
+                       settings.mlflow_tracking_uri)
+    log.info("rollback %s: version %s serves again at %s (slot %s%s)", spec.name,
+             result.version, result.stable_url, result.slot,
+             ", restarted" if result.restarted else "")
+    return {"version": result.version, "slot": result.slot, "stable_url": result.stable_url}

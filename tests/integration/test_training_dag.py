@@ -37,7 +37,7 @@ def _client(env):
 
 def test_training_run_registers_a_challenger_with_lineage(dags_test_env):
     result = dags_test(dags_test_env, "2026-06-01T00:00:00+00:00",
-                       {"trigger_reason": "integration test"})
+                       {"trigger_reason": "integration test", "skip_deploy": True})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     client = _client(dags_test_env)
@@ -62,7 +62,7 @@ def test_training_run_registers_a_challenger_with_lineage(dags_test_env):
 def test_rerun_of_the_same_run_writes_no_duplicate_snapshot(dags_test_env):
     data_root = Path(dags_test_env["MLOPS_DATA_ROOT"])
     before = sorted(p.name for p in (data_root / "snapshots" / "churn").glob("*.parquet"))
-    result = dags_test(dags_test_env, "2026-06-01T00:00:00+00:00")
+    result = dags_test(dags_test_env, "2026-06-01T00:00:00+00:00", {"skip_deploy": True})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     after = sorted(p.name for p in (data_root / "snapshots" / "churn").glob("*.parquet"))
     assert after == before
@@ -142,7 +142,7 @@ def test_any_tabular_dataset_works_by_writing_a_spec(dags_test_env, tmp_path):
     env = {**dags_test_env, "MLOPS_PIPELINES_DIR": str(pipelines)}
 
     command = [AIRFLOW, "dags", "test", "diabetes_training", "2026-06-01T00:00:00+00:00",
-               "--conf", json.dumps({"full_history": True})]
+               "--conf", json.dumps({"full_history": True, "skip_deploy": True})]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 

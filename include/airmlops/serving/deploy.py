@@ -864,6 +864,7 @@ def smoke(
     *,
     warmup: int = 1,
     timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> SmokeResult:
     """POST each golden request (a JSON body) to ``url + path`` and check the answers.
 
@@ -881,7 +882,8 @@ def smoke(
         return SmokeResult(False, 0, ("no golden requests: nothing was checked",), ())
     failures: list[str] = []
     latencies: list[float] = []
-    with httpx.Client(base_url=upstream, timeout=timeout, trust_env=False) as client:
+    with httpx.Client(base_url=upstream, timeout=timeout, trust_env=False,
+                      headers=dict(headers or {})) as client:
         for _ in range(max(0, warmup)):
             with contextlib.suppress(httpx.HTTPError):
                 client.post(path, json=dict(golden_requests[0]))
@@ -943,6 +945,7 @@ def deploy(
     bentoml_home: Path | None = None,
     docker_client: DockerClient | None = None,
     stop_timeout: float = 10.0,
+    headers: Mapping[str, str] | None = None,
 ) -> DeployResult:
     """Blue/green deploy of ``version`` (a bento tag for ``process``, an image for ``docker``).
 
@@ -1015,7 +1018,8 @@ def deploy(
                 ) from None
             step = lap("ready_s", step)
 
-            result = smoke(handle.upstream, golden, path, latency_budget_ms, validate)
+            result = smoke(handle.upstream, golden, path, latency_budget_ms, validate,
+                           headers=headers)
             if not result.ok:
                 raise DeployFailed("smoke", "; ".join(result.failures[:5]))
             step = lap("smoke_s", step)

@@ -1,0 +1,686 @@
+"""The prediction log: every answered prediction and every label that arrives later.
+
+Two backends behind one small interface, :class:`LogBackend`:
+
+- :class:`SqliteLogBackend` (the embedded default): ``<data_root>/predictions/<pipeline>.sqlite``
+  in WAL mode with two tables. ``predictions`` has one row per predicted entity:
+  ``(request_id, position, ts, model_version, entity_id, inputs, features, prediction,
+  probability)``, keyed ``(request_id, position)`` (``position`` is the entity's index in its
+  request), so a batch written twice (a retry after a failed commit) is stored once.
+  ``labels`` has ``(request_id, entity_id, label, ts)`` keyed ``(request_id, entity_id)``: a
+  later label for the same prediction replaces the earlier one.
+- :class:`RedisLogBackend` (when a Redis URL is configured): the streams
+  ``<pipeline>:predictions`` and ``<pipeline>:labels``, one entry per row with the same fields,
+  appended with ``XADD ... MAXLEN ~ <bound>`` in one MULTI/EXEC pipeline per batch. Readers drop
+  duplicate ``(request_id, position)`` entries, so a retried batch is read once.
+
+``ts`` is the prediction's (or label's) time in epoch microseconds, UTC; ``inputs`` is the
+request row (entity and request fields) and ``features`` the model's input row, both JSON.
+
+:class:`PredictionLog` is what the model service writes through: :meth:`~PredictionLog.log`
+only appends to a bounded in-memory buffer and returns; a background thread writes the buffer
+in batches (``executemany`` / one pipeline). When the backend is down the service keeps
+answering: the entries stay buffered and are retried with backoff until the backend is back;
+only entries beyond the buffer bound are dropped, and counted. Counters (logged, buffered,
+failed writes, dropped) are in :meth:`~PredictionLog.stats` and are pushed to an optional
+``observer`` as they change (the service turns them into Prometheus metrics).
+
+:func:`read_predictions` and :func:`read_labels` return a time window as a DataFrame, from
+either backend (the monitoring DAG reads the log through them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from airmlops.paths import safe_join
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from airmlops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PIPELINE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+PREDICTION_COLUMNS = (
+    "request_id", "position", "ts", "model_version", "entity_id", "inputs", "features",
+    "prediction", "probability",
+)
+LABEL_COLUMNS = ("request_id", "entity_id", "label", "ts")
+CLOCK_SKEW_US = 300 * 1_000_000
+"""How much earlier than a prediction's own ``ts`` a Redis stream id may be (clock skew
+between the service and the Redis server); the window read starts this much early."""
+
+Observer = Callable[[str, int], None]
+"""``observer(event, amount)``: event is ``logged``, ``labels_logged``, ``failed_writes``,
+``dropped`` (increments) or ``buffered``, ``backend_up`` (current values)."""
+
+
+class PredictionLogSettings(BaseSettings):
+    """Prediction log settings (environment prefix ``MLOPS_PREDICTION_LOG_``).
+
+    The backend follows the platform's ``MLOPS_REDIS_URL`` (Redis Streams when set, SQLite
+    otherwise) unless ``MLOPS_PREDICTION_LOG_REDIS_URL`` names another Redis for the log.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MLOPS_PREDICTION_LOG_", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None, description="Redis for the log only; unset means the platform's redis_url.")
+    buffer_size: int = Field(
+        default=100_000, ge=1, description="Entries held in memory while the backend is slow "
+        "or down; beyond this, new entries are dropped and counted.")
+    batch_size: int = Field(default=1000, ge=1, le=100_000,
+                            description="Entries written per backend call.")
+    stream_maxlen: int = Field(
+        default=1_000_000, ge=1000,
+        description="Approximate bound of each Redis stream (XADD MAXLEN ~).")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionRecord:
+    """One predicted entity of one request."""
+
+    request_id: str
+    position: int
+    ts_us: int
+    model_version: str
+    entity_id: str
+    inputs: Mapping[str, Any]
+    features: Mapping[str, Any]
+    prediction: float
+    probability: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRecord:
+    """The observed outcome of one entity of an earlier request."""
+
+    request_id: str
+    entity_id: str
+    label: float
+    ts_us: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LogStats:
+    """Counters of a :class:`PredictionLog` since it started."""
+
+    logged: int
+    labels_logged: int
+    buffered: int
+    failed_writes: int
+    dropped: int
+    backend_up: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class LogBackend(Protocol):
+    """Where log entries are stored. Writes raise on failure; the caller retries."""
+
+    @property
+    def location(self) -> str:
+        """Where the entries go, without secrets."""
+        ...
+
+    def write(self, predictions: Sequence[PredictionRecord],
+              labels: Sequence[LabelRecord]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _json(value: Mapping[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    """A JSON-ready value: numpy scalars become Python ones, NaN (missing) becomes null."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _clean(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {str(k): _finite(v) for k, v in row.items()}
+
+
+def check_pipeline(pipeline: str) -> str:
+    """Return ``pipeline`` if it is a valid pipeline name (it becomes a file or key name)."""
+    if not isinstance(pipeline, str) or not PIPELINE_PATTERN.match(pipeline):
+        raise ValueError(f"invalid pipeline name {pipeline!r}")
+    return pipeline
+
+
+# --- SQLite ----------------------------------------------------------------------------------
+
+_SQLITE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS predictions ("
+    " request_id TEXT NOT NULL, position INTEGER NOT NULL, ts INTEGER NOT NULL,"
+    " model_version TEXT NOT NULL, entity_id TEXT NOT NULL, inputs TEXT NOT NULL,"
+    " features TEXT NOT NULL, prediction REAL, probability REAL,"
+    " PRIMARY KEY (request_id, position))",
+    "CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)",
+    "CREATE TABLE IF NOT EXISTS labels ("
+    " request_id TEXT NOT NULL, entity_id TEXT NOT NULL, label REAL NOT NULL,"
+    " ts INTEGER NOT NULL, PRIMARY KEY (request_id, entity_id))",
+    "CREATE INDEX IF NOT EXISTS labels_ts ON labels (ts)",
+)
+
+
+def sqlite_log_path(data_root: Path, pipeline: str) -> Path:
+    """``<data_root>/predictions/<pipeline>.sqlite``."""
+    return safe_join(Path(data_root), "predictions", f"{check_pipeline(pipeline)}.sqlite")
+
+
+class SqliteLogBackend:
+    """The log in one SQLite file (WAL): safe for several writer processes (busy timeout).
+
+    The connection is opened on first use, in the thread that writes (the log's writer thread).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+
+    @property
+    def location(self) -> str:
+        return f"sqlite:{self.path}"
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
+                                 check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                for statement in _SQLITE_SCHEMA:
+                    db.execute(statement)
+            except sqlite3.Error:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def write(self, predictions: Sequence[PredictionRecord],
+              labels: Sequence[LabelRecord]) -> None:
+        """Insert a batch in one transaction; rows already present are left as they are."""
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            if predictions:
+                db.executemany(
+                    "INSERT OR IGNORE INTO predictions (request_id, position, ts, model_version,"
+                    " entity_id, inputs, features, prediction, probability)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(r.request_id, r.position, r.ts_us, r.model_version, r.entity_id,
+                      _json(_clean(r.inputs)), _json(_clean(r.features)), r.prediction,
+                      r.probability) for r in predictions],
+                )
+            if labels:
+                db.executemany(
+                    "INSERT OR REPLACE INTO labels (request_id, entity_id, label, ts)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(r.request_id, r.entity_id, r.label, r.ts_us) for r in labels],
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                self.close()  # a broken connection is reopened on the next write
+            raise
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+
+def stream_keys(pipeline: str) -> tuple[str, str]:
+    """The (predictions, labels) stream keys of a pipeline."""
+    check_pipeline(pipeline)
+    return f"{pipeline}:predictions", f"{pipeline}:labels"
+
+
+def _redis_client(url: str, *, timeout: float) -> Any:
+    import redis
+
+    if not re.match(r"^(redis|rediss|unix)://", url):
+        raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                decode_responses=False)
+
+
+def _redis_location(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+class RedisLogBackend:
+    """The log as two Redis Streams, each bounded by ``XADD MAXLEN ~ maxlen``."""
+
+    def __init__(self, url: str, pipeline: str, *, maxlen: int = 1_000_000,
+                 timeout: float = 2.0, client: Any = None) -> None:
+        self.url = url
+        self.maxlen = int(maxlen)
+        self.predictions_key, self.labels_key = stream_keys(pipeline)
+        self._client = client or _redis_client(url, timeout=timeout)
+
+    @property
+    def location(self) -> str:
+        return f"{_redis_location(self.url)} streams {self.predictions_key}, {self.labels_key}"
+
+    def write(self, predictions: Sequence[PredictionRecord],
+              labels: Sequence[LabelRecord]) -> None:
+        """XADD the batch in one MULTI/EXEC pipeline: all of it is appended or none."""
+        pipe = self._client.pipeline(transaction=True)
+        for r in predictions:
+            pipe.xadd(self.predictions_key, {
+                "request_id": r.request_id, "position": r.position, "ts": r.ts_us,
+                "model_version": r.model_version, "entity_id": r.entity_id,
+                "inputs": _json(_clean(r.inputs)), "features": _json(_clean(r.features)),
+                "prediction": repr(float(r.prediction)),
+                "probability": "" if r.probability is None else repr(float(r.probability)),
+            }, maxlen=self.maxlen, approximate=True)
+        for r in labels:
+            pipe.xadd(self.labels_key, {
+                "request_id": r.request_id, "entity_id": r.entity_id,
+                "label": repr(float(r.label)), "ts": r.ts_us,
+            }, maxlen=self.maxlen, approximate=True)
+        pipe.execute()
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# --- the non-blocking writer -----------------------------------------------------------------
+
+
+class PredictionLog:
+    """Buffers log entries in memory and writes them from a background thread.
+
+    :meth:`log` and :meth:`log_labels` never block on the backend: they append to a buffer of
+    at most ``buffer_size`` entries (beyond it, new entries are dropped and counted) and return.
+    The writer takes up to ``batch_size`` entries at a time, in order, and removes them only
+    once the backend has stored them; a failed write is counted and retried after a backoff
+    (``retry_initial`` doubling up to ``retry_max`` seconds) until it succeeds or the log is
+    closed. Call :meth:`close` to flush (bounded by a timeout) and stop.
+    """
+
+    def __init__(
+        self,
+        backend: LogBackend,
+        *,
+        buffer_size: int = 100_000,
+        batch_size: int = 1000,
+        retry_initial: float = 0.2,
+        retry_max: float = 5.0,
+        observer: Observer | None = None,
+    ) -> None:
+        if buffer_size < 1 or batch_size < 1:
+            raise ValueError("buffer_size and batch_size must be at least 1")
+        self.backend = backend
+        self.buffer_size = buffer_size
+        self.batch_size = batch_size
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self._observer = observer
+        self._buffer: deque[PredictionRecord | LabelRecord] = deque()
+        self._in_flight = 0
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._logged = 0
+        self._labels_logged = 0
+        self._failed_writes = 0
+        self._dropped = 0
+        self._backend_up = True
+        self._thread = threading.Thread(target=self._run, name="prediction-log-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- producers ------------------------------------------------------------------------
+
+    def log(self, records: Sequence[PredictionRecord]) -> int:
+        """Buffer prediction records; return how many were accepted (the rest are dropped)."""
+        return self._append(records)
+
+    def log_labels(self, records: Sequence[LabelRecord]) -> int:
+        """Buffer label records; return how many were accepted (the rest are dropped)."""
+        return self._append(records)
+
+    def _append(self, records: Sequence[PredictionRecord | LabelRecord]) -> int:
+        if not records:
+            return 0
+        with self._condition:
+            if self._stopping:
+                accepted = 0
+            else:
+                room = self.buffer_size - len(self._buffer) - self._in_flight
+                accepted = max(0, min(room, len(records)))
+                self._buffer.extend(records[:accepted])
+            dropped = len(records) - accepted
+            self._dropped += dropped
+            buffered = len(self._buffer) + self._in_flight
+            self._condition.notify_all()
+        if dropped:
+            log.warning("prediction log buffer full (%d entries): dropped %d", self.buffer_size,
+                        dropped)
+            self._notify("dropped", dropped)
+        self._notify("buffered", buffered)
+        return accepted
+
+    # -- state ------------------------------------------------------------------------------
+
+    def stats(self) -> LogStats:
+        with self._condition:
+            return LogStats(
+                logged=self._logged,
+                labels_logged=self._labels_logged,
+                buffered=len(self._buffer) + self._in_flight,
+                failed_writes=self._failed_writes,
+                dropped=self._dropped,
+                backend_up=self._backend_up,
+            )
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every accepted entry is stored; False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            while self._buffer or self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._thread.is_alive():
+                    return False
+                self._condition.wait(min(remaining, 0.5))
+        return True
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Flush for at most ``timeout`` seconds, stop the writer and close the backend.
+
+        Returns True when everything accepted was stored; entries still buffered are counted
+        as dropped.
+        """
+        flushed = self.flush(timeout)
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join(timeout=max(1.0, self.retry_max + 1.0))
+        with self._condition:
+            lost = len(self._buffer) + self._in_flight
+            self._buffer.clear()
+            self._in_flight = 0
+            self._dropped += lost
+        if lost:
+            log.warning("prediction log closed with %d entries unwritten", lost)
+            self._notify("dropped", lost)
+        try:
+            self.backend.close()
+        except Exception:  # closing a broken connection must not fail shutdown
+            log.debug("closing the prediction log backend failed", exc_info=True)
+        return flushed and not lost
+
+    # -- writer thread ------------------------------------------------------------------------
+
+    def _notify(self, event: str, amount: int) -> None:
+        if self._observer is None:
+            return
+        try:
+            self._observer(event, amount)
+        except Exception:  # metrics must never break logging
+            log.debug("prediction log observer failed on %s", event, exc_info=True)
+
+    def _run(self) -> None:
+        delay = self.retry_initial
+        while True:
+            with self._condition:
+                while not self._buffer and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                count = min(self.batch_size, len(self._buffer))
+                batch = [self._buffer.popleft() for _ in range(count)]
+                self._in_flight = count
+            predictions = [r for r in batch if isinstance(r, PredictionRecord)]
+            labels = [r for r in batch if isinstance(r, LabelRecord)]
+            try:
+                self.backend.write(predictions, labels)
+            except Exception as error:
+                with self._condition:
+                    self._buffer.extendleft(reversed(batch))  # keep them, in order
+                    self._in_flight = 0
+                    self._failed_writes += 1
+                    was_up, self._backend_up = self._backend_up, False
+                    buffered = len(self._buffer)
+                if was_up:
+                    log.warning("prediction log backend %s failed (%s: %s); %d entries "
+                                "buffered, retrying", self.backend.location,
+                                type(error).__name__, error, buffered)
+                self._notify("failed_writes", 1)
+                self._notify("backend_up", 0)
+                with self._condition:
+                    if not self._stopping:
+                        self._condition.wait(delay)
+                delay = min(delay * 2, self.retry_max)
+                continue
+            delay = self.retry_initial
+            with self._condition:
+                self._in_flight = 0
+                self._logged += len(predictions)
+                self._labels_logged += len(labels)
+                was_up, self._backend_up = self._backend_up, True
+                buffered = len(self._buffer)
+                self._condition.notify_all()
+            if not was_up:
+                log.warning("prediction log backend %s is back; %d entries still buffered",
+                            self.backend.location, buffered)
+                self._notify("backend_up", 1)
+            if predictions:
+                self._notify("logged", len(predictions))
+            if labels:
+                self._notify("labels_logged", len(labels))
+            self._notify("buffered", buffered)
+
+
+# --- choosing a backend and reading ----------------------------------------------------------
+
+
+def log_redis_url(settings: Settings, log_settings: PredictionLogSettings | None = None
+                  ) -> str | None:
+    """The Redis URL of the log (its own setting, else the platform's), or None for SQLite."""
+    log_settings = log_settings or PredictionLogSettings()
+    return log_settings.redis_url or settings.redis_url
+
+
+def open_backend(pipeline: str, settings: Settings,
+                 log_settings: PredictionLogSettings | None = None) -> LogBackend:
+    """The backend the settings choose for ``pipeline``: Redis Streams or the SQLite file."""
+    log_settings = log_settings or PredictionLogSettings()
+    url = log_redis_url(settings, log_settings)
+    if url:
+        return RedisLogBackend(url, pipeline, maxlen=log_settings.stream_maxlen)
+    return SqliteLogBackend(sqlite_log_path(settings.data_root, pipeline))
+
+
+def open_log(pipeline: str, settings: Settings, *,
+             log_settings: PredictionLogSettings | None = None,
+             observer: Observer | None = None) -> PredictionLog:
+    """A :class:`PredictionLog` writing to the backend the settings choose."""
+    log_settings = log_settings or PredictionLogSettings()
+    return PredictionLog(open_backend(pipeline, settings, log_settings),
+                         buffer_size=log_settings.buffer_size,
+                         batch_size=log_settings.batch_size, observer=observer)
+
+
+def _epoch_us(moment: dt.datetime) -> int:
+    if moment.tzinfo is None:
+        raise ValueError("window bounds must be timezone-aware datetimes")
+    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _empty_frame(columns: Sequence[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+
+
+def _finish_predictions(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    if not rows:
+        frame = _empty_frame(PREDICTION_COLUMNS)
+        frame["ts"] = pd.Series(dtype="datetime64[us, UTC]")
+        return frame
+    frame = pd.DataFrame.from_records(rows, columns=list(PREDICTION_COLUMNS))
+    frame = frame.drop_duplicates(["request_id", "position"], keep="first")
+    frame = frame.sort_values(["ts", "request_id", "position"], kind="stable")
+    frame["inputs"] = frame["inputs"].map(json.loads)
+    frame["features"] = frame["features"].map(json.loads)
+    frame["ts"] = pd.to_datetime(frame["ts"].astype("int64"), unit="us", utc=True)
+    frame["position"] = frame["position"].astype("int64")
+    frame["prediction"] = frame["prediction"].astype("float64")
+    frame["probability"] = pd.to_numeric(frame["probability"], errors="coerce")
+    return frame.reset_index(drop=True)
+
+
+def _finish_labels(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    if not rows:
+        frame = _empty_frame(LABEL_COLUMNS)
+        frame["ts"] = pd.Series(dtype="datetime64[us, UTC]")
+        return frame
+    frame = pd.DataFrame.from_records(rows, columns=list(LABEL_COLUMNS))
+    frame = frame.sort_values("ts", kind="stable")
+    frame = frame.drop_duplicates(["request_id", "entity_id"], keep="last")
+    frame["label"] = frame["label"].astype("float64")
+    frame["ts"] = pd.to_datetime(frame["ts"].astype("int64"), unit="us", utc=True)
+    return frame.reset_index(drop=True)
+
+
+def _read_sqlite(path: Path, table: str, columns: Sequence[str], start_us: int, end_us: int
+                 ) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        # table and columns are module constants; the bounds are parameters.
+        query = (f"SELECT {', '.join(columns)} FROM {table}"  # noqa: S608
+                 " WHERE ts >= ? AND ts < ? ORDER BY ts")
+        try:
+            cursor = db.execute(query, (start_us, end_us))
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                return []
+            raise
+        return [dict(zip(columns, row, strict=True)) for row in cursor]
+    finally:
+        db.close()
+
+
+def _read_stream(client: Any, key: str, columns: Sequence[str], start_us: int, end_us: int,
+                 page: int = 10_000) -> list[dict[str, Any]]:
+    """Entries of ``key`` whose ``ts`` is in the window. Entries are appended when written,
+    which can be long after their ``ts`` (a backend outage), so the scan runs from the window
+    start (less the clock-skew margin) to the end of the stream."""
+    cursor = f"{max(0, (start_us - CLOCK_SKEW_US) // 1000)}-0"
+    rows: list[dict[str, Any]] = []
+    while True:
+        entries = client.xrange(key, min=cursor, max="+", count=page)
+        for _entry_id, fields in entries:
+            ts = int(fields[b"ts"])
+            if start_us <= ts < end_us:
+                rows.append({c: fields.get(c.encode(), b"").decode("utf-8") for c in columns})
+                rows[-1]["ts"] = ts
+        if len(entries) < page:
+            return rows
+        cursor = "(" + entries[-1][0].decode()
+
+
+def _window(pipeline: str, start: dt.datetime, end: dt.datetime) -> tuple[int, int]:
+    check_pipeline(pipeline)
+    start_us, end_us = _epoch_us(start), _epoch_us(end)
+    if end_us < start_us:
+        raise ValueError(f"window end {end} is before its start {start}")
+    return start_us, end_us
+
+
+def read_predictions(pipeline: str, start: dt.datetime, end: dt.datetime, *,
+                     settings: Settings | None = None,
+                     log_settings: PredictionLogSettings | None = None) -> pd.DataFrame:
+    """Predictions with ``start <= ts < end`` as a DataFrame (columns ``PREDICTION_COLUMNS``).
+
+    ``ts`` is a UTC timestamp; ``inputs`` and ``features`` are dicts; ``probability`` is NaN
+    for regression. Rows are in time order, each (request_id, position) once.
+    """
+    from airmlops.settings import get_settings
+
+    settings = settings or get_settings()
+    start_us, end_us = _window(pipeline, start, end)
+    url = log_redis_url(settings, log_settings)
+    if url:
+        client = _redis_client(url, timeout=10.0)
+        try:
+            rows = _read_stream(client, stream_keys(pipeline)[0], PREDICTION_COLUMNS,
+                                start_us, end_us)
+        finally:
+            client.close()
+        for row in rows:
+            row["position"] = int(row["position"])
+            row["prediction"] = float(row["prediction"])
+            row["probability"] = float(row["probability"]) if row["probability"] else None
+    else:
+        rows = _read_sqlite(sqlite_log_path(settings.data_root, pipeline), "predictions",
+                            PREDICTION_COLUMNS, start_us, end_us)
+    return _finish_predictions(rows)
+
+
+def read_labels(pipeline: str, start: dt.datetime, end: dt.datetime, *,
+                settings: Settings | None = None,
+                log_settings: PredictionLogSettings | None = None) -> pd.DataFrame:
+    """Labels received with ``start <= ts < end`` (columns ``LABEL_COLUMNS``), the latest per
+    (request_id, entity_id)."""
+    from airmlops.settings import get_settings
+
+    settings = settings or get_settings()
+    start_us, end_us = _window(pipeline, start, end)
+    url = log_redis_url(settings, log_settings)
+    if url:
+        client = _redis_client(url, timeout=10.0)
+        try:
+            rows = _read_stream(client, stream_keys(pipeline)[1], LABEL_COLUMNS, start_us,
+                                end_us)
+        finally:
+            client.close()
+        for row in rows:
+            row["label"] = float(row["label"])
+    else:
+        rows = _read_sqlite(sqlite_log_path(settings.data_root, pipeline), "labels",
+                            LABEL_COLUMNS, start_us, end_us)
+    return _finish_labels(rows)

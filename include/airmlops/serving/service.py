@@ -1,0 +1,861 @@
+"""The model service: one BentoML 1.4 service per deployed model version.
+
+A bento built by :mod:`airmlops.serving.bento` carries, beside its entry module, ``serving.json``
+(:class:`ServingConfig`: pipeline, model name and version, MLflow run, model directory), a copy
+of the pipeline spec and the registered version's MLflow model directory; the entry module calls
+:func:`create_service` with that file. Runtime settings come from the environment:
+``MLOPS_DATA_ROOT`` and ``MLOPS_REDIS_URL`` (online store and prediction log, see
+:mod:`airmlops.settings`), ``MLOPS_PREDICTION_LOG_*`` and ``MLOPS_SERVING_*``
+(:class:`ServingSettings`; ``MLOPS_SERVING_TOKEN`` turns bearer-token authentication on).
+
+Endpoints:
+
+- ``POST /predict`` ``{"instances": [{<entity_key>: id, <request fields>...}, ...]}`` (1 to
+  ``max_instances`` rows) answers ``{"predictions": [{"entity", "prediction", "probability"}],
+  "model_name", "model_version", "request_id"}`` (no ``probability`` for regression). The
+  online features of every entity come in one round trip and the on-demand features from the
+  same code as training (:func:`airmlops.features.pipeline.online_inputs`). An entity the
+  online store does not know gets 422 naming it. Every answered row goes to the prediction log
+  without blocking the response (:mod:`airmlops.serving.prediction_log`).
+- ``POST /feedback`` ``{"request_id": ..., "labels": [{"entity": id, "label": y}]}`` answers
+  202 once the labels are handed to the prediction log.
+- ``/livez``, ``/readyz`` (the model is loaded and the online store answers) and Prometheus
+  ``/metrics`` (requests, latency, errors by kind, model info, prediction-log counters) stay
+  open when authentication is on; everything else needs ``Authorization: Bearer <token>``.
+
+Client mistakes never reach BentoML's handler, which would log them at ERROR with a traceback:
+:class:`RequestGate`, an ASGI middleware, answers them itself with a 4xx whose ``message``
+names the problem (401 token, 405 method, 413 body size, 415 media type (pickle is always
+refused), 400 malformed JSON, 422 schema) and counts them by kind. Every response carries
+``X-Model-Version``; ``/predict`` also ``X-Request-ID``.
+
+Concurrent requests are coalesced (``MLOPS_SERVING_BATCHING``): while one batch is being
+scored, the requests that arrive are queued and scored together as the next batch, so one
+online read and one model call serve many requests and a lone request waits for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    Strict,
+    ValidationError,
+    create_model,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from airmlops.serving.prediction_log import PredictionLog
+    from airmlops.settings import Settings
+    from airmlops.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "serving.json"
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics"})
+"""Paths that answer without a token (probes and scraping)."""
+PICKLE_MEDIA_TYPES = frozenset({
+    "application/x-pickle", "application/python-pickle", "application/pickle",
+    "application/x-python-pickle", "application/vnd.bentoml+pickle",
+})
+ENTITY_MAX_LENGTH = 256
+MODEL_FLAVOUR_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
+"""Modules whose types a served model may reference (see training.tracking)."""
+LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                   0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServingConfig(BaseModel):
+    """What a bento knows about its model (``serving.json``, written at build time)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    pipeline: str = Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")
+    model_name: str
+    model_version: str = Field(pattern=r"^[0-9]{1,9}$")
+    run_id: str | None = None
+    model_uri: str
+    model_dir: str = "model"
+    spec_file: str = "spec.yaml"
+    spec_hash: str
+    features_hash: str
+
+    @classmethod
+    def read(cls, path: Path) -> ServingConfig:
+        return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+class ServingSettings(BaseSettings):
+    """Settings of the model service (environment prefix ``MLOPS_SERVING_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MLOPS_SERVING_", extra="ignore")
+
+    token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer token required on every endpoint but the probes and /metrics; "
+        "empty means no authentication (a gateway in front does it).")
+    max_instances: int = Field(default=1000, ge=1, le=100_000,
+                               description="Most rows in one /predict or /feedback request.")
+    max_body_bytes: int = Field(default=1_048_576, ge=1024,
+                                description="Largest request body accepted, in bytes.")
+    workers: int = Field(default=1, ge=1, le=64, description="Server worker processes.")
+    timeout_s: float = Field(default=10.0, gt=0, description="Per-request timeout (504).")
+    max_concurrency: int = Field(
+        default=512, ge=1,
+        description="Requests in flight per service before new ones get 429 (load shedding).")
+    batching: bool = Field(default=True,
+                           description="Coalesce concurrent requests into one scoring call.")
+    max_batch_rows: int = Field(default=2000, ge=1,
+                                description="Most rows scored in one coalesced call.")
+
+
+# --- the model --------------------------------------------------------------------------------
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory is not a scikit-learn model saved in the skops format."""
+
+
+def read_model_dir(model_dir: Path) -> tuple[Path, list[str]]:
+    """The skops file of an MLflow sklearn model directory and the types it may load.
+
+    Only the skops format is accepted (pickle and cloudpickle run code when loaded), and the
+    trusted types the MLmodel file lists must belong to scikit-learn, NumPy or SciPy: MLflow
+    itself trusts whatever list the model brings, so a crafted model could allow anything.
+    """
+    import yaml
+
+    model_dir = Path(model_dir)
+    try:
+        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ModelLoadError(f"{model_dir} has no readable MLmodel file: {error}") from None
+    flavour = ((mlmodel or {}).get("flavors") or {}).get("sklearn")
+    if not isinstance(flavour, dict):
+        raise ModelLoadError(f"{model_dir} is not an MLflow scikit-learn model")
+    if flavour.get("serialization_format") != "skops":
+        raise ModelLoadError(
+            f"{model_dir} is saved as {flavour.get('serialization_format')!r}; only the skops "
+            "format is served (pickle would run code on load)")
+    trusted = [str(name) for name in flavour.get("skops_trusted_types") or []]
+    foreign = [name for name in trusted if name.split(".")[0] not in MODEL_FLAVOUR_ROOTS]
+    if foreign:
+        raise ModelLoadError(f"{model_dir} asks to trust types outside scikit-learn, NumPy and "
+                             f"SciPy: {foreign}")
+    pickled = str(flavour.get("pickled_model") or "model.skops")
+    path = (model_dir / pickled).resolve()
+    if not path.is_relative_to(model_dir.resolve()) or not path.is_file():
+        raise ModelLoadError(f"{model_dir} has no model file {pickled!r}")
+    return path, trusted
+
+
+def load_model(model_dir: Path) -> Any:
+    """Load the scikit-learn model of an MLflow model directory with skops (no pickle)."""
+    import skops.io
+
+    path, trusted = read_model_dir(model_dir)
+    return skops.io.load(path, trusted=trusted)
+
+
+# --- request and response models -------------------------------------------------------------
+
+
+def _entity_id(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("must be a string or an integer")
+    if isinstance(value, str) and not 0 < len(value) <= ENTITY_MAX_LENGTH:
+        raise ValueError(f"must be 1 to {ENTITY_MAX_LENGTH} characters")
+    return value
+
+
+EntityId = Annotated[str | int, BeforeValidator(_entity_id)]
+
+
+def _finite_label(value: Any) -> Any:
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return float(value)
+
+
+class LabelItem(BaseModel):
+    """One observed outcome."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entity: EntityId
+    label: Annotated[float, BeforeValidator(_finite_label)]
+
+
+def request_models(spec: PipelineSpec, max_instances: int) -> tuple[type[BaseModel],
+                                                                     type[BaseModel]]:
+    """The (predict, feedback) request models of a pipeline, from its spec.
+
+    A prediction row has the entity key and the spec's request fields, typed and bounded as
+    the spec declares them (numbers finite and within min/max, categories among ``values``);
+    a field may be null only if the spec allows missing values for it. Unknown fields are
+    refused. Field names are the spec's column names (as aliases, so any column name works).
+    """
+    by_name = {f.name: f for f in spec.features}
+    fields: dict[str, Any] = {"f_entity": (EntityId, Field(alias=spec.entity_key))}
+    for index, name in enumerate(spec.request_fields):
+        column = by_name.get(name)
+        if column is None:  # the event timestamp as a request field
+            annotation: Any = Annotated[str, Strict(), Field(max_length=64)]
+        elif column.type == "numeric":
+            annotation = Annotated[float, Strict(), Field(ge=column.min, le=column.max,
+                                                          allow_inf_nan=False)]
+        elif column.values:
+            annotation = Literal[tuple(column.values)]
+        else:
+            annotation = Annotated[str, Strict(), Field(max_length=ENTITY_MAX_LENGTH)]
+        if column is not None and column.max_null_fraction > 0:
+            annotation = annotation | None
+        fields[f"f_{index}"] = (annotation, Field(alias=name))
+    instance = create_model(
+        f"{spec.name.title().replace('_', '')}Instance",
+        __config__=ConfigDict(extra="forbid", populate_by_name=False),
+        **fields,
+    )
+    predict = create_model(
+        "PredictRequest",
+        __config__=ConfigDict(extra="forbid"),
+        instances=(list[instance], Field(min_length=1, max_length=max_instances)),
+    )
+    feedback = create_model(
+        "FeedbackRequest",
+        __config__=ConfigDict(extra="forbid"),
+        request_id=(str, Field(pattern=r"^[0-9a-f]{32}$")),
+        labels=(list[LabelItem], Field(min_length=1, max_length=max_instances)),
+    )
+    return predict, feedback
+
+
+class PredictionItem(BaseModel):
+    entity: str | int
+    prediction: float
+    probability: float | None = None
+
+
+class PredictResponse(BaseModel):
+    """The answer of ``/predict`` (documented in the OpenAPI schema)."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    predictions: list[PredictionItem]
+    model_name: str
+    model_version: str
+    request_id: str
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    accepted: int
+
+
+def describe_errors(error: ValidationError, limit: int = 10) -> str:
+    """One line per problem, naming the field: ``instances[0].age: is required``."""
+    parts = []
+    for item in error.errors(include_url=False)[:limit]:
+        path = ""
+        for part in item["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        kind, message = item["type"], item["msg"].removeprefix("Value error, ")
+        if kind == "missing":
+            message = "is required"
+        elif kind == "model_type" and not item["loc"]:
+            message = "must be a JSON object"
+        elif kind == "extra_forbidden":
+            message = "is not a known field"
+        elif kind in ("too_short", "too_long") and path in ("instances", "labels"):
+            message = message.replace("List", "the list")
+        elif "input" in item and kind not in ("model_type", "model_attributes_type", "list_type"):
+            shown = repr(item["input"])
+            message = f"{message} (got {shown[:60]}{'...' if len(shown) > 60 else ''})"
+        parts.append(f"{path or 'body'}: {message}")
+    more = error.error_count() - limit
+    if more > 0:
+        parts.append(f"... and {more} more")
+    return "; ".join(parts)
+
+
+# --- scoring -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Scored:
+    """Scores of a batch of request rows, with what the prediction log needs."""
+
+    scores: np.ndarray
+    features: list[dict[str, Any]]
+    unknown: set[str]
+
+    def rows(self, start: int, stop: int) -> Scored:
+        return Scored(self.scores[start:stop], self.features[start:stop], self.unknown)
+
+
+class ServingRuntime:
+    """The model, the online store and the prediction log of one service instance.
+
+    Independent of BentoML, so it can be exercised directly; :func:`create_service` wraps it.
+    """
+
+    def __init__(
+        self,
+        config: ServingConfig,
+        spec: PipelineSpec,
+        model: Any,
+        online_store: Any,
+        prediction_log: PredictionLog,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.spec = spec
+        self.model = model
+        self.online_store = online_store
+        self.prediction_log = prediction_log
+        self.clock = clock
+        self.is_classifier = spec.task == "binary_classification"
+        self.views = list(spec.feature_store.views) if spec.feature_store else []
+        self.input_names = spec.input_names
+        if self.is_classifier:
+            classes = [int(c) for c in getattr(model, "classes_", [])]
+            if 1 not in classes:
+                raise ModelLoadError(f"the classifier has no positive class 1 (classes {classes})")
+            self._positive = classes.index(1)
+
+    def score(self, rows: Sequence[Mapping[str, Any]]) -> Scored:
+        """Online features (one read), on-demand features, model scores for request rows.
+
+        Entity ids are matched as strings, like the online store keys them.
+        """
+        from airmlops.features.pipeline import online_inputs
+
+        key = self.spec.entity_key
+        prepared = [{**row, key: str(row[key])} for row in rows]
+        inputs = online_inputs(self.spec, self.online_store, prepared)
+        scores = self._predict(inputs.frame)
+        features = [{name: row.get(name) for name in self.input_names}
+                    for row in inputs.features]
+        return Scored(scores, features, {str(e) for e in inputs.unknown})
+
+    def _predict(self, frame: Any) -> np.ndarray:
+        """:func:`airmlops.training.model.predict_scores` on a frame that is already the
+        model's input frame: ``online_inputs`` built it with ``feature_frame``, so it is not
+        rebuilt (that would double the cost of a single-row request)."""
+        import numpy as np
+
+        if not self.is_classifier:
+            return np.asarray(self.model.predict(frame), dtype="float64")
+        probabilities = np.asarray(self.model.predict_proba(frame), dtype="float64")
+        return probabilities[:, self._positive]
+
+    def check_ready(self) -> bool:
+        """The online store answers a read (one round trip)."""
+        if self.views:
+            self.online_store.read(self.views, ["__readyz__"])
+        return True
+
+    def answer(self, instances: Sequence[Mapping[str, Any]], scored: Scored, request_id: str,
+               ts_us: int) -> dict[str, Any]:
+        """The response body of a scored request; hands its rows to the prediction log."""
+        from airmlops.serving.prediction_log import PredictionRecord
+        from airmlops.training.model import DECISION_THRESHOLD
+
+        key = self.spec.entity_key
+        version = self.config.model_version
+        predictions, records = [], []
+        for position, (instance, score, features) in enumerate(
+            zip(instances, scored.scores.tolist(), scored.features, strict=True)
+        ):
+            entity = instance[key]
+            if self.is_classifier:
+                item = {"entity": entity, "prediction": int(score >= DECISION_THRESHOLD),
+                        "probability": score}
+            else:
+                item = {"entity": entity, "prediction": score}
+            predictions.append(item)
+            records.append(PredictionRecord(
+                request_id=request_id, position=position, ts_us=ts_us, model_version=version,
+                entity_id=str(entity), inputs=instance, features=features,
+                prediction=float(item["prediction"]), probability=item.get("probability"),
+            ))
+        self.prediction_log.log(records)
+        return {"predictions": predictions, "model_name": self.config.model_name,
+                "model_version": version, "request_id": request_id}
+
+    def record_labels(self, request_id: str, labels: Sequence[Mapping[str, Any]], ts_us: int
+                      ) -> int:
+        from airmlops.serving.prediction_log import LabelRecord
+
+        records = [LabelRecord(request_id=request_id, entity_id=str(item["entity"]),
+                               label=float(item["label"]), ts_us=ts_us) for item in labels]
+        return self.prediction_log.log_labels(records)
+
+    def close(self) -> None:
+        self.prediction_log.close(timeout=5.0)
+        self.online_store.close()
+
+
+class Coalescer:
+    """Scores concurrent requests together: requests arriving while a batch is being scored
+    wait and are scored as the next batch (up to ``max_rows`` rows). No timer: a request that
+    finds the scorer idle is scored at once."""
+
+    def __init__(self, score: Callable[[list[Mapping[str, Any]]], Scored], max_rows: int,
+                 observe: Callable[[int], None] | None = None) -> None:
+        self._score = score
+        self._max_rows = max_rows
+        self._observe = observe
+        self._queue: list[tuple[Sequence[Mapping[str, Any]], asyncio.Future[Scored]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def score(self, rows: Sequence[Mapping[str, Any]]) -> Scored:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Scored] = loop.create_future()
+        self._queue.append((rows, future))
+        if self._task is None:
+            self._task = loop.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        import anyio.to_thread
+
+        try:
+            while self._queue:
+                taken = [self._queue.pop(0)]
+                total = len(taken[0][0])
+                while self._queue and total + len(self._queue[0][0]) <= self._max_rows:
+                    taken.append(self._queue.pop(0))
+                    total += len(taken[-1][0])
+                taken = [(rows, f) for rows, f in taken if not f.done()]  # timed out meanwhile
+                if not taken:
+                    continue
+                merged = [row for rows, _ in taken for row in rows]
+                if self._observe is not None:
+                    self._observe(len(taken))
+                try:
+                    scored = await anyio.to_thread.run_sync(self._score, merged)
+                    offset = 0
+                    for rows, future in taken:
+                        if not future.done():
+                            future.set_result(scored.rows(offset, offset + len(rows)))
+                        offset += len(rows)
+                except Exception as error:
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(error)
+        finally:
+            self._task = None
+
+
+# --- HTTP edge ---------------------------------------------------------------------------------
+
+
+def _json_response(status: int, body: Mapping[str, Any],
+                   headers: Mapping[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), status_code=status,
+                    headers=dict(headers or {}), media_type="application/json")
+
+
+def error_body(kind: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": kind, "message": message, **extra}
+
+
+class ServiceMetrics:
+    """The service's Prometheus metrics (created in the worker, after BentoML has set up
+    prometheus_client's multiprocess mode; once per process)."""
+
+    _instance: ServiceMetrics | None = None
+
+    def __init__(self, config: ServingConfig) -> None:
+        import prometheus_client as prom
+
+        self.requests = prom.Counter(
+            "airmlops_requests", "Requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"])
+        self.latency = prom.Histogram(
+            "airmlops_request_duration_seconds", "Time to answer a request, by endpoint.",
+            ["endpoint"], buckets=LATENCY_BUCKETS)
+        self.errors = prom.Counter(
+            "airmlops_request_errors", "Requests refused or failed, by endpoint and kind.",
+            ["endpoint", "kind"])
+        self.predictions = prom.Counter("airmlops_predictions", "Rows predicted.")
+        self.batch_requests = prom.Histogram(
+            "airmlops_coalesced_requests", "Requests scored together in one model call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.model_info = prom.Gauge(
+            "airmlops_model_info", "The model this service serves (value 1).",
+            ["pipeline", "model_name", "model_version", "run_id"], multiprocess_mode="max")
+        self.model_info.labels(config.pipeline, config.model_name, config.model_version,
+                               config.run_id or "").set(1)
+        self.log_counters = {
+            event: prom.Counter(f"airmlops_prediction_log_{event}", help_text)
+            for event, help_text in (
+                ("logged", "Prediction rows written to the prediction log."),
+                ("labels_logged", "Labels written to the prediction log."),
+                ("failed_writes", "Failed prediction-log writes (each retried)."),
+                ("dropped", "Log entries dropped because the buffer was full."),
+            )
+        }
+        self.log_buffered = prom.Gauge(
+            "airmlops_prediction_log_buffered", "Log entries waiting to be written.",
+            multiprocess_mode="livesum")
+        self.log_backend_up = prom.Gauge(
+            "airmlops_prediction_log_backend_up", "1 when the last log write succeeded.",
+            multiprocess_mode="livemin")
+        self.log_backend_up.set(1)
+
+    @classmethod
+    def get(cls, config: ServingConfig) -> ServiceMetrics:
+        if cls._instance is None:
+            cls._instance = cls(config)
+        return cls._instance
+
+    def observe_log(self, event: str, amount: int) -> None:
+        if event in self.log_counters:
+            self.log_counters[event].inc(amount)
+        elif event == "buffered":
+            self.log_buffered.set(amount)
+        elif event == "backend_up":
+            self.log_backend_up.set(amount)
+
+    def record(self, endpoint: str, status: int, seconds: float, kind: str | None) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+        if kind is not None:
+            self.errors.labels(endpoint, kind).inc()
+
+
+_KIND_BY_STATUS = {400: "bad_request", 401: "unauthorized", 404: "not_found",
+                   405: "method_not_allowed", 413: "payload_too_large",
+                   415: "unsupported_media_type", 422: "unknown_entity", 429: "overloaded",
+                   500: "internal", 503: "unavailable", 504: "timeout"}
+
+
+Refusal = tuple[int, str, str, dict[str, Any]]
+"""(HTTP status, error kind, message, extra body fields) of a request refused at the edge."""
+
+
+class RequestGate:
+    """ASGI middleware in front of the service's endpoints (see the module docstring).
+
+    For ``/predict`` and ``/feedback`` it reads the body (at most ``max_body_bytes``) and
+    validates it with the request models; only valid requests reach BentoML, which is handed
+    the same bytes. It also times and counts every request to those endpoints.
+    """
+
+    def __init__(self, app: Any, *, token: str, max_body_bytes: int, model_version: str,
+                 validators: Mapping[str, type[BaseModel]],
+                 metrics: Callable[[], ServiceMetrics | None]) -> None:
+        self.app = app
+        self.token = token.encode("utf-8") if token else b""
+        self.max_body_bytes = max_body_bytes
+        self.validators = dict(validators)
+        self.metrics = metrics
+        self.version_header = (b"x-model-version", model_version.encode("ascii"))
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in self.validators else None
+        started = time.perf_counter()
+        outcome: dict[str, Any] = {"status": 500, "kind": None}
+
+        async def send_with_version(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.version_header]
+                outcome["status"] = message["status"]
+            await send(message)
+
+        try:
+            refusal, body = await self._check(scope, receive, path, endpoint)
+            if refusal is None:
+                downstream = receive if body is None else _replay(body, receive)
+                await self.app(scope, downstream, send_with_version)
+                status = outcome["status"]
+                outcome["kind"] = _KIND_BY_STATUS.get(status, "error") if status >= 400 else None
+            else:
+                status, kind, message, extra = refusal
+                outcome["kind"] = kind
+                headers = {"WWW-Authenticate": 'Bearer realm="model"'} if status == 401 else {}
+                response = _json_response(status, error_body(kind, message, **extra), headers)
+                await response(scope, receive, send_with_version)
+        finally:
+            metrics = self.metrics()
+            if endpoint is not None and metrics is not None:
+                metrics.record(endpoint, outcome["status"], time.perf_counter() - started,
+                               outcome["kind"])
+
+    async def _check(self, scope: dict[str, Any], receive: Any, path: str,
+                     endpoint: str | None) -> tuple[Refusal | None, bytes | None]:
+        """(None, the body if it was read) when the request may pass, else (refusal, None)."""
+        headers: dict[str, bytes] = {}
+        for name, value in scope.get("headers", []):
+            headers.setdefault(name.decode("latin-1").lower(), value)
+        if self.token and path not in OPEN_PATHS:
+            supplied = headers.get("authorization", b"")
+            scheme, _, credentials = supplied.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(),
+                                                                       self.token):
+                reason = "invalid" if supplied else "missing"
+                return (401, "unauthorized",
+                        f"{reason} bearer token (send 'Authorization: Bearer <token>')", {}), None
+        media_type = headers.get("content-type", b"").decode("latin-1").split(";")[0]
+        media_type = media_type.strip().lower()
+        if media_type in PICKLE_MEDIA_TYPES or "pickle" in media_type:
+            return (415, "unsupported_media_type",
+                    f"content type {media_type!r} is refused: pickled payloads are never "
+                    "deserialized; send JSON (application/json)", {}), None
+        if endpoint is None:
+            return None, None
+        if scope["method"] != "POST":
+            return (405, "method_not_allowed", f"{path} accepts POST only", {}), None
+        if media_type != "application/json":
+            return (415, "unsupported_media_type",
+                    f"content type {media_type or 'none'!r} is not supported; send "
+                    "application/json", {}), None
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                return (400, "bad_request", "Content-Length is not a number", {}), None
+            if length > self.max_body_bytes:
+                return (413, "payload_too_large", f"body of {length} bytes exceeds the limit "
+                        f"of {self.max_body_bytes} bytes", {}), None
+        chunks = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return (400, "bad_request", "the client disconnected before the body ended",
+                        {}), None
+            chunks.extend(message.get("body", b""))
+            if len(chunks) > self.max_body_bytes:
+                return (413, "payload_too_large",
+                        f"body exceeds the limit of {self.max_body_bytes} bytes", {}), None
+            if not message.get("more_body", False):
+                break
+        body = bytes(chunks)
+        if not body.strip():
+            return (400, "invalid_json", "the body is empty; send a JSON object", {}), None
+        try:
+            self.validators[endpoint].model_validate_json(body)
+        except ValidationError as error:
+            problems = error.errors(include_url=False)
+            if problems and problems[0]["type"] == "json_invalid":
+                reason = (problems[0].get("ctx") or {}).get("error", problems[0]["msg"])
+                return (400, "invalid_json", f"the body is not valid JSON: {reason}", {}), None
+            detail = [{"loc": list(p["loc"]), "type": p["type"], "msg": p["msg"]}
+                      for p in problems[:20]]
+            return (422, "invalid_request", describe_errors(error), {"detail": detail}), None
+        return None, body
+
+
+def _replay(body: bytes, receive: Any) -> Callable[[], Any]:
+    """A ``receive`` that hands over the already-read body once, then the client's events."""
+    sent = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class ClientErrorFilter(logging.Filter):
+    """Demote BentoML's ERROR-with-traceback for a request that failed validation (a client's
+    mistake, already answered with a 4xx) to one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info:
+            error = record.exc_info[1]
+            if isinstance(error, ValidationError):
+                record.levelno, record.levelname = logging.INFO, "INFO"
+                record.msg = f"{record.getMessage()}: client error ({error.error_count()} " \
+                    "validation error(s))"
+                record.args = None
+                record.exc_info = None
+                record.exc_text = None
+        return True
+
+
+def install_log_filter() -> None:
+    """Attach :class:`ClientErrorFilter` to BentoML's request-error loggers (idempotent)."""
+    for name in ("bentoml._internal.server.http_app", "bentoml.serve"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ClientErrorFilter) for f in logger.filters):
+            logger.addFilter(ClientErrorFilter())
+
+
+# --- the BentoML service ---------------------------------------------------------------------
+
+
+def _now_us(clock: Callable[[], float]) -> int:
+    return int(clock() * 1_000_000)
+
+
+def create_service(config_path: Path | str, *, settings: Settings | None = None,
+                   serving: ServingSettings | None = None) -> Any:
+    """The BentoML service of the bento whose ``serving.json`` is ``config_path``.
+
+    Reads the config, the spec copy beside it and the settings; the model, the online store
+    and the prediction log are opened when BentoML starts the service instance (per worker).
+    """
+    import bentoml
+
+    from airmlops.settings import Settings
+    from airmlops.spec import load_spec
+
+    config_path = Path(config_path).resolve()
+    root = config_path.parent
+    config = ServingConfig.read(config_path)
+    spec = load_spec(root / config.spec_file)
+    if spec.name != config.pipeline or spec.spec_hash() != config.spec_hash:
+        raise ValueError(f"{config.spec_file} is not the spec this bento was built with")
+    settings = settings or Settings()
+    serving = serving or ServingSettings()
+    predict_model, feedback_model = request_models(spec, serving.max_instances)
+    install_log_filter()
+
+    state: dict[str, Any] = {"metrics": None}
+
+    class ModelService:
+        """Predictions of one registered model version, with online and on-demand features."""
+
+        def __init__(self) -> None:
+            from airmlops.features.online import make_online_store
+            from airmlops.serving.prediction_log import open_log
+
+            install_log_filter()
+            started = time.perf_counter()
+            metrics = ServiceMetrics.get(config)
+            state["metrics"] = metrics
+            model = load_model(root / config.model_dir)
+            store = make_online_store(settings, spec.name)
+            prediction_log = open_log(spec.name, settings, observer=metrics.observe_log)
+            self.runtime = ServingRuntime(config, spec, model, store, prediction_log)
+            self.coalescer = Coalescer(self.runtime.score, serving.max_batch_rows,
+                                       metrics.batch_requests.observe) if serving.batching \
+                else None
+            # BentoML shows its own loggers' INFO lines, so the startup summary goes there.
+            logging.getLogger("bentoml.serve").info(
+                "model %s version %s loaded in %.2fs; online store %s; prediction log %s",
+                     config.model_name, config.model_version, time.perf_counter() - started,
+                     store.location, prediction_log.backend.location)
+
+        @bentoml.api(route="/predict", input_spec=predict_model, output_spec=PredictResponse)
+        async def predict(self, instances: list[Any]) -> Any:
+            """Predict for 1..N entities: online + on-demand features, the model, the log."""
+            import anyio.to_thread
+
+            runtime = self.runtime
+            ts_us = _now_us(runtime.clock)
+            request_id = uuid.uuid4().hex
+            headers = {"X-Request-ID": request_id}
+            rows = [instance.model_dump(by_alias=True) for instance in instances]
+            try:
+                if self.coalescer is not None:
+                    scored = await self.coalescer.score(rows)
+                else:
+                    scored = await anyio.to_thread.run_sync(runtime.score, rows)
+            except Exception as error:
+                if _is_connection_error(error):
+                    log.warning("online store unavailable: %s: %s", type(error).__name__, error)
+                    return _json_response(503, error_body(
+                        "unavailable", "the online feature store is unavailable; retry later",
+                        request_id=request_id), headers)
+                raise
+            key = spec.entity_key
+            unknown = [row[key] for row in rows if str(row[key]) in scored.unknown]
+            if unknown:
+                shown = ", ".join(repr(e) for e in list(dict.fromkeys(unknown))[:20])
+                return _json_response(422, error_body(
+                    "unknown_entity", f"unknown {key} (no features in the online store): "
+                    f"{shown}", unknown_entities=list(dict.fromkeys(unknown)),
+                    request_id=request_id), headers)
+            body = runtime.answer(rows, scored, request_id, ts_us)
+            state["metrics"].predictions.inc(len(rows))
+            return _json_response(200, body, headers)
+
+        @bentoml.api(route="/feedback", input_spec=feedback_model,
+                     output_spec=FeedbackResponse)
+        async def feedback(self, request_id: str, labels: list[Any]) -> Any:
+            """Record labels that arrived later for the entities of an earlier request."""
+            items = [item.model_dump() for item in labels]
+            accepted = self.runtime.record_labels(request_id, items, _now_us(self.runtime.clock))
+            if accepted < len(items):
+                return _json_response(503, error_body(
+                    "unavailable", f"the prediction log buffer is full; {len(items) - accepted} "
+                    "label(s) were not recorded", request_id=request_id))
+            return _json_response(202, {"request_id": request_id, "accepted": accepted})
+
+        async def __is_ready__(self) -> bool:
+            import anyio.to_thread
+
+            try:
+                return await anyio.to_thread.run_sync(self.runtime.check_ready)
+            except Exception as error:
+                log.warning("not ready: online store check failed: %s", error)
+                return False
+
+        @bentoml.on_shutdown
+        def close(self) -> None:
+            self.runtime.close()
+
+    service = bentoml.service(
+        name=f"{spec.name}_model",
+        workers=serving.workers,
+        traffic={"timeout": serving.timeout_s, "max_concurrency": serving.max_concurrency},
+        labels={"pipeline": spec.name, "model_name": config.model_name,
+                "model_version": config.model_version},
+    )(ModelService)
+    service.add_asgi_middleware(
+        RequestGate,
+        token=serving.token.get_secret_value(),
+        max_body_bytes=serving.max_body_bytes,
+        model_version=config.model_version,
+        validators={"/predict": predict_model, "/feedback": feedback_model},
+        metrics=lambda: state["metrics"],
+    )
+    return service
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    try:
+        import redis
+
+        if isinstance(error, (redis.ConnectionError, redis.TimeoutError)):
+            return True
+    except ImportError:  # pragma: no cover - redis is a requirement of the service
+        pass
+    import sqlite3
+
+    return isinstance(error, sqlite3.OperationalError)
