@@ -452,7 +452,6 @@ def record_reference(spec: PipelineSpec, version: str, trained: dict[str, Any],
     from airmlops.monitoring.config import MonitoringConfig
     from airmlops.monitoring.reference import summarize_reference
     from airmlops.paths import safe_join
-
     from airmlops.training.model import feature_frame, predict_scores
     from airmlops.training.tracking import using_tracking_uri
 
