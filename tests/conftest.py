@@ -20,3 +20,6 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Session services (embedded PostgreSQL, MLflow, Airflow) shared by integration and e2e tests.
+pytest_plugins = ["platform_fixtures"]
