@@ -164,3 +164,25 @@ def dags_test_env(mlflow_server, tmp_path_factory) -> dict[str, str]:
     subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True,
                    timeout=300)
     return env
+
+
+@pytest.fixture(scope="session")
+def docker_engine_ready() -> None:
+    """A Docker engine and the local base image, set up by the project's own scripts."""
+    from airmlops.serving.docker_engine import engine_available
+
+    for script in ("ensure-docker.sh", "ensure-base-image.sh"):
+        result = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / script)],
+                                capture_output=True, text=True, timeout=900, check=False)
+        if result.returncode != 0:
+            pytest.fail(f"scripts/{script} failed ({result.returncode}):\n"
+                        f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    assert engine_available(), "ensure-docker.sh succeeded but the engine does not answer"
+
+
+@pytest.fixture(scope="session")
+def session_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis server for the session (installed by scripts/ensure-redis.sh)."""
+    from integration.redis_fixture import run_redis_server
+
+    yield from run_redis_server(tmp_path_factory.mktemp("session-redis"))

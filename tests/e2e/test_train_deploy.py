@@ -147,3 +147,48 @@ def _aware(day: str):
     import datetime as dt
 
     return dt.datetime.fromisoformat(day).replace(tzinfo=dt.UTC)
+
+
+def test_docker_target_builds_an_image_and_serves_it_in_a_container(
+    dags_test_env, docker_engine_ready, session_redis, tmp_path_factory
+):
+    """With an engine and Redis, `auto` builds a real image (its id recorded on the model
+    version) and blue/green deploys containers; a redeploy under load fails no request."""
+    from mlflow import MlflowClient
+
+    from airmlops.serving.deploy import free_port, undeploy
+    from airmlops.settings import PROJECT_ROOT
+
+    name = "churn_docker"
+    spec = yaml.safe_load((REPO_ROOT / "include/pipelines/churn.yaml").read_text())
+    spec["name"] = name
+    spec["source"]["customers"] = 1000
+    spec["training"]["min_rows"] = 500
+    spec["deploy"].update(port=free_port(), bake_seconds=3, target="auto")
+    spec["gates"]["champion"]["max_regression"] = 1.0
+    pipelines = tmp_path_factory.mktemp("pipelines-docker")
+    (pipelines / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    env = {**dags_test_env, "MLOPS_PIPELINES_DIR": str(pipelines),
+           "MLOPS_REDIS_URL": session_redis,
+           # Reuse the wheel cache across sessions: a cold one downloads ~80 wheels.
+           "MLOPS_WHEELHOUSE_DIR": str(PROJECT_ROOT / ".data" / "wheelhouse")}
+    port = spec["deploy"]["port"]
+    try:
+        dags_test(env, f"{name}_training", "2026-06-01T00:00:00+00:00")
+        client = MlflowClient(tracking_uri=env["MLOPS_MLFLOW_TRACKING_URI"])
+        version = client.get_model_version_by_alias(name, "champion")
+        assert version.tags["image_id"].startswith("sha256:")
+        assert version.tags["deployed_target"].startswith("docker")
+        first = predict(port)
+        assert first.status_code == 200 and first.json()["model_version"] == "1", first.text
+
+        load = Load(port)
+        load.start()
+        dags_test(env, f"{name}_training", "2026-06-20T00:00:00+00:00")
+        time.sleep(1.0)
+        load.stop.set()
+        load.join(timeout=30)
+        assert load.failures == [], load.failures[:5]
+        assert load.versions[0] == "1" and load.versions[-1] == "2"
+    finally:
+        undeploy(name, Path(env["MLOPS_DATA_ROOT"]))

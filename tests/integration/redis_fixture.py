@@ -56,8 +56,12 @@ def _ping(port: int) -> bool:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The URL (redis://127.0.0.1:<port>/0) of a private Redis server."""
+    yield from run_redis_server(tmp_path_factory.mktemp("redis"))
+
+
+def run_redis_server(workdir: Path) -> Iterator[str]:
+    """Start a private redis-server in ``workdir``, yield its URL, stop it afterwards."""
     binary = _ensure_binary()
-    workdir = tmp_path_factory.mktemp("redis")
     port = _free_port()
     log_path = workdir / "redis.log"
     process = subprocess.Popen(

@@ -83,6 +83,9 @@ class BentoRef:
         return {"tag": self.tag, "path": str(self.path), "export_path": str(self.export_path)}
 
 
+_PYTHONS = ({}, {"python_full_version": "3.11.0"})
+
+
 def service_requirements(packages: tuple[str, ...] = SERVICE_PACKAGES) -> list[str]:
     """``name==version`` of ``packages`` and everything they need, as installed here.
 
@@ -113,8 +116,11 @@ def service_requirements(packages: tuple[str, ...] = SERVICE_PACKAGES) -> list[s
         pins[canonicalize_name(project)] = f"{project}=={dist.version}"
         for line in dist.requires or []:
             requirement = Requirement(line)
+            # Images may run an older 3.11 patch release than this interpreter (Debian
+            # bookworm has 3.11.2), so a dependency needed by any 3.11 is kept.
             if requirement.marker is not None and not any(
-                requirement.marker.evaluate({"extra": extra}) for extra in (extras or {""})
+                requirement.marker.evaluate({"extra": extra, **python})
+                for extra in (extras or {""}) for python in _PYTHONS
             ):
                 continue
             todo.append((requirement.name, frozenset(requirement.extras), project))
