@@ -31,6 +31,8 @@ format: setup
 
 run: setup ## Start the platform on embedded defaults and trigger the demo training run
 	$(PY) -m airmlops.platform up --trigger churn_training --wait
+	@echo "The demo model answers at http://127.0.0.1:8600/predict, for example:"
+	@echo "  curl -s -X POST http://127.0.0.1:8600/predict -H 'Content-Type: application/json' -d '{\"instances\": [{\"customer_id\": \"C000010\", \"tenure_days\": 200}]}'"
 
 stop: ## Stop what `make run` started
 	@test -x $(PY) && $(PY) -m airmlops.platform down || true
