@@ -1175,8 +1175,24 @@ def _cmd_up(args: argparse.Namespace) -> int:
 def _cmd_down(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir).resolve() if args.run_dir else default_run_dir()
     stopped = stop_all(run_dir, timeout=args.timeout, progress=_say)
+    stopped += stop_deployments(timeout=args.timeout)
     _say(f"stopped {', '.join(stopped)}" if stopped else f"nothing was running in {run_dir}")
     return 0
+
+
+def stop_deployments(timeout: float = 10.0) -> list[str]:
+    """Stop the model services and stable-address proxies the deploy stage started."""
+    from airmlops.settings import get_settings
+
+    root = get_settings().data_root
+    stopped = []
+    for state in sorted((root / "deployments").glob("*/state.json")):
+        from airmlops.serving.deploy import undeploy
+
+        pipeline = state.parent.name
+        if undeploy(pipeline, root, timeout=timeout):
+            stopped.append(f"deployment {pipeline}")
+    return stopped
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
