@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from airmlops.alerts import AlertsConfig
 from airmlops.features.definitions import FeatureSet
 from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
 
@@ -232,6 +233,8 @@ class PipelineSpec(_Strict):
     )
     deploy: DeployConfig = Field(default_factory=DeployConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+    alerts: AlertsConfig | None = Field(
+        default=None, description="Where alerts go (SMTP and/or a webhook); none = no alerts.")
     model_inputs: list[Column] | None = Field(
         default=None, description="The model's input columns; default: every feature-store "
         "feature plus the request fields that are declared features, or, without a feature "
