@@ -1,0 +1,293 @@
+"""A traffic replayer: simulator rows sent to the stable endpoint, their labels posted later.
+
+It lets anyone watch the loop: replay ``stable`` traffic for a few monitoring windows (nothing
+happens), then ``covariate_drift`` traffic (drift is reported, the policy decides to retrain,
+``<name>_training`` runs and deploys a new champion at the same address).
+
+What it sends: the simulator's labelled observations (:mod:`airmlops.data.simulator`) of the
+days ending on ``day``, under the chosen scenario, in a seeded random order. Each ``/predict``
+request carries ``batch_size`` rows (the entity key and the spec's request fields); after
+``label_delay`` seconds the simulator's label of every answered row is posted to ``/feedback``
+under the request id the service returned (for a ``label_share`` of the requests).
+
+What bounds it: ``rows`` in total (at most 1,000,000), ``rate`` requests per second (at most
+1,000), and ``max_seconds`` of wall time, after which labels still waiting are dropped (and
+counted). Only loopback URLs are accepted unless ``allow_remote`` is set.
+
+Pipelines with a feature store read most inputs from the online store, not from the request:
+drift of those features reaches the model only through the store. ``refresh_features`` rebuilds
+the offline feature days around ``day`` under the scenario and re-materializes the online store
+(this rewrites those offline days: use it on a demo, not on a store that matters).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from airmlops.alerts import is_loopback_host
+
+if TYPE_CHECKING:
+    import httpx
+    import pandas as pd
+
+    from airmlops.settings import Settings
+    from airmlops.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS = 1_000_000
+MAX_RATE = 1000.0
+MAX_SECONDS = 3600.0
+MAX_BATCH = 1000
+ERROR_SAMPLES = 5
+
+
+class ReplayError(ValueError):
+    """The replay cannot start (a bad URL, a non-simulator source, bad bounds)."""
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    """What a replay did."""
+
+    scenario: str
+    requests: int = 0
+    rows_sent: int = 0
+    rows_answered: int = 0
+    errors: int = 0
+    error_samples: list[str] = dataclasses.field(default_factory=list)
+    labels_posted: int = 0
+    label_errors: int = 0
+    labels_dropped: int = 0
+    seconds: float = 0.0
+    stopped_by_time: bool = False
+    request_ids: list[str] = dataclasses.field(default_factory=list)
+    model_versions: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self, with_ids: bool = False) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not with_ids:
+            data.pop("request_ids")
+        return data
+
+    def _error(self, text: str) -> None:
+        self.errors += 1
+        if len(self.error_samples) < ERROR_SAMPLES:
+            self.error_samples.append(text[:300])
+
+
+def check_url(url: str, allow_remote: bool = False) -> str:
+    """``url`` without a trailing slash, if it is http(s) on loopback (or anywhere if allowed)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ReplayError(f"{url!r} is not an http(s) URL")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ReplayError(f"{url!r} must be a plain base URL (no credentials, query or fragment)")
+    if not allow_remote and not is_loopback_host(parts.hostname):
+        raise ReplayError(f"{url!r} is not a loopback address; pass allow_remote to send "
+                          "traffic elsewhere")
+    return url.rstrip("/")
+
+
+def _check_bounds(rows: int, rate: float, batch_size: int, max_seconds: float,
+                  label_delay: float, label_share: float) -> None:
+    problems = []
+    if not 1 <= rows <= MAX_ROWS:
+        problems.append(f"rows must be within 1..{MAX_ROWS} (got {rows})")
+    if not (math.isfinite(rate) and 0 < rate <= MAX_RATE):
+        problems.append(f"rate must be within (0, {MAX_RATE}] requests/s (got {rate})")
+    if not 1 <= batch_size <= MAX_BATCH:
+        problems.append(f"batch_size must be within 1..{MAX_BATCH} (got {batch_size})")
+    if not (math.isfinite(max_seconds) and 0 < max_seconds <= MAX_SECONDS):
+        problems.append(f"max_seconds must be within (0, {MAX_SECONDS}] (got {max_seconds})")
+    if not (math.isfinite(label_delay) and 0 <= label_delay <= max_seconds):
+        problems.append(f"label_delay must be within [0, max_seconds] (got {label_delay})")
+    if not 0.0 <= label_share <= 1.0:
+        problems.append(f"label_share must be within [0, 1] (got {label_share})")
+    if problems:
+        raise ReplayError("; ".join(problems))
+
+
+def replay_rows(spec: PipelineSpec, scenario: str, *, day: dt.date, rows: int, days: int = 7,
+                seed: int = 0) -> pd.DataFrame:
+    """``rows`` simulator observations of the ``days`` days ending on ``day`` under
+    ``scenario`` (from the spec's ``scenario_start``, as in training), in a seeded random order;
+    cycled when the days hold fewer rows."""
+    import numpy as np
+
+    from airmlops.data.simulator import SCENARIOS, simulate_observations
+
+    if spec.source.kind != "simulator":
+        raise ReplayError(f"pipeline {spec.name}: the replayer needs a simulator source "
+                          f"(got '{spec.source.kind}')")
+    if scenario not in SCENARIOS:
+        raise ReplayError(f"unknown scenario {scenario!r}; expected one of {list(SCENARIOS)}")
+    if days < 1:
+        raise ReplayError(f"days must be positive (got {days})")
+    start = day - dt.timedelta(days=days - 1)
+    frame = simulate_observations(spec.source, start, day + dt.timedelta(days=1),
+                                  scenario=scenario)
+    if frame.empty:
+        raise ReplayError(f"the simulator has no observations for {start}..{day}")
+    order = np.random.default_rng([seed, 0x5245_504C]).permutation(len(frame))
+    picks = np.resize(order, rows)  # cycles through the shuffled rows
+    return frame.iloc[picks].reset_index(drop=True)
+
+
+def _plain(value: Any) -> Any:
+    if value is None:
+        return None
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def request_instances(spec: PipelineSpec, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """The ``/predict`` rows of ``frame``: the entity key and the spec's request fields.
+
+    A request field the rows lack is left out, as a client with that schema break would (the
+    ``data_quality`` scenario renames a column; the service answers 422 naming it).
+    """
+    if spec.entity_key not in frame.columns:
+        raise ReplayError(f"the simulator rows lack the entity key {spec.entity_key!r}")
+    columns = [c for c in [spec.entity_key, *spec.request_fields] if c in frame.columns]
+    records = frame[columns].to_dict(orient="records")
+    return [{key: _plain(value) for key, value in record.items()} for record in records]
+
+
+def refresh_features(spec: PipelineSpec, scenario: str, day: dt.date,
+                     settings: Settings) -> dict[str, Any]:
+    """Rebuild the offline feature days ``day - 1`` and ``day`` under ``scenario`` and copy the
+    newest rows of every entity to the online store (a full materialization)."""
+    from airmlops.features import pipeline as features
+    from airmlops.features.online import make_online_store
+
+    if spec.feature_store is None:
+        return {"refreshed": False, "why": "the pipeline has no feature store"}
+    start, end = day - dt.timedelta(days=1), day + dt.timedelta(days=1)
+    built = features.build_offline(spec, start, end, settings.data_root, scenario=scenario)
+    store = make_online_store(settings, spec.name)
+    try:
+        moment = dt.datetime.combine(end, dt.time(), tzinfo=dt.UTC)
+        written = features.materialize_online(spec, settings.data_root, store, end=moment,
+                                              full=True)
+    finally:
+        store.close()
+    return {"refreshed": True, "offline_rows": built, "online_rows": written,
+            "days": [start.isoformat(), day.isoformat()]}
+
+
+def replay(url: str, spec: PipelineSpec, scenario: str, *, rows: int, rate: float,
+           day: dt.date, days: int = 7, batch_size: int = 1, label_delay: float = 5.0,
+           label_share: float = 1.0, max_seconds: float = 120.0, seed: int = 0,
+           token: str | None = None, allow_remote: bool = False,
+           client: httpx.Client | None = None, clock: Callable[[], float] = time.monotonic,
+           sleep: Callable[[float], None] = time.sleep,
+           progress: Callable[[str], None] | None = None) -> ReplayResult:
+    """Send ``rows`` simulator rows of ``scenario`` (from the ``days`` days ending on ``day``)
+    to ``url`` at ``rate`` requests per second, ``batch_size`` rows a request, and post each
+    answered request's labels ``label_delay`` seconds later; stop after ``max_seconds`` whatever
+    is left. See the module docstring."""
+    import httpx
+    import numpy as np
+
+    base = check_url(url, allow_remote)
+    _check_bounds(rows, rate, batch_size, max_seconds, label_delay, label_share)
+    frame = replay_rows(spec, scenario, day=day, rows=rows, days=days, seed=seed)
+    instances = request_instances(spec, frame)
+    labels = [_plain(v) for v in frame[spec.label].tolist()]
+    entities = [str(v) for v in frame[spec.entity_key].tolist()]
+    labelled = np.random.default_rng([seed, 0x4C41_4245]).random(
+        math.ceil(rows / batch_size)) < label_share
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    own_client = client is None
+    http = client or httpx.Client(timeout=10.0, headers=headers, follow_redirects=False)
+    result = ReplayResult(scenario=scenario)
+    pending: collections.deque[tuple[float, str, list[dict[str, Any]]]] = collections.deque()
+    started = clock()
+    deadline = started + max_seconds
+    interval = 1.0 / rate
+
+    def post_due_labels(now: float) -> None:
+        while pending and pending[0][0] <= now:
+            _, request_id, items = pending.popleft()
+            try:
+                answer = http.post(f"{base}/feedback", headers=headers,
+                                   json={"request_id": request_id, "labels": items})
+            except httpx.HTTPError as error:
+                result.label_errors += 1
+                result._error(f"/feedback: {type(error).__name__}: {error}")
+                continue
+            if answer.status_code == 202:
+                result.labels_posted += len(items)
+            else:
+                result.label_errors += 1
+                result._error(f"/feedback {answer.status_code}: {answer.text}")
+
+    try:
+        next_send = started
+        for number, offset in enumerate(range(0, rows, batch_size)):
+            now = clock()
+            if now >= deadline:
+                result.stopped_by_time = True
+                break
+            post_due_labels(now)
+            if next_send > now:
+                sleep(min(next_send, deadline) - now)
+                if clock() >= deadline:
+                    result.stopped_by_time = True
+                    break
+            next_send += interval
+            batch = instances[offset:offset + batch_size]
+            result.requests += 1
+            result.rows_sent += len(batch)
+            try:
+                answer = http.post(f"{base}/predict", headers=headers,
+                                   json={"instances": batch})
+            except httpx.HTTPError as error:
+                result._error(f"/predict: {type(error).__name__}: {error}")
+                continue
+            if answer.status_code != 200:
+                result._error(f"/predict {answer.status_code}: {answer.text}")
+                continue
+            body = answer.json()
+            request_id = str(body["request_id"])
+            version = str(body.get("model_version"))
+            result.rows_answered += len(batch)
+            result.request_ids.append(request_id)
+            result.model_versions[version] = result.model_versions.get(version, 0) + len(batch)
+            if labelled[number]:
+                items = [{"entity": entities[offset + i], "label": labels[offset + i]}
+                         for i in range(len(batch))]
+                pending.append((clock() + label_delay, request_id, items))
+            if progress and result.requests % 100 == 0:
+                progress(f"{result.requests} requests, {result.rows_answered} rows answered, "
+                         f"{result.errors} errors, {result.labels_posted} labels posted")
+        while pending:
+            now = clock()
+            if now >= deadline:
+                result.stopped_by_time = True
+                break
+            if pending[0][0] > now:
+                sleep(min(pending[0][0], deadline) - now)
+                continue
+            post_due_labels(now)
+        result.labels_dropped = sum(len(items) for _, _, items in pending)
+    finally:
+        if own_client:
+            http.close()
+    result.seconds = round(clock() - started, 3)
+    log.info("replay %s (%s): %s", spec.name, scenario, result.to_dict())
+    return result
