@@ -51,6 +51,15 @@ class RunContext:
         }
 
 
+def _alert(spec: PipelineSpec, event: str, message: str, details: dict[str, Any]) -> None:
+    """Send an alert through the spec's notifiers; an alert never fails a stage."""
+    from airmlops.alerts import notify
+
+    outcome = notify(spec, event, message, details)
+    if outcome.get("errors"):
+        log.warning("alert %s of %s could not be sent: %s", event, spec.name, outcome["errors"])
+
+
 def day_floor(moment: dt.datetime) -> dt.datetime:
     """Midnight UTC of the moment's day: a run's training data ends at the start of its day."""
     moment = moment.astimezone(dt.UTC)
@@ -129,6 +138,8 @@ def validate_data(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settin
         )
         log.error("validate_data %s: batch %s FAILED and is quarantined at %s:\n%s",
                   spec.name, ref.digest, where, reason)
+        _alert(spec, "quarantine", f"batch {ref.digest[:12]} quarantined: {reason}",
+               {"digest": ref.digest, "quarantine": str(where)})
         raise DataValidationFailed(
             f"data batch {ref.digest} failed validation and was quarantined at {where}: {reason}"
         )
@@ -239,6 +250,9 @@ def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settin
                             champion.version if champion else None)
     gates.log_decision(decision, trained["run_id"], uri)
     verdict = "BLESSED" if decision.blessed else "NOT BLESSED"
+    if not decision.blessed:
+        _alert(spec, "not_blessed", "; ".join(decision.reasons),
+               {"mlflow_run_id": trained["run_id"], "metrics": trained["metrics"]})
     log.info("validate_model %s: %s\n  %s", spec.name, verdict, "\n  ".join(decision.reasons))
     return decision.to_dict()
 
@@ -428,6 +442,8 @@ def monitor(spec: PipelineSpec, deployed: dict[str, Any], trained: dict[str, Any
                   version, bake)
         deployer.rollback(spec.name, settings.data_root, now=run.as_of,
                           env=_service_env(settings))
+        _alert(spec, "rollback", f"version {version} rolled back after its bake period",
+               {"bake": bake})
         raise BakeFailed(f"version {version} was rolled back after its bake period: {bake}")
     registry.set_alias(spec.registered_model_name, "champion", version, uri)
     from airmlops.serving import bento
@@ -476,6 +492,8 @@ def rollback(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[st
                                env=_service_env(settings))
     registry.set_alias(spec.registered_model_name, "champion", result.version,
                        settings.mlflow_tracking_uri)
+    _alert(spec, "rollback", f"rolled back to version {result.version}",
+           {"slot": result.slot, "reason": run.trigger_reason})
     log.info("rollback %s: version %s serves again at %s (slot %s%s)", spec.name,
              result.version, result.stable_url, result.slot,
              ", restarted" if result.restarted else "")
