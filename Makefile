@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run stop status test test-unit test-integration lint format lock bench clean
+.PHONY: help setup run stop status test test-unit test-integration lint format lock bench clean replay
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ test: setup lint ## Lint, then every test suite (unit, DAG, integration, e2e)
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit tests/dags
+
+replay: setup ## Replay simulator traffic to a deployed model (SCENARIO=stable|covariate_drift|concept_drift|data_quality)
+	$(PY) -m airmlops.cli replay --pipeline $(or $(PIPELINE),churn) --scenario $(or $(SCENARIO),stable) --rows $(or $(ROWS),2000) --rate $(or $(RATE),20) $(REPLAY_ARGS)
 
 clean: stop ## Remove data and runtime state (keeps .venv)
 	rm -rf .data .run

@@ -340,7 +340,10 @@ def build_all(pipelines_dir: Path | None = None) -> dict[str, DAG]:
             log.error("%s", error)
             built = [build_invalid_spec_dag(path, error)]
         else:
-            built = [build_training_dag(spec, path), build_rollback_dag(spec, path)]
+            from airmlops.monitoring.dag import build_monitoring_dag
+
+            built = [build_training_dag(spec, path), build_rollback_dag(spec, path),
+                     build_monitoring_dag(spec, path)]
             if spec.feature_store is not None:
                 built.append(build_features_dag(spec, path))
         for item in built:

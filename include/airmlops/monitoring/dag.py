@@ -1,0 +1,144 @@
+"""The ``<name>_monitoring`` DAG: one run per window of the prediction log.
+
+**collect** → **report** → **decide** → **should_retrain** (short-circuit) → **act**
+(``TriggerDagRunOperator`` of ``<name>_training``). Every task is a few lines calling
+:mod:`airmlops.monitoring.tasks`; only Airflow's SDK and the standard provider's trigger operator
+are imported at parse time.
+
+The window of a run is its data interval: the timetable is a cron trigger on
+``monitoring.schedule`` whose data interval is the ``monitoring.window_minutes`` before each tick.
+A manual run with a logical date covers the window ending then; a REST trigger may pass an
+explicit ``data_interval_start``/``data_interval_end`` to report any past window again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import DAG, Param, dag, get_current_context, task
+
+from airmlops.settings import get_settings
+from airmlops.spec import PipelineSpec, load_spec
+
+MONITORING_DOC = """
+### {name}: monitoring
+
+Watches the champion of `{name}` on its live traffic, one run per window of
+{window} minutes (schedule `{schedule}`, UTC):
+
+**collect** reads the window from the prediction log, plus the labels that arrived during it
+(joined with their predictions from up to {lookback} windows back) →
+**report** compares a time-stratified sample of {sample} rows with the champion's reference
+data (Evidently: per-column drift with the spec's methods and thresholds, data quality,
+performance on the delayed labels), saves the HTML report under
+`reports/{name}/monitoring/<window_id>.html`, records the window in the monitoring table and
+logs the numbers to MLflow experiment `{name}-monitoring` →
+**decide** applies the policy (breached in at least {k} of the last {n} windows and in the
+latest, cooldown {cooldown} h, at most {active} active retraining) and records the decision and
+why, also when it is "none" → **act** triggers `{training}` with run id `retrain__<window_id>`
+(a repeated run for the same window never triggers twice) and the reason in its conf.
+
+Params: `dry_run` records what would happen without triggering.
+Spec: `{path}` (hash `{spec_hash}`).
+"""
+
+
+def monitoring_params() -> dict[str, Param]:
+    """Typed params of a monitoring run."""
+    return {
+        "dry_run": Param(False, type="boolean",
+                         description="Report and decide, but record a would-be retraining as "
+                         "'none' (with the reason) and trigger nothing."),
+    }
+
+
+def current_window(window_minutes: int) -> tuple[dt.datetime, dt.datetime]:
+    """The running task's window, from its data interval (see the module docstring)."""
+    from airmlops.monitoring.tasks import window_bounds
+
+    context = get_current_context()
+    dag_run = context["dag_run"]
+    end = context.get("data_interval_end") or dag_run.logical_date or dag_run.run_after
+    return window_bounds(context.get("data_interval_start"), end, window_minutes)
+
+
+def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
+    """The ``<name>_monitoring`` DAG: collect → report → decide → act."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+    from airflow.sdk import CronTriggerTimetable
+
+    from airmlops.dag_factory import DEFAULT_ARGS
+    from airmlops.monitoring import tasks
+
+    config = spec.monitoring
+    policy = config.policy
+
+    def load() -> PipelineSpec:
+        return load_spec(spec_path)
+
+    decision = "ti.xcom_pull(task_ids='decide')"
+
+    @dag(
+        dag_id=f"{spec.name}_monitoring",
+        schedule=CronTriggerTimetable(config.schedule, timezone="UTC",
+                                      interval=dt.timedelta(minutes=config.window_minutes)),
+        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        catchup=False,
+        max_active_runs=1,
+        default_args={**DEFAULT_ARGS, "owner": spec.owner},
+        tags=["mlops", "monitoring", spec.name, *spec.tags],
+        doc_md=MONITORING_DOC.format(
+            name=spec.name, window=config.window_minutes, schedule=config.schedule,
+            lookback=tasks.LABEL_LOOKBACK_WINDOWS, sample=config.sample_size, k=policy.k,
+            n=policy.n, cooldown=policy.cooldown_hours, active=policy.max_active_retrainings,
+            training=spec.training_dag_id, path=spec_path.name, spec_hash=spec.spec_hash()[:12],
+        ),
+        params=monitoring_params(),
+    )
+    def monitoring() -> None:
+        @task
+        def collect() -> dict[str, Any]:
+            """The window's predictions and the labels that arrived in it, as Parquet."""
+            current = load()
+            start, end = current_window(current.monitoring.window_minutes)
+            return tasks.collect_window(current, start, end, get_settings())
+
+        @task
+        def report(collected: dict[str, Any]) -> dict[str, Any]:
+            """Drift, quality and performance vs the champion's reference: HTML, table, MLflow."""
+            run_id = get_current_context()["dag_run"].run_id
+            return tasks.compute_report(load(), collected, get_settings(), airflow_run_id=run_id)
+
+        @task
+        def decide(window: dict[str, Any]) -> dict[str, Any]:
+            """The policy's decision for this window, recorded with its reason (also "none")."""
+            dry_run = bool(get_current_context()["params"].get("dry_run"))
+            return tasks.decide_window(load(), window, get_settings(),
+                                       now=dt.datetime.fromisoformat(window["end"]),
+                                       dry_run=dry_run)
+
+        @task.short_circuit
+        def should_retrain(decided: dict[str, Any]) -> bool:
+            """Only a "retrain" decision goes on to the trigger."""
+            return decided["action"] == "retrain"
+
+        act = TriggerDagRunOperator(
+            task_id="act",
+            trigger_dag_id=spec.training_dag_id,
+            trigger_run_id=f"{{{{ {decision}['trigger_run_id'] }}}}",
+            conf={
+                "trigger_reason": f"{{{{ {decision}['trigger_reason'] }}}}",
+                "triggered_by": "monitoring",
+                "monitoring_window": f"{{{{ {decision}['window_id'] }}}}",
+            },
+            logical_date=None,
+            skip_when_already_exists=True,
+            doc_md="Triggers the retraining; the run id is the window's dedup key, so a "
+            "repeated monitoring run finds the run already there and is skipped.",
+        )
+
+        should_retrain(decide(report(collect()))) >> act
+
+    return monitoring()

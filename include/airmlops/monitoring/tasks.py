@@ -1,0 +1,548 @@
+"""The monitoring DAG's stages as plain functions: collect, report, decide.
+
+Each takes the spec and small values and returns a small JSON-able dict for XCom; none of them
+reads the clock (window bounds and the decision time come in). Each is safe to retry:
+
+- :func:`collect_window` reads one window of the prediction log and writes it as Parquet under
+  ``<data_root>/monitoring/<pipeline>/windows/<window_id>/`` (rewritten whole on a retry);
+- :func:`compute_report` compares the window with the current champion's reference
+  (:mod:`airmlops.monitoring.drift`), saves the HTML under
+  ``<data_root>/reports/<pipeline>/monitoring/<window_id>.html``, upserts the window in the
+  :class:`~airmlops.monitoring.store.MonitoringStore` and logs the numbers to one MLflow run per
+  window (experiment ``<pipeline>-monitoring``, found again by its ``window_id`` tag);
+- :func:`decide_window` applies the retraining policy to the recorded history and records the
+  decision and why, "none" included; a window that already decided to retrain replays that
+  decision, so the trigger is sent again with the same run id and Airflow ignores it.
+
+Delayed labels: a window's performance is measured on the labels that *arrived* during the
+window, joined with their predictions from up to :data:`LABEL_LOOKBACK_WINDOWS` window lengths
+back (SageMaker's ground-truth merge). Each label counts once, in the window it arrived in, and a
+model's quality shows up as soon as outcomes are known, not only for the latest predictions
+(which, with delayed labels, never have any yet).
+
+Active retrainings are counted through the Task SDK (``RuntimeTaskInstance.get_dr_count``, which
+asks the API server's execution API): Airflow 3 tasks must not open the metadata database, and
+this needs no REST credentials in the task's environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import itertools
+import logging
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airmlops.monitoring.policy import Decision, check_window_id
+from airmlops.paths import safe_join
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from airmlops.monitoring.drift import WindowReport
+    from airmlops.settings import Settings
+    from airmlops.spec import PipelineSpec
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.parquet"
+LABELLED_FILE = "labelled.parquet"
+LABEL_LOOKBACK_WINDOWS = 48
+"""How many window lengths back a label's prediction is looked for (2 days of hourly windows)."""
+READ_SLICES = 8
+"""A SQLite-logged window is read in this many time slices, each flattened before the next is
+read, so the JSON of only one slice is in memory at a time."""
+ACTIVE_STATES = ("queued", "running")
+TRIGGER_REASON_MAX = 500
+"""The training DAG's ``trigger_reason`` param is at most this long."""
+LOG_COLUMNS = ("ts", "request_id", "entity_id", "position", "model_version", "prediction")
+LABELLED_COLUMNS = ("ts", "request_id", "entity_id", "model_version", "prediction", "label",
+                    "label_ts")
+WINDOW_ID = re.compile(r"^(\d{8}T\d{4}(?:\d{2})?)-(\d{8}T\d{4}(?:\d{2})?)$")
+
+
+# --- windows ----------------------------------------------------------------------------------
+
+
+def _aware(value: dt.datetime, name: str) -> dt.datetime:
+    """``value`` in UTC as a plain :class:`datetime.datetime` (Airflow hands out pendulum
+    datetimes, whose ``replace`` and arithmetic do not always keep the time zone)."""
+    if not isinstance(value, dt.datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime (got {value!r})")
+    utc = value.astimezone(dt.UTC)
+    return dt.datetime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second,
+                       utc.microsecond, tzinfo=dt.UTC)
+
+
+def window_bounds(interval_start: dt.datetime | None, interval_end: dt.datetime,
+                  window_minutes: int) -> tuple[dt.datetime, dt.datetime]:
+    """The window a monitoring run covers: ``window_minutes`` ending at ``interval_end``.
+
+    Scheduled runs (a cron trigger timetable) have an empty data interval at the tick, so their
+    window is the ``window_minutes`` before it. A run given an explicit, non-empty data interval
+    (the REST API accepts ``data_interval_start``/``data_interval_end``) covers exactly that
+    interval, e.g. to report a past window again. Bounds are UTC, to the second.
+    """
+    end = _aware(interval_end, "interval_end").replace(microsecond=0)
+    if interval_start is not None:
+        start = _aware(interval_start, "interval_start").replace(microsecond=0)
+        if start < end:
+            return start, end
+        if start > end:
+            raise ValueError(f"data interval start {start} is after its end {end}")
+    if window_minutes < 1:
+        raise ValueError(f"window_minutes must be positive (got {window_minutes})")
+    return end - dt.timedelta(minutes=window_minutes), end
+
+
+def _stamp(moment: dt.datetime, seconds: bool) -> str:
+    return moment.strftime("%Y%m%dT%H%M%S" if seconds else "%Y%m%dT%H%M")
+
+
+def window_id_for(start: dt.datetime, end: dt.datetime) -> str:
+    """``20260601T1000-20260601T1100`` (UTC; seconds only when a bound is not a whole minute)."""
+    start, end = _aware(start, "start"), _aware(end, "end")
+    if end <= start:
+        raise ValueError(f"window end {end} must be after its start {start}")
+    if start.microsecond or end.microsecond:
+        raise ValueError("window bounds must be whole seconds")
+    seconds = bool(start.second or end.second)
+    return check_window_id(f"{_stamp(start, seconds)}-{_stamp(end, seconds)}")
+
+
+def parse_window_id(window_id: str) -> tuple[dt.datetime, dt.datetime]:
+    """The bounds a window id was made from (the inverse of :func:`window_id_for`)."""
+    match = WINDOW_ID.match(check_window_id(window_id))
+    if match is None:
+        raise ValueError(f"window_id {window_id!r} is not <start>-<end> as YYYYMMDDTHHMM[SS]")
+    bounds = []
+    for text in match.groups():
+        fmt = "%Y%m%dT%H%M%S" if len(text) == 15 else "%Y%m%dT%H%M"
+        bounds.append(dt.datetime.strptime(text, fmt).replace(tzinfo=dt.UTC))
+    return bounds[0], bounds[1]
+
+
+def window_dir(settings: Settings, pipeline: str, window_id: str) -> Path:
+    """``<data_root>/monitoring/<pipeline>/windows/<window_id>`` (both parts validated)."""
+    from airmlops.monitoring.store import MonitoringStore
+
+    MonitoringStore(settings.data_root).path(pipeline)  # validates the pipeline name
+    return safe_join(settings.data_root, "monitoring", pipeline, "windows",
+                     check_window_id(window_id))
+
+
+def report_html_path(settings: Settings, pipeline: str, window_id: str,
+                     suffix: str = ".html") -> Path:
+    """``<data_root>/reports/<pipeline>/monitoring/<window_id><suffix>``."""
+    return safe_join(settings.reports_dir, pipeline, "monitoring",
+                     f"{check_window_id(window_id)}{suffix}")
+
+
+# --- collect ------------------------------------------------------------------------------------
+
+
+def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+    import io
+
+    from airmlops.paths import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def flatten_predictions(log_frame: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
+    """Prediction-log rows as one row per prediction: the log's keys, the model output as
+    ``prediction`` (the positive-class probability for classification) and one column per model
+    input from the logged ``features`` (an input absent from a row is null)."""
+    import pandas as pd
+
+    clashes = sorted(set(spec.input_names) & set(LOG_COLUMNS))
+    if clashes:
+        raise ValueError(f"model input(s) {clashes} clash with prediction-log columns")
+    output = "probability" if spec.task == "binary_classification" else "prediction"
+    frame = pd.DataFrame({
+        "ts": log_frame["ts"], "request_id": log_frame["request_id"].astype(str),
+        "entity_id": log_frame["entity_id"].astype(str),
+        "position": log_frame["position"].astype("int64"),
+        "model_version": log_frame["model_version"].astype(str),
+        "prediction": pd.to_numeric(log_frame[output], errors="coerce").astype("float64"),
+    }).reset_index(drop=True)
+    features = pd.DataFrame.from_records(
+        [row if isinstance(row, dict) else {} for row in log_frame["features"]],
+        columns=spec.input_names)
+    for name, kind in spec.input_types.items():
+        column = features[name]
+        if kind == "numeric":
+            frame[name] = pd.to_numeric(column, errors="coerce").astype("float64")
+        else:
+            frame[name] = column.astype(object).where(column.notna(), None).map(
+                lambda value: None if value is None else str(value))
+    return frame
+
+
+def _read_window(spec: PipelineSpec, start: dt.datetime, end: dt.datetime,
+                 settings: Settings) -> pd.DataFrame:
+    """The window's predictions, flattened; read in time slices from SQLite (a Redis stream is
+    read in one pass: each read scans the stream from its start to the end)."""
+    import pandas as pd
+
+    from airmlops.serving.prediction_log import log_redis_url, read_predictions
+
+    slices = 1 if log_redis_url(settings) else READ_SLICES
+    step = (end - start) / slices
+    bounds = [start + i * step for i in range(slices)] + [end]
+    parts = [flatten_predictions(read_predictions(spec.name, lower, upper, settings=settings),
+                                 spec) for lower, upper in itertools.pairwise(bounds)]
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+
+
+def _collected_predictions(settings: Settings, pipeline: str, lookback_start: dt.datetime,
+                           start: dt.datetime, request_ids: list[str]) -> pd.DataFrame:
+    """Predictions with the given request ids from the windows collected before ``start`` and
+    ending after ``lookback_start`` (their ``predictions.parquet``: no log re-read)."""
+    import pandas as pd
+
+    root = safe_join(settings.data_root, "monitoring", pipeline, "windows")
+    frames = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        try:
+            window_start, window_end = parse_window_id(folder.name)
+        except ValueError:
+            continue
+        path = folder / PREDICTIONS_FILE
+        if window_end <= lookback_start or window_start >= start or not path.is_file():
+            continue
+        frames.append(pd.read_parquet(path, columns=list(LOG_COLUMNS),
+                                      filters=[("request_id", "in", request_ids)]))
+    if not frames:
+        return pd.DataFrame({name: pd.Series(dtype="object") for name in LOG_COLUMNS})
+    return pd.concat(frames, ignore_index=True)
+
+
+def collect_window(spec: PipelineSpec, window_start: dt.datetime, window_end: dt.datetime,
+                   settings: Settings) -> dict[str, Any]:
+    """Read the window's predictions and the labels that arrived during it, write both as Parquet.
+
+    ``predictions.parquet``: the predictions with ``window_start <= ts < window_end``, flattened
+    (:func:`flatten_predictions`). ``labelled.parquet``: every label received in the window
+    joined with its prediction, made in this window or in an earlier collected window ending
+    less than :data:`LABEL_LOOKBACK_WINDOWS` window lengths before this one's end (read from
+    those windows' Parquet files, so the log is read once per window). Labels of older,
+    uncollected or unknown predictions are counted as unmatched.
+    """
+    import pandas as pd
+
+    from airmlops.serving.prediction_log import read_labels
+
+    start, end = _aware(window_start, "window_start"), _aware(window_end, "window_end")
+    window_id = window_id_for(start, end)
+    directory = window_dir(settings, spec.name, window_id)
+    current = _read_window(spec, start, end, settings)
+    labels = read_labels(spec.name, start, end, settings=settings)
+    lookback_start = end - LABEL_LOOKBACK_WINDOWS * (end - start)
+    labelled = pd.DataFrame({name: pd.Series(dtype="object") for name in LABELLED_COLUMNS})
+    earlier_rows = 0
+    if len(labels):
+        wanted = sorted(set(labels["request_id"].astype(str)))
+        earlier = _collected_predictions(settings, spec.name, lookback_start, start, wanted)
+        earlier_rows = len(earlier)
+        candidates = pd.concat([earlier, current[list(LOG_COLUMNS)]], ignore_index=True)
+        candidates = candidates.drop_duplicates(["request_id", "entity_id"], keep="last")
+        arrived = labels.rename(columns={"ts": "label_ts"})[
+            ["request_id", "entity_id", "label", "label_ts"]].astype(
+            {"request_id": str, "entity_id": str})
+        labelled = candidates.merge(arrived, on=["request_id", "entity_id"], how="inner")
+        labelled = labelled[list(LABELLED_COLUMNS)].sort_values("ts", kind="stable")
+    predictions_path = directory / PREDICTIONS_FILE
+    labelled_path = directory / LABELLED_FILE
+    _write_parquet(current, predictions_path)
+    _write_parquet(labelled.reset_index(drop=True), labelled_path)
+    versions = current["model_version"].value_counts().sort_index()
+    result = {
+        "pipeline": spec.name, "window_id": window_id,
+        "start": start.isoformat(), "end": end.isoformat(),
+        "predictions_path": str(predictions_path), "labelled_path": str(labelled_path),
+        "rows": len(current), "labels_received": len(labels), "labelled_rows": len(labelled),
+        "labels_unmatched": len(labels) - len(labelled),
+        "label_lookback_start": lookback_start.isoformat(),
+        "earlier_predictions_matched": earlier_rows,
+        "model_versions": {str(k): int(v) for k, v in versions.items()},
+    }
+    log.info("collect %s window %s: %d predictions (versions %s), %d labels arrived, %d matched "
+             "to predictions since %s; written to %s", spec.name, window_id, len(current),
+             result["model_versions"], len(labels), len(labelled), lookback_start, directory)
+    return result
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def _empty_report(window_id: str, start: dt.datetime, end: dt.datetime, rows: int,
+                  why: str) -> WindowReport:
+    from airmlops.monitoring.drift import WindowReport
+
+    return WindowReport(window_id=window_id, start=start, end=end, rows=rows, sampled=0,
+                        columns={}, drift_share=None, prediction_drift=None, quality={},
+                        performance=None, label_count=0, breaches=[], notes=[why])
+
+
+def _with_delayed_performance(report: WindowReport, performance: WindowReport,
+                              lookback_start: str) -> WindowReport:
+    """The window's report with the performance measured on the labels that arrived in it."""
+    notes = [n for n in report.notes if not n.startswith("performance not computed")]
+    notes += [n for n in performance.notes if not n.startswith("drift not tested")]
+    notes.append(f"performance on the {performance.label_count} labels that arrived in this "
+                 f"window, for predictions since {lookback_start}")
+    breaches = set(report.breaches)
+    if "performance" in performance.breaches:
+        breaches.add("performance")
+    seconds = dict(report.seconds)
+    seconds["performance"] = performance.seconds.get("total", 0.0)
+    return dataclasses.replace(report, performance=performance.performance,
+                               label_count=performance.label_count,
+                               breaches=sorted(breaches), notes=notes, seconds=seconds)
+
+
+def _metrics_of(report: WindowReport) -> dict[str, float]:
+    """The report's numbers as flat MLflow metrics (only finite values)."""
+    values: dict[str, Any] = {
+        "rows": report.rows, "sampled": report.sampled, "label_count": report.label_count,
+        "drift_share": report.drift_share, "breaches": len(report.breaches),
+        "drifted_columns": sum(1 for c in report.columns.values() if c.drifted),
+    }
+    for name, result in report.columns.items():
+        values[f"drift.{name}"] = result.score
+    if report.prediction_drift is not None:
+        values["drift.prediction"] = report.prediction_drift.score
+    for name, value in (report.performance or {}).items():
+        values[f"performance.{name}"] = value
+    for name, entry in report.quality.items():
+        for kind in ("missing_share", "out_of_range_share", "new_category_share"):
+            if kind in entry:
+                values[f"quality.{name}.{kind}"] = entry[kind]
+    metrics = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        number = float(value)
+        if math.isfinite(number):
+            metrics[key] = number
+    return metrics
+
+
+def log_report_to_mlflow(spec: PipelineSpec, report: WindowReport, tags: dict[str, str],
+                         tracking_uri: str) -> str:
+    """Log the window's numbers to its MLflow run (created once, found again by window id)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+
+    from airmlops.training.tracking import get_or_create_experiment
+
+    window_id = check_window_id(report.window_id)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = get_or_create_experiment(client, f"{spec.name}-monitoring")
+    # window_id matches WINDOW_ID_PATTERN (no quotes), so it is safe inside the filter.
+    found = client.search_runs([experiment_id], f"tags.window_id = '{window_id}'",
+                               max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run_id = client.create_run(experiment_id, run_name=window_id,
+                                   tags={"window_id": window_id}).info.run_id
+    stamp = int(report.end.timestamp() * 1000)
+    metrics = [Metric(key, value, stamp, 0) for key, value in _metrics_of(report).items()]
+    all_tags = {"pipeline": spec.name, "window_id": window_id,
+                "window_start": report.start.isoformat(), "window_end": report.end.isoformat(),
+                "breaches": ", ".join(report.breaches) or "none", **tags}
+    run_tags = [RunTag(key, str(value)[:5000]) for key, value in all_tags.items()]
+    for offset in range(0, max(len(metrics), 1), 900):
+        client.log_batch(run_id, metrics=metrics[offset:offset + 900],
+                         tags=run_tags if offset == 0 else [])
+    client.log_dict(run_id, report.to_dict(), "window_report.json")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
+def compute_report(spec: PipelineSpec, collected: dict[str, Any], settings: Settings, *,
+                   now: dt.datetime | None = None,
+                   airflow_run_id: str | None = None) -> dict[str, Any]:
+    """The window's report against the current champion's reference, saved and recorded.
+
+    Without a champion, or without its reference data (written when it was promoted), the
+    window is recorded with a note and no numbers, so the decision says why nothing happens.
+    ``now`` is the time recorded as the row's update (default: the window end).
+    """
+    import pandas as pd
+
+    from airmlops.monitoring.drift import compute_window_report
+    from airmlops.monitoring.reference import ReferenceError, load_reference
+    from airmlops.monitoring.store import MonitoringStore
+    from airmlops.training import registry
+
+    window_id = check_window_id(collected["window_id"])
+    start, end = parse_window_id(window_id)
+    config = spec.monitoring
+    uri = settings.mlflow_tracking_uri
+    frame = pd.read_parquet(collected["predictions_path"])
+    champion = registry.get_alias_version(spec.registered_model_name, "champion", uri)
+    reference, why = None, None
+    if champion is None:
+        why = f"no champion: model {spec.registered_model_name} has no 'champion' alias yet"
+    else:
+        where = safe_join(settings.data_root, "monitoring", spec.name, "reference",
+                          str(champion.version))
+        try:
+            reference = load_reference(where)
+        except ReferenceError as error:
+            why = f"no reference data for champion version {champion.version}: {error}"
+    html_path = report_html_path(settings, spec.name, window_id)
+    performance_html = None
+    if reference is None:
+        log.warning("report %s window %s: %s; the window is recorded without numbers",
+                    spec.name, window_id, why)
+        report = _empty_report(window_id, start, end, len(frame), why)
+    else:
+        report = compute_window_report(reference, frame, None, spec, config,
+                                       window_id=window_id, html_path=html_path, start=start,
+                                       end=end)
+        labelled = pd.read_parquet(collected["labelled_path"])
+        if len(labelled):
+            # Performance only: drift and quality of this frame are not wanted, so min_rows is
+            # set out of reach (the report then tests no drift on it).
+            performance_only = config.model_copy(update={"min_rows": 2**62})
+            target = report_html_path(settings, spec.name, window_id, ".performance.html")
+            performance = compute_window_report(
+                reference, labelled, labelled, spec, performance_only, window_id=window_id,
+                html_path=target, start=start, end=end,
+                label_keys=("request_id", "entity_id"), label_column="label")
+            performance_html = performance.html_path
+            report = _with_delayed_performance(report, performance,
+                                               collected.get("label_lookback_start", "?"))
+    store = MonitoringStore(settings.data_root)
+    store.record_window(spec.name, report, created=now or end)
+    tags = {"champion_version": str(champion.version) if champion else "none",
+            "report_html": report.html_path or "none",
+            "performance_html": performance_html or "none"}
+    if airflow_run_id:
+        tags["airflow_run_id"] = airflow_run_id
+    mlflow_run_id = log_report_to_mlflow(spec, report, tags, uri)
+    drifted = sorted(name for name, c in report.columns.items() if c.drifted)
+    summary = {
+        "pipeline": spec.name, "window_id": window_id, "start": start.isoformat(),
+        "end": end.isoformat(), "rows": report.rows, "sampled": report.sampled,
+        "drift_share": report.drift_share, "drifted": drifted,
+        "prediction_drift": (report.prediction_drift.score
+                             if report.prediction_drift is not None else None),
+        "breaches": list(report.breaches), "performance": report.performance,
+        "label_count": report.label_count, "html_path": report.html_path,
+        "performance_html": performance_html,
+        "champion_version": str(champion.version) if champion else None,
+        "mlflow_run_id": mlflow_run_id, "notes": list(report.notes),
+        "seconds": report.seconds, "skipped": why if reference is None else None,
+    }
+    log.info("report %s window %s: %d rows (%d sampled), drift share %s, drifted %s, "
+             "breaches %s, performance %s on %d labels; HTML report: %s%s; MLflow run %s",
+             spec.name, window_id, report.rows, report.sampled, report.drift_share, drifted,
+             report.breaches or "none", report.performance, report.label_count,
+             report.html_path or "none (nothing to report)",
+             f" (performance: {performance_html})" if performance_html else "", mlflow_run_id)
+    for note in report.notes:
+        log.info("report %s window %s: note: %s", spec.name, window_id, note)
+    return summary
+
+
+# --- decide -------------------------------------------------------------------------------------
+
+
+def count_active_runs(dag_id: str) -> int:
+    """Runs of ``dag_id`` that are queued or running, asked through the Task SDK.
+
+    Only callable inside a running Airflow task (it uses the task's supervisor channel).
+    """
+    from airflow.sdk import get_current_context
+
+    ti = get_current_context()["ti"]
+    return int(ti.get_dr_count(dag_id=dag_id, states=list(ACTIVE_STATES)))
+
+
+def trigger_reason(spec: PipelineSpec, window_id: str, reason: str) -> str:
+    """The ``trigger_reason`` the training run records in MLflow (at most 500 characters)."""
+    text = " ".join(f"monitoring of {spec.name}, window {window_id}: {reason}".split())
+    return text if len(text) <= TRIGGER_REASON_MAX else text[:TRIGGER_REASON_MAX - 3] + "..."
+
+
+def _history_until(store: Any, pipeline: str, window_id: str, n: int) -> list[Any]:
+    """The last ``n`` recorded windows up to and including ``window_id`` (oldest first)."""
+    records = store.history(pipeline, 1000)
+    for index, record in enumerate(records):
+        if record.window_id == window_id:
+            return records[max(0, index + 1 - n):index + 1]
+    raise KeyError(f"window {window_id!r} of {pipeline!r} is not recorded (or older than the "
+                   "last 1000 windows)")
+
+
+def decide_window(spec: PipelineSpec, report: dict[str, Any], settings: Settings, *,
+                  now: dt.datetime, active_retrainings: int | None = None,
+                  dry_run: bool = False) -> dict[str, Any]:
+    """Apply the retraining policy to the window's history, record the decision, alert on it.
+
+    ``active_retrainings`` is the number of queued or running ``<name>_training`` runs; when
+    None it is asked from Airflow (:func:`count_active_runs`, inside a task only). A ``dry_run``
+    records a would-be retraining as "none" with the reason, and triggers nothing. Returns the
+    decision with ``trigger_run_id`` and ``trigger_reason`` for the trigger task.
+    """
+    from airmlops import alerts
+    from airmlops.monitoring.policy import decide
+    from airmlops.monitoring.store import MonitoringStore
+
+    window_id = check_window_id(report["window_id"])
+    now = _aware(now, "now")
+    store = MonitoringStore(settings.data_root)
+    config = spec.monitoring
+    if report.get("skipped"):
+        decision = Decision("none", f"not assessed: {report['skipped']}",
+                            {"window_id": window_id}, "")
+        store.record_decision(spec.name, window_id, decision, decided_at=now)
+        log.info("decide %s window %s: none (%s)", spec.name, window_id, decision.reason)
+        return {"window_id": window_id, "action": "none", "reason": decision.reason,
+                "dedup_key": None, "trigger_run_id": None, "trigger_reason": None,
+                "replayed": False, "active_retrainings": None, "alert": None}
+    history = _history_until(store, spec.name, window_id, config.policy.n)
+    last = store.last_retraining(spec.name)
+    if active_retrainings is None:
+        active_retrainings = count_active_runs(spec.training_dag_id)
+    decision = decide(history, config, now=now,
+                      last_retraining_at=last.decided_at if last else None,
+                      active_retrainings=active_retrainings, window_id=window_id)
+    replayed = bool(decision.evidence.get("replayed"))
+    if dry_run and decision.action == "retrain" and not replayed:
+        decision = Decision("none", f"dry run, would retrain: {decision.reason}",
+                            decision.evidence, decision.dedup_key)
+    retrain = decision.action == "retrain"
+    store.record_decision(spec.name, window_id, decision, decided_at=now,
+                          triggered_run_id=decision.dedup_key if retrain else None)
+    reason = trigger_reason(spec, window_id, decision.reason) if retrain else None
+    alert = None
+    if retrain and not replayed:
+        alert = alerts.notify(spec, "retraining_decision",
+                              f"Retraining {spec.training_dag_id}: {decision.reason}",
+                              {"window_id": window_id, "trigger_run_id": decision.dedup_key,
+                               "report_html": report.get("html_path"),
+                               "breaches": report.get("breaches"),
+                               "drift_share": report.get("drift_share"),
+                               "performance": report.get("performance")})
+    log.info("decide %s window %s: %s%s, because %s (active retrainings: %d)", spec.name,
+             window_id, decision.action.upper(), " (replayed)" if replayed else "",
+             decision.reason, active_retrainings)
+    return {
+        "window_id": window_id, "action": decision.action, "reason": decision.reason,
+        "dedup_key": decision.dedup_key, "trigger_run_id": decision.dedup_key if retrain else None,
+        "trigger_reason": reason, "replayed": replayed,
+        "active_retrainings": active_retrainings,
+        "breached_windows": decision.evidence.get("breached_windows", []),
+        "alert": alert,
+    }
