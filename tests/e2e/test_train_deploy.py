@@ -28,22 +28,28 @@ PIPELINE = "churn_e2e"
 
 @pytest.fixture(scope="module")
 def e2e_env(dags_test_env, tmp_path_factory):
-    from airmlops.serving.deploy import free_port
-
-    spec = yaml.safe_load((REPO_ROOT / "include/pipelines/churn.yaml").read_text())
-    spec["name"] = PIPELINE
-    spec["source"]["customers"] = 1000
-    spec["training"]["min_rows"] = 500
-    spec["deploy"].update(port=free_port(), bake_seconds=3, target="process")
-    # The second version must be blessed whatever its sampling noise: this test is about deploys.
-    spec["gates"]["champion"]["max_regression"] = 1.0
-    pipelines = tmp_path_factory.mktemp("pipelines-e2e")
-    (pipelines / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(spec))
+    pipelines, port = write_small_spec(PIPELINE, "process", tmp_path_factory)
     env = {**dags_test_env, "MLOPS_PIPELINES_DIR": str(pipelines)}
-    yield env, spec["deploy"]["port"]
+    yield env, port
     from airmlops.serving.deploy import undeploy
 
     undeploy(PIPELINE, Path(env["MLOPS_DATA_ROOT"]))
+
+
+def write_small_spec(name: str, target: str, tmp_path_factory) -> tuple[Path, int]:
+    """A smaller copy of the demo spec under another name, on a free stable port."""
+    from airmlops.serving.deploy import free_port
+
+    spec = yaml.safe_load((REPO_ROOT / "include/pipelines/churn.yaml").read_text())
+    spec["name"] = name
+    spec["source"]["customers"] = 1000
+    spec["training"]["min_rows"] = 500
+    spec["deploy"].update(port=free_port(), bake_seconds=3, target=target)
+    # The second version must be blessed whatever its sampling noise: this test is about deploys.
+    spec["gates"]["champion"]["max_regression"] = 1.0
+    pipelines = tmp_path_factory.mktemp(f"pipelines-{name}")
+    (pipelines / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return pipelines, spec["deploy"]["port"]
 
 
 def dags_test(env, dag_id: str, logical_date: str, conf: dict | None = None):
@@ -156,23 +162,15 @@ def test_docker_target_builds_an_image_and_serves_it_in_a_container(
     version) and blue/green deploys containers; a redeploy under load fails no request."""
     from mlflow import MlflowClient
 
-    from airmlops.serving.deploy import free_port, undeploy
+    from airmlops.serving.deploy import undeploy
     from airmlops.settings import PROJECT_ROOT
 
     name = "churn_docker"
-    spec = yaml.safe_load((REPO_ROOT / "include/pipelines/churn.yaml").read_text())
-    spec["name"] = name
-    spec["source"]["customers"] = 1000
-    spec["training"]["min_rows"] = 500
-    spec["deploy"].update(port=free_port(), bake_seconds=3, target="auto")
-    spec["gates"]["champion"]["max_regression"] = 1.0
-    pipelines = tmp_path_factory.mktemp("pipelines-docker")
-    (pipelines / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    pipelines, port = write_small_spec(name, "auto", tmp_path_factory)
     env = {**dags_test_env, "MLOPS_PIPELINES_DIR": str(pipelines),
            "MLOPS_REDIS_URL": session_redis,
            # Reuse the wheel cache across sessions: a cold one downloads ~80 wheels.
            "MLOPS_WHEELHOUSE_DIR": str(PROJECT_ROOT / ".data" / "wheelhouse")}
-    port = spec["deploy"]["port"]
     try:
         dags_test(env, f"{name}_training", "2026-06-01T00:00:00+00:00")
         client = MlflowClient(tracking_uri=env["MLOPS_MLFLOW_TRACKING_URI"])
