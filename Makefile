@@ -46,6 +46,9 @@ test: setup lint ## Lint, then every test suite (unit, DAG, integration, e2e)
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit tests/dags
 
+bench: setup ## Benchmarks side by side with peers (Feast, mlflow serve, Evidently); results in benchmarks/results/
+	$(PY) benchmarks/run_all.py
+
 replay: setup ## Replay simulator traffic to a deployed model (SCENARIO=stable|covariate_drift|concept_drift|data_quality)
 	$(PY) -m airmlops.cli replay --pipeline $(or $(PIPELINE),churn) --scenario $(or $(SCENARIO),stable) --rows $(or $(ROWS),2000) --rate $(or $(RATE),20) $(REPLAY_ARGS)
 

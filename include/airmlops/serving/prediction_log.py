@@ -490,12 +490,11 @@ class PredictionLog:
                 continue
             delay = self.retry_initial
             with self._condition:
-                self._in_flight = 0
                 self._logged += len(predictions)
                 self._labels_logged += len(labels)
                 was_up, self._backend_up = self._backend_up, True
                 buffered = len(self._buffer)
-                self._condition.notify_all()
+            # Observers hear about the batch before flush() can return (it waits for in-flight).
             if not was_up:
                 log.warning("prediction log backend %s is back; %d entries still buffered",
                             self.backend.location, buffered)
@@ -505,6 +504,9 @@ class PredictionLog:
             if labels:
                 self._notify("labels_logged", len(labels))
             self._notify("buffered", buffered)
+            with self._condition:
+                self._in_flight = 0
+                self._condition.notify_all()
 
 
 # --- choosing a backend and reading ----------------------------------------------------------

@@ -1,0 +1,558 @@
+"""Benchmark 1: our deployed model service against ``mlflow models serve`` of the same model.
+
+Setup (all on loopback, in a scratch directory): a private Redis; the demo churn spec's
+features built and materialized to Redis; a logistic regression trained, tracked and registered
+in MLflow (SQLite tracking store) by the package's own stages; its bento built; then
+
+- ``airmlops``: ``deploy.deploy`` of that bento as a local process behind the deployment's
+  proxy (the stable address users call), with online features from Redis, on-demand features,
+  the model and the prediction log on Redis. Requests carry the entity and the request field;
+- ``airmlops (slot, no proxy)``: the same service process called directly (shows the proxy's
+  share);
+- ``mlflow (signature)``: ``mlflow models serve`` of the registered version as logged (with its
+  signature and input example), ``--env-manager local``, 1 worker;
+- ``mlflow (no signature)``: the same model logged again without signature or input example
+  (mlflow's fastest configuration), served the same way.
+
+mlflow requests carry the full model input row (``dataframe_split``), since mlflow has no
+feature store. Every service runs one worker. The load generator (``loadgen.py``, its own
+process) measures for each: latency at 1 client; throughput, latency and non-2xx at 8 and 32
+concurrent clients (closed loop, saturation); fixed rates (open loop, 32 connections) at
+fractions of the saturation throughput and at 40 and 400 req/s; and the highest fixed rate whose
+p99 stays <= 50 ms with no error.
+
+Run: ``.venv/bin/python benchmarks/bench_serving.py`` (``--quick`` for shorter runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common
+
+AS_OF = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+P99_BUDGET_MS = 50.0
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def train_and_register(work: Path, redis_url: str) -> dict[str, Any]:
+    """Features (offline, then online on Redis) and a registered model, by the package stages."""
+    import yaml
+
+    from airmlops import stages
+    from airmlops.settings import Settings
+    from airmlops.spec import load_spec
+
+    data = yaml.safe_load((common.REPO_ROOT / "include" / "pipelines" / "churn.yaml").read_text())
+    spec_path = work / "churn.yaml"
+    spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = load_spec(spec_path)
+    settings = Settings(data_root=work / "data", mlflow_tracking_uri=f"sqlite:///{work}/mlflow.db",
+                        redis_url=redis_url, bentoml_home=work / "bentoml")
+    # Nothing in this process may fall back to MLflow's default store (./mlflow.db in the cwd).
+    os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    os.environ["MLFLOW_REGISTRY_URI"] = settings.mlflow_tracking_uri
+    run = stages.RunContext(dag_id="churn_training", run_id="bench", as_of=AS_OF,
+                            git_commit="0" * 40, trigger_reason="benchmark")
+    timings = {}
+    began = time.perf_counter()
+    stages.build_features(spec, run, settings)
+    stages.materialize_features(spec, run, settings)
+    timings["features_s"] = time.perf_counter() - began
+    began = time.perf_counter()
+    snapshot = stages.ingest(spec, run, settings)
+    trained = stages.train(spec, stages.preprocess(spec, snapshot, settings), run, settings)
+    registered = stages.register(spec, trained, settings)
+    timings["train_register_s"] = time.perf_counter() - began
+    return {"spec": spec, "spec_path": spec_path, "settings": settings, "trained": trained,
+            "version": registered["version"], "timings": timings}
+
+
+def log_without_signature(setup: dict[str, Any]) -> str:
+    """Register a copy of the model logged without signature or input example; its URI."""
+    import mlflow
+    import mlflow.sklearn
+    import yaml
+
+    from airmlops.training.tracking import using_tracking_uri
+
+    settings = setup["settings"]
+    uri = settings.mlflow_tracking_uri
+    source = f"models:/{setup['spec'].registered_model_name}/{setup['version']}"
+    with using_tracking_uri(uri):
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        flavour = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["sklearn"]
+        model = mlflow.sklearn.load_model(source)
+        mlflow.set_experiment("bench-no-signature")
+        with mlflow.start_run():
+            info = mlflow.sklearn.log_model(
+                model, name="model", serialization_format="skops",
+                skops_trusted_types=flavour.get("skops_trusted_types") or None,
+                registered_model_name="churn_no_signature")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    version = client.get_registered_model("churn_no_signature").latest_versions[-1].version
+    with using_tracking_uri(uri):
+        copy = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/churn_no_signature/{version}"))
+    mlmodel = yaml.safe_load((copy / "MLmodel").read_text())
+    if mlmodel.get("signature") or mlmodel.get("saved_input_example_info"):
+        raise RuntimeError("the copy still has a signature or an input example")
+    del info
+    return f"models:/churn_no_signature/{version}"
+
+
+def request_bodies(setup: dict[str, Any], work: Path, count: int = 500) -> dict[str, Path]:
+    """JSON-lines bodies: ours (entity + request field), mlflow (the model's input row)."""
+    import numpy as np
+    import pandas as pd
+
+    from airmlops.features.online import RedisOnlineStore
+    from airmlops.training.model import feature_frame
+
+    spec, settings = setup["spec"], setup["settings"]
+    test = pd.read_parquet(setup["trained"]["test_path"])
+    with RedisOnlineStore(settings.redis_url, spec.name) as store:
+        ids = list(dict.fromkeys(test[spec.entity_key].astype(str)))
+        known = [e for e in ids if not store.read(spec.feature_store.views, [e]).missing]
+    rows = test[test[spec.entity_key].astype(str).isin(set(known))]
+    rows = rows.drop_duplicates(spec.entity_key).head(count)
+    if len(rows) < 50:
+        raise RuntimeError(f"only {len(rows)} test rows have online features")
+    ours = work / "bodies-ours.jsonl"
+    with open(ours, "w") as handle:
+        for _, row in rows.iterrows():
+            instance = {spec.entity_key: str(row[spec.entity_key])}
+            for name in spec.request_fields:
+                instance[name] = float(row[name])
+            handle.write(json.dumps({"instances": [instance]}) + "\n")
+    inputs = feature_frame(spec, rows)
+    theirs = work / "bodies-mlflow.jsonl"
+    with open(theirs, "w") as handle:
+        for values in inputs.itertuples(index=False):
+            data = [None if isinstance(v, float) and math.isnan(v) else
+                    (v.item() if isinstance(v, np.generic) else v) for v in values]
+            handle.write(json.dumps({"dataframe_split": {"columns": list(inputs.columns),
+                                                         "data": [data]}}) + "\n")
+    return {"ours": ours, "mlflow": theirs}
+
+
+def start_mlflow_serve(model_uri: str, tracking_uri: str, work: Path, name: str) -> tuple:
+    port = common.free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri,
+           # mlflow execs `uvicorn` by name: the venv's bin must come first on PATH.
+           "PATH": f"{Path(common.PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_path = work / f"{name}.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [str(Path(common.PYTHON).with_name("mlflow")), "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], env=env, cwd=work, stdout=log_file, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/ping", proc, log_path)
+    return proc, f"http://127.0.0.1:{port}/invocations"
+
+
+def wait_http(url: str, proc: subprocess.Popen | None, log_path: Path | None,
+              timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not up in {timeout} s")
+
+
+# --- load ------------------------------------------------------------------------------------
+
+
+def load(url: str, bodies: Path, mode: str, *, concurrency: int, duration: float,
+         rate: float | None = None, max_requests: int = 200_000) -> dict[str, Any]:
+    argv = [common.PYTHON, str(common.BENCH_DIR / "loadgen.py"), "--url", url, "--bodies",
+            str(bodies), "--mode", mode, "--concurrency", str(concurrency), "--duration",
+            str(duration), "--max-requests", str(max_requests), "--drain", "10"]
+    if rate is not None:
+        argv += ["--rate", f"{rate:.3f}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"loadgen failed: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def passes(result: dict[str, Any]) -> bool:
+    return (result["non_2xx"] == 0 and result["errors"] == 0 and result["unfinished"] == 0
+            and result["p99_ms"] is not None and result["p99_ms"] <= P99_BUDGET_MS
+            and result["throughput"] >= 0.95 * result["rate"])
+
+
+def measure(name: str, url: str, bodies: Path, quick: bool) -> dict[str, Any]:
+    """Every load shape against one server."""
+    seconds = 4.0 if quick else 10.0
+    step = 3.0 if quick else 5.0
+    load(url, bodies, "closed", concurrency=4, duration=2.0)  # warm-up
+    out: dict[str, Any] = {"name": name, "url": url}
+    out["c1"] = load(url, bodies, "closed", concurrency=1, duration=seconds, max_requests=20_000)
+    out["c8"] = load(url, bodies, "closed", concurrency=8, duration=seconds)
+    out["c32"] = load(url, bodies, "closed", concurrency=32, duration=seconds)
+    saturation = max(out["c8"]["throughput"], out["c32"]["throughput"], 1.0)
+    out["saturation"] = saturation
+    common.log(f"{name}: 1 client p50 {out['c1']['p50_ms']:.2f} ms; saturation "
+               f"{saturation:.0f} req/s; 32 clients non-2xx {out['c32']['non_2xx']}")
+    rates: dict[float, dict[str, Any]] = {}
+
+    def at(rate: float) -> dict[str, Any]:
+        rate = round(rate, 1)
+        if rate not in rates:
+            rates[rate] = load(url, bodies, "open", concurrency=32, duration=step, rate=rate)
+        return rates[rate]
+
+    for fraction in (0.25, 0.5, 0.75, 0.9, 1.0):
+        at(saturation * fraction)
+    for fixed in (40.0, 400.0):
+        at(fixed)
+    passing = [r for r, res in rates.items() if passes(res)]
+    failing = [r for r, res in rates.items() if not passes(res)]
+    best = max(passing, default=None)
+    above = min((r for r in failing if best is None or r > best), default=None)
+    for _ in range(2):  # narrow the gap between the best passing and the next failing rate
+        if best is None or above is None or above / best < 1.1:
+            break
+        middle = (best + above) / 2
+        if passes(at(middle)):
+            best = round(middle, 1)
+        else:
+            above = round(middle, 1)
+    out["rates"] = [rates[r] for r in sorted(rates)]
+    out["max_rate_p99_50ms"] = rates[best]["throughput"] if best is not None else 0.0
+    out["max_rate_p99_50ms_target"] = best
+    common.log(f"{name}: highest rate with p99 <= {P99_BUDGET_MS:.0f} ms: "
+               f"{out['max_rate_p99_50ms']:.0f} req/s")
+    return out
+
+
+# --- where a request's time goes ------------------------------------------------------------
+
+
+def stage_timings(bento_src: Path, settings: Any, bodies: Path, count: int = 400) -> dict:
+    """The service's own request path, stage by stage, in this process (no HTTP).
+
+    The same objects the service builds (``ServingRuntime`` with the bento's model, the Redis
+    online store and prediction log), timed per single-entity request.
+    """
+    import pandas as pd
+
+    from airmlops.features.on_demand import apply_on_demand
+    from airmlops.features.online import RedisOnlineStore
+    from airmlops.serving.prediction_log import open_log
+    from airmlops.serving.service import ServingConfig, ServingRuntime, load_model, request_models
+    from airmlops.spec import load_spec
+    from airmlops.training.model import feature_frame
+
+    config = ServingConfig.read(bento_src / "serving.json")
+    spec = load_spec(bento_src / config.spec_file)
+    model = load_model(bento_src / config.model_dir)
+    store = RedisOnlineStore(settings.redis_url, spec.name)
+    prediction_log = open_log(spec.name, settings)
+    runtime = ServingRuntime(config, spec, model, store, prediction_log)
+    predict_model, _ = request_models(spec, 1000)
+    raw = [line.encode() for line in bodies.read_text().splitlines()]
+    views, on_demand = spec.feature_store.views, spec.feature_store.on_demand
+    samples: dict[str, list[float]] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        began = time.perf_counter()
+        yield
+        samples.setdefault(name, []).append(time.perf_counter() - began)
+
+    key = spec.entity_key
+    for i in range(count + 50):
+        if i == 50:
+            samples.clear()  # the first 50 were a warm-up
+        body = raw[i % len(raw)]
+        with timed("validate request (pydantic)"):
+            parsed = predict_model.model_validate_json(body)
+        rows = [instance.model_dump(by_alias=True) for instance in parsed.instances]
+        with timed("online read (Redis, 1 round trip)"):
+            read = store.read(views, [rows[0][key]])
+        merged = [{**rows[0], **read.values[rows[0][key]]}]
+        with timed("on-demand features"):
+            merged = apply_on_demand(merged, on_demand)
+        columns = list(dict.fromkeys([*spec.input_names, *merged[0]]))
+        with timed("model input frame (pandas, feature_frame)"):
+            frame = feature_frame(spec, pd.DataFrame.from_records(merged, columns=columns))
+        with timed("predict_proba (scikit-learn Pipeline)"):
+            model.predict_proba(frame)
+        with timed("ServingRuntime.score (the above but validation)"):
+            scored = runtime.score(rows)
+        with timed("answer + prediction-log enqueue"):
+            runtime.answer(rows, scored, "0" * 32, 0)
+    prediction_log.close(timeout=10)
+    store.close()
+    return {name: common.percentiles_ms(values) for name, values in samples.items()}
+
+
+def http_floor(url: str) -> dict[str, Any]:
+    """1-client latency of a GET that does no work (the HTTP stack alone)."""
+    argv = [common.PYTHON, str(common.BENCH_DIR / "loadgen.py"), "--url", url, "--method", "GET",
+            "--duration", "3", "--max-requests", "5000"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def worker_pid(root: Path, pipeline: str) -> int | None:
+    """The BentoML worker process of the active slot (a child of ``bentoml serve``)."""
+    import psutil
+
+    from airmlops.serving.deploy import load_state
+
+    state = load_state(pipeline, root)
+    record = state["slots"].get(state.get("active") or "") or {}
+    if not record.get("pid"):
+        return None
+    for child in psutil.Process(record["pid"]).children(recursive=True):
+        if "_bentoml_impl.worker.service" in " ".join(child.cmdline()):
+            return child.pid
+    return None
+
+
+PROFILE_BUCKETS = (
+    ("predict_proba (scikit-learn)", "predict_proba"),
+    ("feature_frame / DataFrame (pandas)", "feature_frame"),
+    ("online read (Redis)", "RedisOnlineStore.read"),
+    ("prediction-log writer thread", "PredictionLog._run"),
+    ("request validation (RequestGate)", "RequestGate._check"),
+    ("BentoML/Starlette handler", "request_response"),
+    ("Prometheus metrics", "ServiceMetrics"),
+    ("logging", "Logger.handle"),
+    ("thread hand-off (anyio / Condition.wait)", "Condition.wait"),
+)
+
+
+def py_spy_profile(pid: int, url: str, bodies: Path, seconds: float = 10.0) -> dict | None:
+    """Sample the worker with py-spy (from the bench venv) under 1-client load."""
+    python = common.ensure_profiler()
+    if python is None:
+        return None
+    out = common.WORK_DIR / "serving" / "py-spy.txt"
+    load_proc = subprocess.Popen(
+        [common.PYTHON, str(common.BENCH_DIR / "loadgen.py"), "--url", url, "--bodies",
+         str(bodies), "--duration", str(seconds + 3)], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)
+        subprocess.run([str(python.with_name("py-spy")), "record", "--pid", str(pid), "--duration",
+                        str(int(seconds)), "--rate", "200", "--format", "raw", "--nonblocking",
+                        "-o", str(out)], capture_output=True, timeout=seconds + 60, check=True)
+    finally:
+        load_proc.wait(timeout=seconds + 60)
+    total, buckets = 0, dict.fromkeys((name for name, _ in PROFILE_BUCKETS), 0)
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames and frames[-1].startswith(("Runner.run", "select", "EpollSelector")):
+            continue  # the event loop waiting for I/O
+        total += int(count)
+        for name, needle in PROFILE_BUCKETS:
+            if any(needle in frame for frame in frames):
+                buckets[name] += int(count)
+                break
+    return {"samples": total, "share": {k: v / total if total else 0.0
+                                        for k, v in buckets.items()}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="shorter load runs")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    args = parser.parse_args()
+
+    from airmlops.serving import deploy as deployer
+    from airmlops.serving.bento import build_bento
+
+    work = common.WORK_DIR / "serving"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    servers: list[subprocess.Popen] = []
+    results: dict[str, Any] = {"servers": []}
+    deployed_root = None
+    try:
+        with common.redis_server() as redis_url:
+            began = time.perf_counter()
+            setup = train_and_register(work, redis_url)
+            spec, settings = setup["spec"], setup["settings"]
+            home = settings.bentoml_store
+            ref = build_bento(spec, setup["version"], settings.mlflow_tracking_uri, home,
+                              spec_path=setup["spec_path"])
+            setup["timings"]["bento_s"] = time.perf_counter() - began - sum(
+                setup["timings"].values())
+            no_signature_uri = log_without_signature(setup)
+            bodies = request_bodies(setup, work)
+            golden = [json.loads(line) for line in bodies["ours"].read_text().splitlines()[:5]]
+            env = {"MLOPS_DATA_ROOT": str(settings.data_root), "MLOPS_REDIS_URL": redis_url,
+                   "MLOPS_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
+            deployed_root = settings.data_root
+            began = time.perf_counter()
+            deployed = deployer.deploy(
+                spec.name, setup["version"], ref.tag, "process", golden,
+                root=settings.data_root, proxy_port=common.free_port(), ready_timeout=180,
+                latency_budget_ms=1000, now=AS_OF, env=env, bentoml_home=home)
+            setup["timings"]["deploy_s"] = time.perf_counter() - began
+            results["setup"] = {"model_version": setup["version"], "bento": ref.tag,
+                                "timings": setup["timings"], "deploy_timings": deployed.timings}
+            common.log(f"deployed {ref.tag} at {deployed.stable_url} (slot {deployed.upstream})")
+
+            targets = [("airmlops (proxy: features + on-demand + model + log)",
+                        f"{deployed.stable_url}/predict", bodies["ours"]),
+                       ("airmlops (slot, no proxy)", f"{deployed.upstream}/predict",
+                        bodies["ours"])]
+            model_uri = f"models:/{spec.registered_model_name}/{setup['version']}"
+            for name, uri in (("mlflow serve (signature)", model_uri),
+                              ("mlflow serve (no signature)", no_signature_uri)):
+                proc, url = start_mlflow_serve(uri, settings.mlflow_tracking_uri, work,
+                                               name.split()[-1].strip("()"))
+                servers.append(proc)
+                targets.append((name, url, bodies["mlflow"]))
+            for name, url, body_file in targets:
+                results["servers"].append(measure(name, url, body_file, args.quick))
+            common.log("profiling the request path")
+            results["profile"] = {
+                "stages": stage_timings(ref.path / "src", settings, bodies["ours"]),
+                "http_floor": {
+                    "service GET /livez": http_floor(f"{deployed.upstream}/livez"),
+                    "proxy GET /__proxy/healthz": http_floor(
+                        f"{deployed.stable_url}/__proxy/healthz"),
+                    "mlflow GET /ping": http_floor(targets[-1][1].replace("/invocations",
+                                                                          "/ping")),
+                },
+            }
+            pid = worker_pid(settings.data_root, spec.name)
+            if pid is not None:
+                results["profile"]["py_spy"] = py_spy_profile(
+                    pid, f"{deployed.upstream}/predict", bodies["ours"])
+            results["prediction_log"] = prediction_log_rows(redis_url, spec.name)
+    finally:
+        for proc in servers:
+            common.stop_process(proc)
+        if deployed_root is not None:
+            try:
+                deployer.undeploy("churn", deployed_root)
+            except Exception as error:
+                common.log(f"undeploy failed: {error}")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    report(results)
+    return 0
+
+
+def prediction_log_rows(redis_url: str, pipeline: str) -> int:
+    """Rows the prediction log stream holds after the runs (every answered request logs one)."""
+    import redis
+
+    from airmlops.serving.prediction_log import stream_keys
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        return int(client.xlen(stream_keys(pipeline)[0]))
+    finally:
+        client.close()
+
+
+def report(results: dict[str, Any]) -> None:
+    by_name = {s["name"]: s for s in results["servers"]}
+    rows, rate_rows = [], []
+    for server in results["servers"]:
+        c1, c32 = server["c1"], server["c32"]
+        rows.append([server["name"], c1["p50_ms"], c1["p99_ms"], server["saturation"],
+                     c32["p50_ms"], c32["p99_ms"], c32["non_2xx"] + c32["errors"],
+                     server["max_rate_p99_50ms"]])
+        for rate in server["rates"]:
+            rate_rows.append([server["name"], rate["rate"], rate["throughput"], rate["p50_ms"],
+                              rate["p99_ms"], rate["non_2xx"] + rate["errors"] +
+                              rate["unfinished"], passes(rate)])
+    ours = by_name["airmlops (proxy: features + on-demand + model + log)"]
+    fastest = by_name["mlflow serve (no signature)"]
+    default = by_name["mlflow serve (signature)"]
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else math.inf
+
+    below = [r for r in ours["rates"] if r["rate"] < 0.95 * ours["saturation"]]
+    below_errors = sum(r["non_2xx"] + r["errors"] + r["unfinished"] for r in below)
+    goals = [
+        [">= 2x mlflow's fastest (rate at p99 <= 50 ms)",
+         f"{ratio(ours['max_rate_p99_50ms'], fastest['max_rate_p99_50ms']):.1f}x",
+         ratio(ours["max_rate_p99_50ms"], fastest["max_rate_p99_50ms"]) >= 2],
+        [">= 10x mlflow's default (rate at p99 <= 50 ms)",
+         f"{ratio(ours['max_rate_p99_50ms'], default['max_rate_p99_50ms']):.1f}x",
+         ratio(ours["max_rate_p99_50ms"], default["max_rate_p99_50ms"]) >= 10],
+        ["p50 <= 2 ms, 1 client, with features", f"{ours['c1']['p50_ms']:.2f} ms",
+         ours["c1"]["p50_ms"] <= 2],
+        ["0 non-2xx at 32 clients (closed loop)", ours["c32"]["non_2xx"] + ours["c32"]["errors"],
+         ours["c32"]["non_2xx"] + ours["c32"]["errors"] == 0],
+        ["0 non-2xx at 32 connections below saturation (fixed rates)", below_errors,
+         below_errors == 0],
+    ]
+    results["goals"] = {g[0]: {"measured": g[1], "met": g[2]} for g in goals}
+    setup = results.get("setup", {})
+    profile = results.get("profile") or {}
+    profile_rows = [[name, p["p50"], p["p99"]] for name, p in profile.get("stages", {}).items()]
+    profile_rows += [[f"HTTP floor: {name}", r["p50_ms"], r["p99_ms"]]
+                     for name, r in profile.get("http_floor", {}).items()]
+    profile_rows.append(["HTTP /predict through the proxy, 1 client", ours["c1"]["p50_ms"],
+                         ours["c1"]["p99_ms"]])
+    spy = profile.get("py_spy") or {}
+    spy_rows = [[name, f"{share * 100:.0f}%"] for name, share in
+                sorted((spy.get("share") or {}).items(), key=lambda kv: -kv[1])]
+    common.write_results(
+        "serving", "1. Serving: deployed service vs mlflow models serve", results,
+        [("Latency (ms) and throughput (req/s)",
+          ["server", "p50 1 client", "p99 1 client", "saturation req/s", "p50 32 clients",
+           "p99 32 clients", "non-2xx 32 clients", f"req/s at p99 <= {P99_BUDGET_MS:.0f} ms"],
+          rows),
+         ("Fixed rates (open loop, 32 connections; latency from the scheduled send time)",
+          ["server", "target req/s", "achieved req/s", "p50 ms", "p99 ms",
+           "non-2xx/errors/unfinished", f"p99 <= {P99_BUDGET_MS:.0f} ms, no error"], rate_rows),
+         ("Goals", ["goal", "measured", "met"], goals),
+         ("Where one request's time goes (single entity; stages timed in-process with the "
+          "service's own objects; ms)", ["stage", "p50", "p99"], profile_rows),
+         (f"py-spy on the service worker under 1-client load ({spy.get('samples', 0)} busy "
+          "samples; first matching bucket, rest = HTTP stack and other)",
+          ["bucket", "share of busy samples"], spy_rows)],
+        notes=[f"model version {setup.get('model_version')} (logistic regression, demo churn "
+               f"spec), bento {setup.get('bento')}; one worker per service; 2 cores shared by "
+               "the servers, Redis and the load generator.",
+               "airmlops requests: {\"instances\": [{customer_id, tenure_days}]} -> online "
+               "features (Redis, 1 round trip) + 2 on-demand features + model + prediction "
+               "log (Redis stream); mlflow requests: the full 12-column input row "
+               "(dataframe_split).",
+               f"prediction log rows written during the runs: {results.get('prediction_log')}."])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
