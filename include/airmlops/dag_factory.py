@@ -50,6 +50,18 @@ Spec: `{path}` (hash `{spec_hash}`). Task: {task}. Schedule: `{schedule}`.
 """
 
 
+def pipeline_dag_args(spec: PipelineSpec, kind: str) -> dict[str, Any]:
+    """What every DAG of a pipeline shares: start, no catchup, one run at a time, retries,
+    owner and tags."""
+    return {
+        "start_date": dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
+        "catchup": False,
+        "max_active_runs": 1,
+        "default_args": {**DEFAULT_ARGS, "owner": spec.owner},
+        "tags": ["mlops", kind, spec.name, *spec.tags],
+    }
+
+
 def _run_context(spec: PipelineSpec):
     """The current task's RunContext, from Airflow's context and the run's params."""
     from airmlops.stages import RunContext, resolve_git_commit
@@ -102,11 +114,7 @@ def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     @dag(
         dag_id=spec.training_dag_id,
         schedule=spec.schedule,
-        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
-        catchup=False,
-        max_active_runs=1,
-        default_args={**DEFAULT_ARGS, "owner": spec.owner},
-        tags=["mlops", "training", spec.name, *spec.tags],
+        **pipeline_dag_args(spec, "training"),
         doc_md=TRAINING_DOC.format(
             name=spec.name, description=spec.description.strip(), gap_days=spec.training.gap_days,
             estimator=spec.estimator.class_path, metric=spec.gates.primary_metric,
@@ -240,11 +248,7 @@ def build_features_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     @dag(
         dag_id=spec.features_dag_id,
         schedule=schedule,
-        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
-        catchup=False,
-        max_active_runs=1,
-        default_args={**DEFAULT_ARGS, "owner": spec.owner},
-        tags=["mlops", "features", spec.name, *spec.tags],
+        **pipeline_dag_args(spec, "features"),
         doc_md=FEATURES_DOC.format(
             name=spec.name, views=", ".join(v.name for v in store.views),
             backfill=store.backfill_days, schedule=store.schedule, asset=asset.uri,
@@ -276,11 +280,7 @@ def build_rollback_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     @dag(
         dag_id=f"{spec.name}_rollback",
         schedule=None,
-        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
-        catchup=False,
-        max_active_runs=1,
-        default_args={**DEFAULT_ARGS, "owner": spec.owner},
-        tags=["mlops", "deploy", spec.name, *spec.tags],
+        **pipeline_dag_args(spec, "deploy"),
         doc_md=f"### {spec.name}: rollback\n\nSwitches the stable address "
         f"http://127.0.0.1:{spec.deploy.port} back to the previous version (restarting it if "
         "needed) and moves the `champion` alias back to it. Trigger it by hand.",

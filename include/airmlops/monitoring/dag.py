@@ -69,7 +69,7 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
     from airflow.sdk import CronTriggerTimetable
 
-    from airmlops.dag_factory import DEFAULT_ARGS
+    from airmlops.dag_factory import pipeline_dag_args
     from airmlops.monitoring import tasks
 
     config = spec.monitoring
@@ -84,11 +84,7 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         dag_id=f"{spec.name}_monitoring",
         schedule=CronTriggerTimetable(config.schedule, timezone="UTC",
                                       interval=dt.timedelta(minutes=config.window_minutes)),
-        start_date=dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
-        catchup=False,
-        max_active_runs=1,
-        default_args={**DEFAULT_ARGS, "owner": spec.owner},
-        tags=["mlops", "monitoring", spec.name, *spec.tags],
+        **pipeline_dag_args(spec, "monitoring"),
         doc_md=MONITORING_DOC.format(
             name=spec.name, window=config.window_minutes, schedule=config.schedule,
             lookback=tasks.LABEL_LOOKBACK_WINDOWS, sample=config.sample_size, k=policy.k,
