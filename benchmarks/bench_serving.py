@@ -17,9 +17,10 @@ in MLflow (SQLite tracking store) by the package's own stages; its bento built; 
 mlflow requests carry the full model input row (``dataframe_split``), since mlflow has no
 feature store. Every service runs one worker. The load generator (``loadgen.py``, its own
 process) measures for each: latency at 1 client; throughput, latency and non-2xx at 8 and 32
-concurrent clients (closed loop, saturation); fixed rates (open loop, 32 connections) at
-fractions of the saturation throughput and at 40 and 400 req/s; and the highest fixed rate whose
-p99 stays <= 50 ms with no error.
+concurrent clients (closed loop, saturation); a ladder of fixed rates (open loop, 32
+connections: 25, 50, 100, 200, ... req/s up to the server's saturation, and 90 % of it); and the
+highest fixed rate whose p99 stays <= 50 ms with no error (the best passing rung, refined by two
+bisection steps towards the next rung).
 
 Run: ``.venv/bin/python benchmarks/bench_serving.py`` (``--quick`` for shorter runs).
 """
@@ -45,6 +46,8 @@ import common
 
 AS_OF = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 P99_BUDGET_MS = 50.0
+LADDER = (25.0, 50.0, 100.0, 200.0, 300.0, 400.0, 600.0, 800.0, 1200.0, 1600.0, 2400.0)
+"""Fixed request rates (req/s) tried against every server, up to its saturation."""
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -229,22 +232,21 @@ def measure(name: str, url: str, bodies: Path, quick: bool) -> dict[str, Any]:
             rates[rate] = load(url, bodies, "open", concurrency=32, duration=step, rate=rate)
         return rates[rate]
 
-    for fraction in (0.25, 0.5, 0.75, 0.9, 1.0):
-        at(saturation * fraction)
-    for fixed in (40.0, 400.0):
-        at(fixed)
+    # One ladder of fixed rates for every server (comparable rows), up to its saturation.
+    ladder = sorted({r for r in LADDER if r <= saturation * 1.05} | {round(saturation * 0.9)})
+    for rate in ladder:
+        at(rate)
     passing = [r for r, res in rates.items() if passes(res)]
-    failing = [r for r, res in rates.items() if not passes(res)]
     best = max(passing, default=None)
-    above = min((r for r in failing if best is None or r > best), default=None)
-    for _ in range(2):  # narrow the gap between the best passing and the next failing rate
+    above = min((r for r in rates if best is None or r > best), default=None)
+    for _ in range(2):  # narrow the gap between the best passing and the next rate above it
         if best is None or above is None or above / best < 1.1:
             break
-        middle = (best + above) / 2
+        middle = round((best + above) / 2, 1)
         if passes(at(middle)):
-            best = round(middle, 1)
+            best = middle
         else:
-            above = round(middle, 1)
+            above = middle
     out["rates"] = [rates[r] for r in sorted(rates)]
     out["max_rate_p99_50ms"] = rates[best]["throughput"] if best is not None else 0.0
     out["max_rate_p99_50ms_target"] = best
