@@ -7,8 +7,8 @@ same random entity batches:
 - materialization: the whole offline history into an empty online store (the newest row per
   entity and view: 300k rows), rows written per second;
 - reads of 1 and 100 entities, with and without the on-demand features, p50/p99 over thousands
-  of requests, and Redis round trips per request (socket writes of redis-py, counted the same way
-  in both processes);
+  of requests (the cases interleaved request by request), and Redis round trips per request
+  (socket writes of redis-py, counted the same way in both processes);
 - the floor: the same reads as one raw redis-py pipeline of HMGETs (no decoding, no assembly);
 - a cross-check that both return the same 16 values for 200 random customers.
 
@@ -51,8 +51,9 @@ def entity_batches(size: int, count: int, seed: int) -> list[list[int]]:
     return rng.integers(0, common.CUSTOMERS, (count, size)).tolist()
 
 
-def time_ours(store: Any, views: list, on_demand: list, batches: list[list[int]],
-              with_on_demand: bool, as_of: dt.datetime) -> dict[str, Any]:
+def reader(store: Any, views: list, on_demand: list, with_on_demand: bool,
+           as_of: dt.datetime) -> Any:
+    """One airmlops read (and the on-demand features) of a batch of entities."""
     from airmlops.features.on_demand import apply_on_demand
 
     def once(ids: list[int]) -> Any:
@@ -62,23 +63,12 @@ def time_ours(store: Any, views: list, on_demand: list, batches: list[list[int]]
             return apply_on_demand(rows, on_demand)
         return result
 
-    for ids in batches[:50]:
-        once(ids)
-    ROUND_TRIPS["count"] = 0
-    latencies = []
-    for ids in batches:
-        began = time.perf_counter()
-        once(ids)
-        latencies.append(time.perf_counter() - began)
-    return {"latencies_s": latencies,
-            "round_trips_per_request": ROUND_TRIPS["count"] / len(batches)}
+    return once
 
 
-def time_floor(url: str, views: list, batches: list[list[int]]) -> dict[str, Any]:
-    """One redis-py pipeline of HMGET (the view's fields + __ts) per view and entity."""
-    import redis
-
-    client = redis.Redis.from_url(url)
+def floor_reader(client: Any, views: list) -> Any:
+    """The floor: one redis-py pipeline of HMGET (the view's fields + __ts) per view and
+    entity, nothing decoded."""
     fields = {v.name: [*v.feature_names, "__ts"] for v in views}
 
     def once(ids: list[int]) -> Any:
@@ -88,17 +78,28 @@ def time_floor(url: str, views: list, batches: list[list[int]]) -> dict[str, Any
                 pipe.hmget(f"airmlops:{common.PIPELINE}:{view.name}:{entity}", fields[view.name])
         return pipe.execute()
 
-    for ids in batches[:50]:
-        once(ids)
-    ROUND_TRIPS["count"] = 0
-    latencies = []
-    for ids in batches:
-        began = time.perf_counter()
-        once(ids)
-        latencies.append(time.perf_counter() - began)
-    client.close()
-    return {"latencies_s": latencies,
-            "round_trips_per_request": ROUND_TRIPS["count"] / len(batches)}
+    return once
+
+
+def interleaved(calls: dict[Any, tuple[Any, list[list[int]]]]) -> dict[Any, dict[str, Any]]:
+    """Time every call on its batches, round robin (request i of each case, then i + 1), so
+    that whatever else the machine does at some moment weighs on every case alike."""
+    for function, batches in calls.values():
+        for ids in batches[:50]:  # warm-up
+            function(ids)
+    latencies: dict[Any, list[float]] = {key: [] for key in calls}
+    trips = dict.fromkeys(calls, 0)
+    for i in range(max(len(batches) for _, batches in calls.values())):
+        for key, (function, batches) in calls.items():
+            if i >= len(batches):
+                continue
+            before = ROUND_TRIPS["count"]
+            began = time.perf_counter()
+            function(batches[i])
+            latencies[key].append(time.perf_counter() - began)
+            trips[key] += ROUND_TRIPS["count"] - before
+    return {key: {"latencies_s": latencies[key],
+                  "round_trips_per_request": trips[key] / len(latencies[key])} for key in calls}
 
 
 def same(a: Any, b: Any) -> bool:
@@ -162,13 +163,18 @@ def main() -> int:
 
         # --- reads ----------------------------------------------------------------------------
         cases = [(n, od) for n in (1, 100) for od in (False, True)]
-        ours_reads, floor_reads = {}, {}
+        client = redis.Redis.from_url(url)
+        calls = {("ours", n, od): (reader(store, views, on_demand, od, as_of), batches[n])
+                 for n, od in cases}
+        calls.update({("floor", n, False): (floor_reader(client, views), batches[n])
+                      for n in (1, 100)})
+        timed = interleaved(calls)
+        client.close()
+        ours_reads = {(n, od): timed[("ours", n, od)] for n, od in cases}
+        floor_reads = {n: timed[("floor", n, False)] for n in (1, 100)}
         for n, od in cases:
-            ours_reads[(n, od)] = time_ours(store, views, on_demand, batches[n], od, as_of)
             common.log(f"ours {n} entities on-demand={od}: p50 "
                        f"{common.percentiles_ms(ours_reads[(n, od)]['latencies_s'])['p50']:.3f} ms")
-        for n in (1, 100):
-            floor_reads[n] = time_floor(url, views, batches[n])
         fields = {v.name: [*v.feature_names, "__ts"] for v in views}
         hiredis = common.run_feast(feast_python, "floor", {"url": url, "cases": [
             {"views": fields, "prefix": f"airmlops:{common.PIPELINE}",
@@ -177,8 +183,9 @@ def main() -> int:
         results["hiredis_in_bench_venv"] = hiredis["hiredis"]
         feast_online = common.run_feast(feast_python, "online", {
             **feast_args,
-            "cases": [{"on_demand": od, "entity_batches": batches[n][: feast_counts[n]],
-                       "max_seconds": 60} for n, od in cases],
+            "cases": [{"on_demand": od, "entity_batches": batches[n][: feast_counts[n]]}
+                      for n, od in cases],
+            "max_seconds": 240,
             "check_entities": check_ids}, timeout=900)
         feast_reads = {(c["entities"], c["on_demand"]): c for c in feast_online["cases"]}
 
