@@ -7,7 +7,7 @@ same random entity batches:
 - materialization: the whole offline history into an empty online store (the newest row per
   entity and view: 300k rows), rows written per second;
 - reads of 1 and 100 entities, with and without the on-demand features, p50/p99 over thousands
-  of requests (the cases interleaved request by request), and Redis round trips per request
+  of requests (in blocks, the cases' blocks interleaved), and Redis round trips per request
   (socket writes of redis-py, counted the same way in both processes);
 - the floor: the same reads as one raw redis-py pipeline of HMGETs (no decoding, no assembly);
 - a cross-check that both return the same 16 values for 200 random customers.
@@ -81,23 +81,25 @@ def floor_reader(client: Any, views: list) -> Any:
     return once
 
 
-def interleaved(calls: dict[Any, tuple[Any, list[list[int]]]]) -> dict[Any, dict[str, Any]]:
-    """Time every call on its batches, round robin (request i of each case, then i + 1), so
-    that whatever else the machine does at some moment weighs on every case alike."""
+def interleaved(calls: dict[Any, tuple[Any, list[list[int]]]],
+                blocks: int = 10) -> dict[Any, dict[str, Any]]:
+    """Time every call on its batches in ``blocks`` blocks per case, the cases' blocks taken
+    round robin: steady state within a block, and a busy moment on the machine weighs on every
+    case alike."""
     for function, batches in calls.values():
         for ids in batches[:50]:  # warm-up
             function(ids)
     latencies: dict[Any, list[float]] = {key: [] for key in calls}
     trips = dict.fromkeys(calls, 0)
-    for i in range(max(len(batches) for _, batches in calls.values())):
+    for block in range(blocks):
         for key, (function, batches) in calls.items():
-            if i >= len(batches):
-                continue
-            before = ROUND_TRIPS["count"]
-            began = time.perf_counter()
-            function(batches[i])
-            latencies[key].append(time.perf_counter() - began)
-            trips[key] += ROUND_TRIPS["count"] - before
+            size = math.ceil(len(batches) / blocks)
+            for ids in batches[block * size:(block + 1) * size]:
+                before = ROUND_TRIPS["count"]
+                began = time.perf_counter()
+                function(ids)
+                latencies[key].append(time.perf_counter() - began)
+                trips[key] += ROUND_TRIPS["count"] - before
     return {key: {"latencies_s": latencies[key],
                   "round_trips_per_request": trips[key] / len(latencies[key])} for key in calls}
 

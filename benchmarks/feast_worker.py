@@ -163,16 +163,17 @@ def online(args: dict[str, Any]) -> dict[str, Any]:
     latencies: list[list[float]] = [[] for _ in cases]
     trips = [0] * len(cases)
     deadline = time.monotonic() + args.get("max_seconds", 240)
-    # Round robin over the cases, request by request, like the airmlops side.
-    for i in range(max(len(case["entity_batches"]) for case in cases)):
+    blocks = args.get("blocks", 10)
+    # The cases' blocks taken round robin, like the airmlops side.
+    for block in range(blocks):
         for index, case in enumerate(cases):
-            if i >= len(case["entity_batches"]):
-                continue
-            before = ROUND_TRIPS["count"]
-            began = time.perf_counter()
-            once(index, case["entity_batches"][i])
-            latencies[index].append(time.perf_counter() - began)
-            trips[index] += ROUND_TRIPS["count"] - before
+            size = -(-len(case["entity_batches"]) // blocks)
+            for ids in case["entity_batches"][block * size:(block + 1) * size]:
+                before = ROUND_TRIPS["count"]
+                began = time.perf_counter()
+                once(index, ids)
+                latencies[index].append(time.perf_counter() - began)
+                trips[index] += ROUND_TRIPS["count"] - before
         if time.monotonic() > deadline:
             break
     for index, case in enumerate(cases):

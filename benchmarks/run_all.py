@@ -10,12 +10,12 @@ figures between the markers in ``benchmarks/README.md``.
     .venv/bin/python benchmarks/run_all.py                 # everything
     .venv/bin/python benchmarks/run_all.py --only online,pit
     .venv/bin/python benchmarks/run_all.py --quick         # a smoke run (~10 min)
+    .venv/bin/python benchmarks/run_all.py --summary-only  # rebuild summary/README only
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import subprocess
@@ -46,12 +46,40 @@ def load() -> str:
     return f"{one:.1f} / {five:.1f}"
 
 
+def prepare() -> None:
+    common.log("preparing: redis-server, the bench-only Feast venv")
+    if subprocess.run(["bash", str(common.REPO_ROOT / "scripts" / "ensure-redis.sh")],
+                      capture_output=True).returncode != 0:
+        common.log("scripts/ensure-redis.sh failed: the online and serving benchmarks need Redis")
+    common.ensure_feast_venv()
+    common.ensure_profiler()
+
+
+def previous_entries() -> dict[str, dict]:
+    """The status rows of the last summary (kept for benchmarks this run did not run)."""
+    path = common.RESULTS_DIR / "summary.json"
+    try:
+        return {e["name"]: e for e in json.loads(path.read_text())["benchmarks"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def measured_at(name: str) -> str:
+    try:
+        data = json.loads((common.RESULTS_DIR / f"{name}.json").read_text())
+        return str(data.get("measured_at", "-"))
+    except (OSError, ValueError):
+        return "-"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated names: " + ", ".join(
         name for name, *_ in BENCHMARKS))
     parser.add_argument("--quick", action="store_true", help="smaller sizes, shorter runs")
     parser.add_argument("--no-readme", action="store_true", help="leave README.md alone")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: rebuild the summary and README figures from results/")
     args = parser.parse_args()
     wanted = set(args.only.split(",")) if args.only else {name for name, *_ in BENCHMARKS}
     unknown = wanted - {name for name, *_ in BENCHMARKS}
@@ -59,12 +87,10 @@ def main() -> int:
         parser.error(f"unknown benchmark(s) {sorted(unknown)}")
 
     began = time.monotonic()
-    common.log("preparing: redis-server, the bench-only Feast venv")
-    if subprocess.run(["bash", str(common.REPO_ROOT / "scripts" / "ensure-redis.sh")],
-                      capture_output=True).returncode != 0:
-        common.log("scripts/ensure-redis.sh failed: the online and serving benchmarks need Redis")
-    common.ensure_feast_venv()
-    common.ensure_profiler()
+    if args.summary_only:
+        wanted = set()
+    else:
+        prepare()
     summary = []
     # A scratch cwd: nothing a benchmark or a library writes by default lands in the repository.
     scratch = Path(tempfile.mkdtemp(prefix="bench-cwd-"))
@@ -92,24 +118,30 @@ def main() -> int:
         summary.append(entry)
         common.log(f"{name}: {status} in {entry['seconds']:.0f} s")
     total = time.monotonic() - began
+    earlier = previous_entries()
+    ran_now = {e["name"] for e in summary}
+    summary = [next((e for e in summary if e["name"] == name), None)
+               or earlier.get(name) for name, *_ in BENCHMARKS]
+    summary = [e for e in summary if e is not None]
+    for entry in summary:
+        entry["measured_at"] = measured_at(entry["name"])
+        entry["this_run"] = entry["name"] in ran_now
 
-    parts = [f"Run {dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()}"
-             f"{' (--quick)' if args.quick else ''} on {common.machine()['cores']} cores, "
-             f"{common.machine()['memory_gb']} GB ({common.machine()['cpu']}); total "
-             f"{total / 60:.1f} min.", "",
-             common.markdown_table(["benchmark", "status", "seconds", "load avg before (1/5 min)",
-                                    "after"],
-                                   [[e["name"], e["status"], e["seconds"], e["load_before"],
-                                     e.get("load_after", "-")] for e in summary]), ""]
+    suite = sum(e["seconds"] for e in summary)
+    parts = [f"{common.machine()['cores']} cores, {common.machine()['memory_gb']} GB "
+             f"({common.machine()['cpu']}){' (--quick)' if args.quick else ''}; the benchmarks "
+             f"below took {suite / 60:.1f} min in all.", "",
+             common.markdown_table(["benchmark", "status", "seconds", "measured at (UTC)",
+                                    "load avg before (1/5 min)", "after"],
+                                   [[e["name"], e["status"], e["seconds"], e["measured_at"],
+                                     e["load_before"], e.get("load_after", "-")]
+                                    for e in summary]), ""]
     ran = {e["name"]: e for e in summary}
-    for name, *_ in BENCHMARKS:  # this run's results, else the latest earlier ones
+    for name, *_ in BENCHMARKS:  # the latest results of each benchmark
         path = common.RESULTS_DIR / f"{name}.md"
         if not path.exists() or (name in ran and ran[name]["status"] != "ok"):
             continue
-        section = path.read_text().replace("\n## ", "\n### ").replace("## ", "### ", 1)
-        if name not in ran:
-            section += "\n(from an earlier run: not part of this one)\n"
-        parts += [section, ""]
+        parts += [path.read_text().replace("\n## ", "\n### ").replace("## ", "### ", 1), ""]
     text = "\n".join(parts).rstrip() + "\n"
     common.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (common.RESULTS_DIR / "summary.md").write_text(text)
@@ -123,7 +155,7 @@ def main() -> int:
             _, tail = rest.split(END_MARKER, 1)
             README.write_text(f"{head}{START_MARKER}\n\n{text}\n{END_MARKER}{tail}")
     print(text, flush=True)
-    return 0 if all(e["status"] == "ok" for e in summary) else 1
+    return 0 if all(e["status"] == "ok" for e in summary if e["this_run"]) else 1
 
 
 if __name__ == "__main__":
