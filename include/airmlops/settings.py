@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:5000",
         description="MLflow tracking server (tracking and model registry).",
     )
+    mlflow_ui_url: str | None = Field(
+        default=None,
+        description="Address of the MLflow UI that people open in a browser, for links in the "
+        "MLOps view; unset means the tracking URI when it is http(s).",
+    )
     redis_url: str | None = Field(
         default=None,
         description="Redis URL for the online store and prediction log; unset means SQLite.",

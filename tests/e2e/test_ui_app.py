@@ -287,6 +287,16 @@ def test_champion_challenger_metrics_lineage_and_mlflow_links(env, mlflow):
     assert "airmlops/churn:v4" in html and "0123456789" in html
 
 
+def test_links_use_the_configured_mlflow_ui_address(env, mlflow):
+    client, settings, _ = env
+    settings.mlflow_ui_url = "https://mlflow.example.org/"  # e.g. behind a reverse proxy
+    register(mlflow)
+    champion = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["registry"][
+        "champion"]
+    assert champion["version_url"] == "https://mlflow.example.org/#/models/churn/versions/3"
+    assert mlflow.url not in client.get("/mlops-ui/", headers=AUTH).text
+
+
 def test_a_challenger_that_is_the_champion_is_named_not_repeated(env, mlflow):
     client, _, _ = env
     register(mlflow, champion="3", challenger="3")

@@ -198,7 +198,7 @@ async def _overview(specs: list[PipelineSpec], invalid: list[str], settings: Set
             data_root=settings.data_root,
             reports_dir=settings.reports_dir,
             tracking_uri=settings.mlflow_tracking_uri,
-            mlflow_ui_url=getattr(settings, "mlflow_ui_url", None),
+            mlflow_ui_url=settings.mlflow_ui_url,
             invalid_specs=invalid,
             now=now,
         )
