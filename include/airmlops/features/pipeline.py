@@ -4,8 +4,9 @@
   events and profiles and writes them to the offline store (idempotent per day).
 - :func:`training_frame` joins a raw batch with its point-in-time features (training sets).
 - :func:`materialize_online` copies new offline rows to the online store (watermarked).
-- :func:`online_inputs` is the serving path: one online read for all entities of a request,
-  the on-demand features by the same code as training, the model's input frame.
+- :func:`online_rows` is the serving path: one online read for all entities of a request and
+  the on-demand features by the same code as training, as plain rows (no pandas per request);
+  :func:`online_inputs` turns them into the model's input frame.
 """
 
 from __future__ import annotations
@@ -151,6 +152,15 @@ def materialize_online(spec: PipelineSpec, data_root: Path, online_store: Any,
 
 
 @dataclass(frozen=True)
+class OnlineRows:
+    """A request's rows with their online and on-demand features (plain dicts, no pandas),
+    and the entities the store does not know."""
+
+    rows: list[dict[str, Any]]
+    unknown: list[Any]
+
+
+@dataclass(frozen=True)
 class OnlineInputs:
     """The model's inputs for a request, and the entities the store does not know."""
 
@@ -159,26 +169,35 @@ class OnlineInputs:
     features: list[dict[str, Any]]
 
 
-def online_inputs(spec: PipelineSpec, online_store: Any, requests: Sequence[Mapping[str, Any]],
-                  *, as_of: dt.datetime | None = None) -> OnlineInputs:
-    """Model inputs for request rows: one online read for every entity and view of the batch,
-    then the on-demand features (same functions as in training), in ``spec.input_names`` order.
-    Without a feature store the request rows are the inputs."""
-    from airmlops.training.model import feature_frame
-
+def online_rows(spec: PipelineSpec, online_store: Any, requests: Sequence[Mapping[str, Any]],
+                *, as_of: dt.datetime | None = None) -> OnlineRows:
+    """Request rows completed with their features: one online read for every entity and view
+    of the batch, then the on-demand features (same functions as in training). Without a
+    feature store the request rows are the inputs. The serving path: no DataFrame is built."""
     rows = [dict(row) for row in requests]
     store = spec.feature_store
     unknown: list[Any] = []
     if store is not None and store.views:
-        result = online_store.read(store.views, [row[spec.entity_key] for row in rows],
-                                   as_of=as_of)
+        key = spec.entity_key
+        result = online_store.read(store.views, [row[key] for row in rows], as_of=as_of)
         unknown = list(result.missing)
+        values = result.values
         for row in rows:
-            row.update(result.values.get(row[spec.entity_key], {}))
+            row.update(values.get(row[key], {}))
     if store is not None and store.on_demand:
         rows = apply_on_demand(rows, store.on_demand)
+    return OnlineRows(rows=rows, unknown=unknown)
+
+
+def online_inputs(spec: PipelineSpec, online_store: Any, requests: Sequence[Mapping[str, Any]],
+                  *, as_of: dt.datetime | None = None) -> OnlineInputs:
+    """:func:`online_rows` as the model's input frame, in ``spec.input_names`` order."""
+    from airmlops.training.model import feature_frame
+
+    found = online_rows(spec, online_store, requests, as_of=as_of)
+    rows = found.rows
     frame = feature_frame(spec, pd.DataFrame.from_records(rows, columns=_columns(spec, rows)))
-    return OnlineInputs(frame=frame, unknown=unknown, features=rows)
+    return OnlineInputs(frame=frame, unknown=found.unknown, features=rows)
 
 
 def _columns(spec: PipelineSpec, rows: list[dict[str, Any]]) -> list[str]:

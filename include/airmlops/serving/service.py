@@ -29,9 +29,21 @@ names the problem (401 token, 405 method, 413 body size, 415 media type (pickle 
 refused), 400 malformed JSON, 422 schema) and counts them by kind. Every response carries
 ``X-Model-Version``; ``/predict`` also ``X-Request-ID``.
 
-Concurrent requests are coalesced (``MLOPS_SERVING_BATCHING``): while one batch is being
-scored, the requests that arrive are queued and scored together as the next batch, so one
-online read and one model call serve many requests and a lone request waits for nobody.
+Where a request's time goes, and what keeps it short (measured in benchmarks/README.md):
+
+- the gate answers a valid ``/predict`` itself with :class:`PredictHandler`
+  (``MLOPS_SERVING_DIRECT``): BentoML's API handler would parse and validate the body a second
+  time and costs ~0.7 ms per request on its own; BentoML's middlewares (metrics, access log,
+  timeout, concurrency limit) still wrap the gate;
+- the model is scored on row dicts by a compiled form of the fitted Pipeline
+  (:mod:`airmlops.serving.fast_predict`, ``MLOPS_SERVING_FAST_PATH``), checked against the
+  Pipeline at startup: scikit-learn's per-call validation of a one-row DataFrame cost ~7 ms and
+  building the frame ~3 ms, for a few microseconds of arithmetic;
+- concurrent requests are coalesced (``MLOPS_SERVING_BATCHING``): while one batch is being
+  scored, the requests that arrive are queued and scored together as the next batch, so one
+  online read and one model call serve many requests and a lone request waits for nobody;
+- the prediction log is written by a background thread in batches (see
+  :mod:`airmlops.serving.prediction_log`).
 """
 
 from __future__ import annotations
@@ -63,6 +75,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 if TYPE_CHECKING:
     import numpy as np
 
+    from airmlops.serving.fast_predict import FastScorer
     from airmlops.serving.prediction_log import PredictionLog
     from airmlops.settings import Settings
     from airmlops.spec import PipelineSpec
@@ -125,6 +138,17 @@ class ServingSettings(BaseSettings):
                            description="Coalesce concurrent requests into one scoring call.")
     max_batch_rows: int = Field(default=2000, ge=1,
                                 description="Most rows scored in one coalesced call.")
+    fast_path: bool = Field(
+        default=True, description="Score with the model compiled for rows (checked against "
+        "the Pipeline at startup) instead of the Pipeline on a DataFrame.")
+    direct: bool = Field(
+        default=True, description="Answer /predict in the request gate, which has already "
+        "parsed the body, instead of BentoML's API handler (same answers, less per request).")
+    trace_predict: bool = Field(
+        default=False, description="Let BentoML's OpenTelemetry middleware trace /predict. "
+        "It records three spans per request even when no exporter is configured (a third of "
+        "the service's CPU per prediction, measured); turn it on when traces are exported. "
+        "Probes and /metrics are never traced.")
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -317,6 +341,8 @@ class ServingRuntime:
     """The model, the online store and the prediction log of one service instance.
 
     Independent of BentoML, so it can be exercised directly; :func:`create_service` wraps it.
+    With ``fast_path`` the model is compiled for rows when it can be and scores exactly like
+    the Pipeline (:meth:`_compile`); otherwise rows go through the Pipeline on a DataFrame.
     """
 
     def __init__(
@@ -328,6 +354,7 @@ class ServingRuntime:
         prediction_log: PredictionLog,
         *,
         clock: Callable[[], float] = time.time,
+        fast_path: bool = True,
     ) -> None:
         self.config = config
         self.spec = spec
@@ -343,26 +370,67 @@ class ServingRuntime:
             if 1 not in classes:
                 raise ModelLoadError(f"the classifier has no positive class 1 (classes {classes})")
             self._positive = classes.index(1)
+        self.fast = self._compile() if fast_path else None
+
+    def _compile(self) -> FastScorer | None:
+        """The model compiled for rows (:mod:`airmlops.serving.fast_predict`), if it compiles
+        and scores synthetic rows exactly like the Pipeline does; else None (the Pipeline is
+        used on a DataFrame, as before)."""
+        from airmlops.serving.fast_predict import NotCompilable, compile_scorer
+
+        spec = self.spec
+        try:
+            scorer = compile_scorer(self.model, spec.numeric_features, spec.categorical_features,
+                                    positive=1 if self.is_classifier else None)
+        except NotCompilable as error:
+            log.info("scoring with the Pipeline on DataFrames: %s", error)
+            return None
+        except Exception as error:  # an unexpected model shape must never stop serving
+            log.warning("scoring with the Pipeline on DataFrames: compiling failed: %r", error)
+            return None
+        try:
+            agrees, gap = scorer.agrees_with(self._predict_rows_frame)
+        except Exception as error:  # a probe the Pipeline refuses: do not trust the compilation
+            log.warning("compiled scorer not used: checking it failed: %s", error)
+            return None
+        if not agrees:
+            log.warning("compiled scorer not used: it differs from the Pipeline by %.3g", gap)
+            return None
+        log.info("compiled scorer: %s (largest gap to the Pipeline on probe rows %.1g)",
+                 scorer.description, gap)
+        return scorer
 
     def score(self, rows: Sequence[Mapping[str, Any]]) -> Scored:
         """Online features (one read), on-demand features, model scores for request rows.
 
         Entity ids are matched as strings, like the online store keys them.
         """
-        from airmlops.features.pipeline import online_inputs
+        from airmlops.features.pipeline import online_rows
 
         key = self.spec.entity_key
         prepared = [{**row, key: str(row[key])} for row in rows]
-        inputs = online_inputs(self.spec, self.online_store, prepared)
-        scores = self._predict(inputs.frame)
-        features = [{name: row.get(name) for name in self.input_names}
-                    for row in inputs.features]
-        return Scored(scores, features, {str(e) for e in inputs.unknown})
+        found = online_rows(self.spec, self.online_store, prepared)
+        if self.fast is not None:
+            scores = self.fast.scores(found.rows)
+        else:
+            scores = self._predict_rows_frame(found.rows)
+        names = self.input_names
+        features = [{name: row.get(name) for name in names} for row in found.rows]
+        return Scored(scores, features, {str(e) for e in found.unknown})
+
+    def _predict_rows_frame(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """Scores of feature rows through the Pipeline on a DataFrame (the reference path)."""
+        import pandas as pd
+
+        from airmlops.training.model import feature_frame
+
+        columns = list(dict.fromkeys([*self.input_names, *(k for r in rows for k in r)]))
+        frame = feature_frame(self.spec, pd.DataFrame.from_records(list(rows), columns=columns))
+        return self._predict(frame)
 
     def _predict(self, frame: Any) -> np.ndarray:
         """:func:`airmlops.training.model.predict_scores` on a frame that is already the
-        model's input frame: ``online_inputs`` built it with ``feature_frame``, so it is not
-        rebuilt (that would double the cost of a single-row request)."""
+        model's input frame (built by ``feature_frame``), so it is not rebuilt."""
         import numpy as np
 
         if not self.is_classifier:
@@ -469,6 +537,56 @@ class Coalescer:
             self._task = None
 
 
+class PredictHandler:
+    """``/predict`` for validated request rows: score them (coalesced with concurrent
+    requests), refuse unknown entities (422) or an unreachable store (503), answer, log.
+
+    Returns (HTTP status, JSON body, extra headers); used by :class:`RequestGate`'s direct lane
+    and by the BentoML API method alike, so both answer the same.
+    """
+
+    def __init__(self, runtime: ServingRuntime, coalescer: Coalescer | None,
+                 metrics: ServiceMetrics | None = None) -> None:
+        self.runtime = runtime
+        self.coalescer = coalescer
+        self.metrics = metrics
+        self.entity_key = runtime.spec.entity_key
+
+    async def __call__(self, rows: list[dict[str, Any]]
+                       ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        import anyio.to_thread
+
+        runtime = self.runtime
+        ts_us = _now_us(runtime.clock)
+        request_id = uuid.uuid4().hex
+        headers = {"X-Request-ID": request_id}
+        try:
+            if self.coalescer is not None:
+                scored = await self.coalescer.score(rows)
+            else:
+                scored = await anyio.to_thread.run_sync(runtime.score, rows)
+        except Exception as error:
+            if _is_connection_error(error):
+                log.warning("online store unavailable: %s: %s", type(error).__name__, error)
+                return 503, error_body(
+                    "unavailable", "the online feature store is unavailable; retry later",
+                    request_id=request_id), headers
+            raise
+        key = self.entity_key
+        if scored.unknown:
+            unknown = [row[key] for row in rows if str(row[key]) in scored.unknown]
+            if unknown:
+                shown = ", ".join(repr(e) for e in list(dict.fromkeys(unknown))[:20])
+                return 422, error_body(
+                    "unknown_entity", f"unknown {key} (no features in the online store): "
+                    f"{shown}", unknown_entities=list(dict.fromkeys(unknown)),
+                    request_id=request_id), headers
+        body = runtime.answer(rows, scored, request_id, ts_us)
+        if self.metrics is not None:
+            self.metrics.predictions.inc(len(rows))
+        return 200, body, headers
+
+
 # --- HTTP edge ---------------------------------------------------------------------------------
 
 
@@ -563,18 +681,24 @@ class RequestGate:
     """ASGI middleware in front of the service's endpoints (see the module docstring).
 
     For ``/predict`` and ``/feedback`` it reads the body (at most ``max_body_bytes``) and
-    validates it with the request models; only valid requests reach BentoML, which is handed
-    the same bytes. It also times and counts every request to those endpoints.
+    validates it with the request models. A valid ``/predict`` is then answered here, by the
+    service's :class:`PredictHandler` (the direct lane: BentoML's own handler would parse the
+    body a second time and cost more than the whole prediction); other valid requests reach
+    BentoML, which is handed the same bytes. BentoML's middlewares (its metrics, access log,
+    timeout and concurrency limit) wrap this one, so they apply to both. It also times and
+    counts every request to those endpoints.
     """
 
     def __init__(self, app: Any, *, token: str, max_body_bytes: int, model_version: str,
                  validators: Mapping[str, type[BaseModel]],
-                 metrics: Callable[[], ServiceMetrics | None]) -> None:
+                 metrics: Callable[[], ServiceMetrics | None],
+                 predict: Callable[[], PredictHandler | None] = lambda: None) -> None:
         self.app = app
         self.token = token.encode("utf-8") if token else b""
         self.max_body_bytes = max_body_bytes
         self.validators = dict(validators)
         self.metrics = metrics
+        self.predict = predict
         self.version_header = (b"x-model-version", model_version.encode("ascii"))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -593,8 +717,13 @@ class RequestGate:
             await send(message)
 
         try:
-            refusal, body = await self._check(scope, receive, path, endpoint)
-            if refusal is None:
+            refusal, body, parsed = await self._check(scope, receive, path, endpoint)
+            handler = self.predict() if endpoint == "/predict" and parsed is not None else None
+            if refusal is None and handler is not None:
+                status, answer, headers = await self._direct(handler, parsed)
+                outcome["kind"] = _KIND_BY_STATUS.get(status, "error") if status >= 400 else None
+                await _send_json(send_with_version, status, answer, headers)
+            elif refusal is None:
                 downstream = receive if body is None else _replay(body, receive)
                 await self.app(scope, downstream, send_with_version)
                 status = outcome["status"]
@@ -603,17 +732,30 @@ class RequestGate:
                 status, kind, message, extra = refusal
                 outcome["kind"] = kind
                 headers = {"WWW-Authenticate": 'Bearer realm="model"'} if status == 401 else {}
-                response = _json_response(status, error_body(kind, message, **extra), headers)
-                await response(scope, receive, send_with_version)
+                await _send_json(send_with_version, status, error_body(kind, message, **extra),
+                                 headers)
         finally:
             metrics = self.metrics()
             if endpoint is not None and metrics is not None:
                 metrics.record(endpoint, outcome["status"], time.perf_counter() - started,
                                outcome["kind"])
 
+    @staticmethod
+    async def _direct(handler: PredictHandler, parsed: Any
+                      ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Answer a validated ``/predict``; an unexpected failure is a logged 500."""
+        rows = [instance.model_dump(by_alias=True) for instance in parsed.instances]
+        try:
+            return await handler(rows)
+        except Exception:
+            log.exception("Exception on /predict [POST]")
+            return 500, error_body("internal", "an unexpected error occurred; see the service "
+                                   "log"), {}
+
     async def _check(self, scope: dict[str, Any], receive: Any, path: str,
-                     endpoint: str | None) -> tuple[Refusal | None, bytes | None]:
-        """(None, the body if it was read) when the request may pass, else (refusal, None)."""
+                     endpoint: str | None) -> tuple[Refusal | None, bytes | None, Any]:
+        """(None, the body if it was read, the validated request if it was validated) when
+        the request may pass, else (refusal, None, None)."""
         headers: dict[str, bytes] = {}
         for name, value in scope.get("headers", []):
             headers.setdefault(name.decode("latin-1").lower(), value)
@@ -624,56 +766,71 @@ class RequestGate:
                                                                        self.token):
                 reason = "invalid" if supplied else "missing"
                 return (401, "unauthorized",
-                        f"{reason} bearer token (send 'Authorization: Bearer <token>')", {}), None
+                        f"{reason} bearer token (send 'Authorization: Bearer <token>')",
+                        {}), None, None
         media_type = headers.get("content-type", b"").decode("latin-1").split(";")[0]
         media_type = media_type.strip().lower()
         if media_type in PICKLE_MEDIA_TYPES or "pickle" in media_type:
             return (415, "unsupported_media_type",
                     f"content type {media_type!r} is refused: pickled payloads are never "
-                    "deserialized; send JSON (application/json)", {}), None
+                    "deserialized; send JSON (application/json)", {}), None, None
         if endpoint is None:
-            return None, None
+            return None, None, None
         if scope["method"] != "POST":
-            return (405, "method_not_allowed", f"{path} accepts POST only", {}), None
+            return (405, "method_not_allowed", f"{path} accepts POST only", {}), None, None
         if media_type != "application/json":
             return (415, "unsupported_media_type",
                     f"content type {media_type or 'none'!r} is not supported; send "
-                    "application/json", {}), None
+                    "application/json", {}), None, None
         declared = headers.get("content-length")
         if declared is not None:
             try:
                 length = int(declared)
             except ValueError:
-                return (400, "bad_request", "Content-Length is not a number", {}), None
+                return (400, "bad_request", "Content-Length is not a number", {}), None, None
             if length > self.max_body_bytes:
                 return (413, "payload_too_large", f"body of {length} bytes exceeds the limit "
-                        f"of {self.max_body_bytes} bytes", {}), None
+                        f"of {self.max_body_bytes} bytes", {}), None, None
         chunks = bytearray()
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return (400, "bad_request", "the client disconnected before the body ended",
-                        {}), None
+                        {}), None, None
             chunks.extend(message.get("body", b""))
             if len(chunks) > self.max_body_bytes:
                 return (413, "payload_too_large",
-                        f"body exceeds the limit of {self.max_body_bytes} bytes", {}), None
+                        f"body exceeds the limit of {self.max_body_bytes} bytes", {}), None, None
             if not message.get("more_body", False):
                 break
         body = bytes(chunks)
         if not body.strip():
-            return (400, "invalid_json", "the body is empty; send a JSON object", {}), None
+            return (400, "invalid_json", "the body is empty; send a JSON object", {}), None, None
         try:
-            self.validators[endpoint].model_validate_json(body)
+            parsed = self.validators[endpoint].model_validate_json(body)
         except ValidationError as error:
             problems = error.errors(include_url=False)
             if problems and problems[0]["type"] == "json_invalid":
                 reason = (problems[0].get("ctx") or {}).get("error", problems[0]["msg"])
-                return (400, "invalid_json", f"the body is not valid JSON: {reason}", {}), None
+                return (400, "invalid_json", f"the body is not valid JSON: {reason}",
+                        {}), None, None
             detail = [{"loc": list(p["loc"]), "type": p["type"], "msg": p["msg"]}
                       for p in problems[:20]]
-            return (422, "invalid_request", describe_errors(error), {"detail": detail}), None
-        return None, body
+            return (422, "invalid_request", describe_errors(error), {"detail": detail}), None, \
+                None
+        return None, body, parsed
+
+
+async def _send_json(send: Any, status: int, body: Mapping[str, Any],
+                     headers: Mapping[str, str] | None = None) -> None:
+    """Answer with a JSON body straight on the ASGI ``send`` (no Response object)."""
+    content = json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    raw = [(b"content-type", b"application/json"),
+           (b"content-length", str(len(content)).encode("ascii"))]
+    raw += [(name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": content})
 
 
 def _replay(body: bytes, receive: Any) -> Callable[[], Any]:
@@ -718,6 +875,20 @@ def install_log_filter() -> None:
 # --- the BentoML service ---------------------------------------------------------------------
 
 
+def freeze_startup_objects() -> None:
+    """Move everything loaded so far (libraries, the app, the model) out of the garbage
+    collector's reach.
+
+    A full collection walks every tracked object: in a worker with scikit-learn, pandas and
+    BentoML loaded that took ~200 ms here, a pause every request in flight waits for (the p99).
+    Frozen objects are never scanned again; what requests allocate is collected as usual.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _now_us(clock: Callable[[], float]) -> int:
     return int(clock() * 1_000_000)
 
@@ -745,7 +916,7 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
     predict_model, feedback_model = request_models(spec, serving.max_instances)
     install_log_filter()
 
-    state: dict[str, Any] = {"metrics": None}
+    state: dict[str, Any] = {"metrics": None, "predict": None}
 
     class ModelService:
         """Predictions of one registered model version, with online and on-demand features."""
@@ -761,49 +932,30 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
             model = load_model(root / config.model_dir)
             store = make_online_store(settings, spec.name)
             prediction_log = open_log(spec.name, settings, observer=metrics.observe_log)
-            self.runtime = ServingRuntime(config, spec, model, store, prediction_log)
+            self.runtime = ServingRuntime(config, spec, model, store, prediction_log,
+                                          fast_path=serving.fast_path)
             self.coalescer = Coalescer(self.runtime.score, serving.max_batch_rows,
                                        metrics.batch_requests.observe) if serving.batching \
                 else None
+            self.handler = PredictHandler(self.runtime, self.coalescer, metrics)
+            if serving.direct:
+                state["predict"] = self.handler
             # BentoML shows its own loggers' INFO lines, so the startup summary goes there.
             logging.getLogger("bentoml.serve").info(
-                "model %s version %s loaded in %.2fs; online store %s; prediction log %s",
-                     config.model_name, config.model_version, time.perf_counter() - started,
-                     store.location, prediction_log.backend.location)
+                "model %s version %s loaded in %.2fs; online store %s; prediction log %s; "
+                "scoring %s", config.model_name, config.model_version,
+                time.perf_counter() - started, store.location, prediction_log.backend.location,
+                self.runtime.fast.description if self.runtime.fast else "with the Pipeline")
+            freeze_startup_objects()
 
         @bentoml.api(route="/predict", input_spec=predict_model, output_spec=PredictResponse)
         async def predict(self, instances: list[Any]) -> Any:
-            """Predict for 1..N entities: online + on-demand features, the model, the log."""
-            import anyio.to_thread
+            """Predict for 1..N entities: online + on-demand features, the model, the log.
 
-            runtime = self.runtime
-            ts_us = _now_us(runtime.clock)
-            request_id = uuid.uuid4().hex
-            headers = {"X-Request-ID": request_id}
+            (Normally answered by the request gate's direct lane with the same handler.)"""
             rows = [instance.model_dump(by_alias=True) for instance in instances]
-            try:
-                if self.coalescer is not None:
-                    scored = await self.coalescer.score(rows)
-                else:
-                    scored = await anyio.to_thread.run_sync(runtime.score, rows)
-            except Exception as error:
-                if _is_connection_error(error):
-                    log.warning("online store unavailable: %s: %s", type(error).__name__, error)
-                    return _json_response(503, error_body(
-                        "unavailable", "the online feature store is unavailable; retry later",
-                        request_id=request_id), headers)
-                raise
-            key = spec.entity_key
-            unknown = [row[key] for row in rows if str(row[key]) in scored.unknown]
-            if unknown:
-                shown = ", ".join(repr(e) for e in list(dict.fromkeys(unknown))[:20])
-                return _json_response(422, error_body(
-                    "unknown_entity", f"unknown {key} (no features in the online store): "
-                    f"{shown}", unknown_entities=list(dict.fromkeys(unknown)),
-                    request_id=request_id), headers)
-            body = runtime.answer(rows, scored, request_id, ts_us)
-            state["metrics"].predictions.inc(len(rows))
-            return _json_response(200, body, headers)
+            status, body, headers = await self.handler(rows)
+            return _json_response(status, body, headers)
 
         @bentoml.api(route="/feedback", input_spec=feedback_model,
                      output_spec=FeedbackResponse)
@@ -830,10 +982,12 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
         def close(self) -> None:
             self.runtime.close()
 
+    untraced = [*sorted(OPEN_PATHS), *([] if serving.trace_predict else ["/predict"])]
     service = bentoml.service(
         name=f"{spec.name}_model",
         workers=serving.workers,
         traffic={"timeout": serving.timeout_s, "max_concurrency": serving.max_concurrency},
+        tracing={"excluded_urls": untraced},
         labels={"pipeline": spec.name, "model_name": config.model_name,
                 "model_version": config.model_version},
     )(ModelService)
@@ -844,6 +998,7 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
         model_version=config.model_version,
         validators={"/predict": predict_model, "/feedback": feedback_model},
         metrics=lambda: state["metrics"],
+        predict=lambda: state["predict"],
     )
     return service
 
