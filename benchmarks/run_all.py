@@ -59,7 +59,8 @@ def previous_entries() -> dict[str, dict]:
     """The status rows of the last summary (kept for benchmarks this run did not run)."""
     path = common.RESULTS_DIR / "summary.json"
     try:
-        return {e["name"]: e for e in json.loads(path.read_text())["benchmarks"]}
+        return {e["name"]: e for e in json.loads(path.read_text())["benchmarks"]
+                if e.get("status") != "ok (run on its own)"}
     except (OSError, ValueError, KeyError):
         return {}
 
@@ -70,6 +71,13 @@ def measured_at(name: str) -> str:
         return str(data.get("measured_at", "-"))
     except (OSError, ValueError):
         return "-"
+
+
+def run_on_its_own(name: str) -> dict | None:
+    """A status row for results a benchmark wrote when run by itself (not through this script)."""
+    if not (common.RESULTS_DIR / f"{name}.json").exists():
+        return None
+    return {"name": name, "status": "ok (run on its own)", "seconds": "-", "load_before": "-"}
 
 
 def main() -> int:
@@ -121,13 +129,13 @@ def main() -> int:
     earlier = previous_entries()
     ran_now = {e["name"] for e in summary}
     summary = [next((e for e in summary if e["name"] == name), None)
-               or earlier.get(name) for name, *_ in BENCHMARKS]
+               or earlier.get(name) or run_on_its_own(name) for name, *_ in BENCHMARKS]
     summary = [e for e in summary if e is not None]
     for entry in summary:
         entry["measured_at"] = measured_at(entry["name"])
         entry["this_run"] = entry["name"] in ran_now
 
-    suite = sum(e["seconds"] for e in summary)
+    suite = sum(e["seconds"] for e in summary if isinstance(e["seconds"], (int, float)))
     parts = [f"{common.machine()['cores']} cores, {common.machine()['memory_gb']} GB "
              f"({common.machine()['cpu']}){' (--quick)' if args.quick else ''}; the benchmarks "
              f"below took {suite / 60:.1f} min in all.", "",
