@@ -49,8 +49,8 @@ test-unit: setup
 bench: setup ## Benchmarks side by side with peers (Feast, mlflow serve, Evidently); results in benchmarks/results/
 	$(PY) benchmarks/run_all.py
 
-replay: setup ## Replay simulator traffic to a deployed model (SCENARIO=stable|covariate_drift|concept_drift|data_quality)
-	$(PY) -m airmlops.cli replay --pipeline $(or $(PIPELINE),churn) --scenario $(or $(SCENARIO),stable) --rows $(or $(ROWS),2000) --rate $(or $(RATE),20) $(REPLAY_ARGS)
+replay: setup ## Replay simulator traffic to a deployed model (the spec's world; SCENARIO=stable|covariate_drift|concept_drift|covariate_and_concept_drift|data_quality for a what-if)
+	$(PY) -m airmlops.cli replay --pipeline $(or $(PIPELINE),churn) $(if $(SCENARIO),--scenario $(SCENARIO)) --rows $(or $(ROWS),2000) --rate $(or $(RATE),20) $(REPLAY_ARGS)
 
 clean: stop ## Remove data and runtime state (keeps .venv)
 	rm -rf .data .run

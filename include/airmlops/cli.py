@@ -77,7 +77,9 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
     target.add_argument("--pipeline", default="churn",
                         help="spec name under the pipelines dir (default: churn)")
     target.add_argument("--spec", type=Path, help="spec file")
-    replay.add_argument("--scenario", choices=SCENARIOS, default="stable")
+    replay.add_argument("--scenario", choices=SCENARIOS, default=None,
+                        help="a what-if world to replay instead of the spec's own "
+                        "(default: the spec's source.scenario from its scenario_start)")
     replay.add_argument("--url", help="base URL (default: http://127.0.0.1:<deploy.port>)")
     replay.add_argument("--rows", type=int, default=2000, help="rows in total (default 2000)")
     replay.add_argument("--rate", type=float, default=20.0,
@@ -95,8 +97,9 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
                         help="days of simulator rows ending on --day (default 7)")
     replay.add_argument("--seed", type=int, default=0)
     replay.add_argument("--refresh-features", action="store_true",
-                        help="first rebuild the last two offline feature days under the "
-                        "scenario and re-materialize the online store (demo stores only)")
+                        help="first rebuild the offline feature days of the replayed world (the "
+                        "last two, and every day since the spec's scenario_start) and "
+                        "re-materialize the online store (demo stores only)")
     replay.add_argument("--allow-remote", action="store_true",
                         help="allow a non-loopback URL")
 

@@ -12,12 +12,19 @@ import datetime as dt
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from airflow.sdk import DAG, Asset, Param, dag, get_current_context, task
 
 from airmlops.settings import get_settings
-from airmlops.spec import NAME_PATTERN, PipelineSpec, SpecError, load_spec, spec_paths
+from airmlops.spec import (
+    NAME_PATTERN,
+    PipelineSpec,
+    SimulatorSource,
+    SpecError,
+    load_spec,
+    spec_paths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +34,10 @@ DEFAULT_ARGS = {
     "retry_delay": dt.timedelta(seconds=30),
     "retry_exponential_backoff": True,
 }
-SCENARIOS = ["stable", "covariate_drift", "concept_drift", "data_quality"]
+SCENARIOS = list(get_args(SimulatorSource.model_fields["scenario"].annotation))
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+DATETIME_PATTERN = (r"^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?"
+                    r"(Z|[+-]\d{2}:\d{2})$")
 
 TRAINING_DOC = """
 ### {name}: training
@@ -80,8 +90,31 @@ def _run_context(spec: PipelineSpec):
         git_commit=resolve_git_commit(params.get("git_commit"), get_settings()),
         trigger_reason=str(reason),
         scenario=params.get("scenario"),
+        scenario_start=parse_scenario_start(params.get("scenario_start")),
         full_history=bool(params.get("full_history")),
+        data_end=parse_data_end(params.get("data_end")),
     )
+
+
+def parse_scenario_start(value: Any) -> dt.date | None:
+    """The ``scenario_start`` param (``YYYY-MM-DD`` or empty) as a date."""
+    if value in (None, "", "None"):
+        return None
+    if not isinstance(value, str) or not re.fullmatch(DATE_PATTERN, value):
+        raise ValueError(f"scenario_start: expected a date YYYY-MM-DD, got {value!r}")
+    return dt.date.fromisoformat(value)
+
+
+def parse_data_end(value: Any) -> dt.datetime | None:
+    """The ``data_end`` param (an ISO 8601 time with its offset, or empty) as an aware datetime.
+
+    A templated conf renders a missing value as the text ``None``, which means "not set".
+    """
+    if value in (None, "", "None"):
+        return None
+    if not isinstance(value, str) or not re.fullmatch(DATETIME_PATTERN, value):
+        raise ValueError(f"data_end: expected an ISO 8601 time with a UTC offset, got {value!r}")
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def training_params() -> dict[str, Param]:
@@ -94,7 +127,15 @@ def training_params() -> dict[str, Param]:
         "git_ref": Param(None, type=["null", "string"], maxLength=255),
         "git_repository": Param(None, type=["null", "string"], maxLength=255),
         "scenario": Param(None, type=["null", "string"], enum=[None, *SCENARIOS],
-                          description="Simulator only: override the spec's scenario."),
+                          description="Simulator only: override the spec's scenario "
+                          "(source.scenario) for this run."),
+        "scenario_start": Param(None, type=["null", "string"], pattern=DATE_PATTERN,
+                                description="Simulator only: the first day of the scenario "
+                                "(YYYY-MM-DD; stable before); overrides source.scenario_start."),
+        "data_end": Param(None, type=["null", "string"], pattern=DATETIME_PATTERN,
+                          description="Ingest data up to this time (ISO 8601 with offset) "
+                          "instead of the run's own time; the monitoring DAG sets it to the "
+                          "end of the window that triggered the retraining."),
         "full_history": Param(False, type="boolean",
                               description="Read the source from the spec's start_date."),
         "skip_deploy": Param(False, type="boolean",

@@ -61,7 +61,8 @@ class SimulatorSource(_Strict):
     kind: Literal["simulator"]
     seed: int = 7
     customers: int = Field(default=2000, ge=10, le=5_000_000)
-    scenario: Literal["stable", "covariate_drift", "concept_drift", "data_quality"] = "stable"
+    scenario: Literal["stable", "covariate_drift", "concept_drift", "covariate_and_concept_drift",
+                      "data_quality"] = "stable"
     scenario_start: dt.date | None = Field(
         default=None, description="First day the scenario applies; before it the data is stable."
     )

@@ -41,14 +41,23 @@ class RunContext:
     trigger_reason: str
     scenario: str | None = None
     full_history: bool = False
+    scenario_start: dt.date | None = None
+    data_end: dt.datetime | None = None
+    """Read data up to this time instead of ``as_of`` (a retraining reacts to a window)."""
 
     def lineage(self) -> dict[str, str]:
-        return {
+        tags = {
             "git_commit": self.git_commit,
             "airflow_dag_id": self.dag_id,
             "airflow_run_id": self.run_id,
             "trigger_reason": self.trigger_reason,
         }
+        if self.data_end is not None:
+            tags["data_end"] = self.data_end.isoformat()
+        if self.scenario is not None or self.scenario_start is not None:
+            tags["simulator_world"] = (f"{self.scenario or 'spec scenario'} from "
+                                       f"{self.scenario_start or 'the spec scenario_start'}")
+        return tags
 
 
 def _alert(spec: PipelineSpec, event: str, message: str, details: dict[str, Any]) -> None:
@@ -86,8 +95,15 @@ def resolve_git_commit(conf_commit: str | None, settings: Settings) -> str:
 
 
 def training_interval(spec: PipelineSpec, run: RunContext) -> tuple[dt.datetime, dt.datetime]:
-    """The data interval a training run reads: ``window_days`` up to the start of its day."""
-    end = day_floor(run.as_of)
+    """The data interval a training run reads: ``window_days`` up to the start of its day.
+
+    The day is that of ``run.data_end`` when set (a retraining triggered by monitoring reads up
+    to the window it reacts to, however late it runs), never later than ``run.as_of``.
+    """
+    if run.data_end is not None and run.data_end > run.as_of:
+        raise ValueError(f"data_end {run.data_end.isoformat()} is after the run's time "
+                         f"{run.as_of.isoformat()}: a run cannot read data from its future")
+    end = day_floor(run.data_end if run.data_end is not None else run.as_of)
     if run.full_history:
         start = dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC)
     else:
@@ -95,13 +111,37 @@ def training_interval(spec: PipelineSpec, run: RunContext) -> tuple[dt.datetime,
     return start, end
 
 
+def world_spec(spec: PipelineSpec, scenario: str | None,
+               scenario_start: dt.date | None) -> PipelineSpec:
+    """``spec`` with its simulator world (``source.scenario`` from ``source.scenario_start``)
+    replaced by a run's overrides; the spec itself when there are none."""
+    if scenario is None and scenario_start is None:
+        return spec
+    if spec.source.kind != "simulator":
+        raise ValueError(f"scenario/scenario_start apply to simulator sources only, not "
+                         f"'{spec.source.kind}'")
+    from airmlops.data.simulator import with_world
+
+    return spec.model_copy(update={"source": with_world(spec.source, scenario, scenario_start)})
+
+
 def ingest(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str, Any]:
-    """Pull the run's batch and write it as an immutable, content-addressed snapshot."""
+    """Pull the run's batch and write it as an immutable, content-addressed snapshot.
+
+    A simulator source is read in the world of the spec (``source.scenario`` from
+    ``source.scenario_start``) unless the run overrides it; the override is handed on to
+    preprocess (``world``), which builds the batch's feature days in the same world.
+    """
     from airmlops.data import snapshots, sources
 
     start, end = training_interval(spec, run)
-    log.info("ingest %s: reading %s source for [%s, %s)", spec.name, spec.source.kind, start, end)
-    frame = sources.load_batch(spec, start, end, scenario=run.scenario)
+    world = world_spec(spec, run.scenario, run.scenario_start)
+    described = spec.source.kind
+    if world.source.kind == "simulator":
+        described += (f" ({world.source.scenario} from "
+                      f"{world.source.scenario_start or 'the start'})")
+    log.info("ingest %s: reading %s source for [%s, %s)", spec.name, described, start, end)
+    frame = sources.load_batch(world, start, end)
     if frame.empty:
         raise ValueError(f"source: no rows for {spec.name} in [{start}, {end})")
     frame = snapshots.canonicalize(frame, spec)
@@ -110,7 +150,12 @@ def ingest(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str,
         "ingest %s: %d rows, digest %s (%s)", spec.name, ref.rows, ref.digest,
         "new snapshot" if ref.created else "snapshot already present, nothing written",
     )
-    return ref.to_dict()
+    result = ref.to_dict()
+    if world is not spec:
+        result["world"] = {"scenario": world.source.scenario,
+                           "scenario_start": (world.source.scenario_start.isoformat()
+                                              if world.source.scenario_start else None)}
+    return result
 
 
 def validate_data(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings) -> dict:
@@ -157,7 +202,7 @@ def preprocess(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings)
     ref = snapshots.SnapshotRef.from_dict(snapshot)
     frame = snapshots.read_snapshot(ref)
     if spec.feature_store is not None:
-        frame = _with_store_features(spec, frame, ref, settings)
+        frame = _with_store_features(spec, frame, ref, settings, snapshot.get("world"))
     train, test, split = dataset.time_split(frame, spec)
     key = f"{spec.name}/{ref.digest[:16]}-{spec.spec_hash()[:12]}"
     paths = dataset.write_training_set(train, test, settings.training_sets_dir, key, split=split)
@@ -167,12 +212,25 @@ def preprocess(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings)
             "data_digest": ref.digest}
 
 
-def _with_store_features(spec: PipelineSpec, frame, ref, settings: Settings):
+def _with_store_features(spec: PipelineSpec, frame, ref, settings: Settings,
+                         world: dict[str, Any] | None = None):
     """The batch joined with its point-in-time features from the offline store, building the
-    offline days the batch needs when the features DAG has not yet."""
+    offline days the batch needs when the features DAG has not yet.
+
+    A batch ingested in a run's own simulator ``world`` (a scenario override) gets its feature
+    days rebuilt in that world first: the offline store holds one world, and a batch joined
+    with features of another would pair drifted labels with stable features.
+    """
     from airmlops.features import pipeline as features
 
     first, last = ref.interval_start.date(), ref.interval_end.date()
+    if world:
+        start = dt.date.fromisoformat(world["scenario_start"]) if world.get(
+            "scenario_start") else None
+        rebuilt = features.build_offline(world_spec(spec, world.get("scenario"), start), first,
+                                         last, settings.data_root)
+        log.info("preprocess %s: offline feature days %s..%s rebuilt in the run's world %s: %s",
+                 spec.name, first, last, world, rebuilt)
     built = features.ensure_offline(spec, first, last, settings.data_root)
     if built:
         log.info("preprocess %s: built %d missing offline feature days", spec.name, built)

@@ -300,10 +300,14 @@ def test_drift_triggers_exactly_one_retraining_and_a_repeated_window_none(loop: 
     assert triggered["state"] == "queued"  # the training DAG is paused: it does no work here
     assert triggered["conf"]["triggered_by"] == "monitoring"
     assert triggered["conf"]["monitoring_window"] == ids["w3"]
+    # The retraining reads data up to the end of the window that triggered it.
+    assert triggered["conf"]["data_end"] == windows["w3"][1].isoformat()
     reason = triggered["conf"]["trigger_reason"]
     assert reason.startswith(f"monitoring of {PIPELINE}, window {ids['w3']}: ")
     assert "feature:sessions" in reason and len(reason) <= 500
     assert loop.task_states("w3")["act"] == "success"
+    assert loop.task_states("w3")["retain"] == "success"  # nothing old enough to delete yet
+    assert Path(loop.xcom("w3", "collect")["predictions_path"]).is_file()
 
     # The same window monitored again (another run, same data interval): no second trigger.
     start, end = windows["w3"]

@@ -13,14 +13,22 @@ variable of day ``d`` from an RNG seeded by ``(seed, d.toordinal(), variable)``,
 day never depend on the requested range (same interval = identical frame; overlapping ranges
 agree on shared days) and a scenario that changes one variable leaves the others' draws alone.
 
-Scenarios (from ``scenario_start`` onward, or from the beginning when it is None):
+Scenarios (from ``scenario_start`` onward, or from the beginning when it is None). The spec's
+``source.scenario`` and ``source.scenario_start`` define the world every reader sees (ingest,
+the feature store, the traffic replayer); :func:`with_world` gives a run its own world.
 
 - ``stable``: the world above.
 - ``covariate_drift``: sessions (hence minutes) down 40 %, payment failures x3; the label
-  function is unchanged.
+  function is unchanged. A model retrained on it is hardly better than one trained on stable
+  data (on the demo's features +0.006 ROC AUC on average over 78 days tried, worse on 3 of
+  them): the inputs moved, what they mean did not.
 - ``concept_drift``: identical inputs; the label function changes (support tickets stop
   mattering; the tenure and plan effects are reversed: long-standing and premium customers
   churn more). A model trained on stable data drops from ROC AUC ~0.79 to ~0.70.
+- ``covariate_and_concept_drift``: both at once (a market shift: the inputs move as in
+  ``covariate_drift`` and the label function changes as in ``concept_drift``). Input drift
+  monitoring sees it, and retraining pays: on the demo's features a model trained before it
+  scores ROC AUC ~0.59 on it, a model retrained on it ~0.76.
 - ``data_quality``: a recording incident: ~30 % of ``minutes_watched`` null, some negative
   sessions and ages, and ``monthly_fee`` renamed ``monthly_charge`` on the incident days. The
   labels are those of the true (clean) values.
@@ -36,7 +44,10 @@ import pandas as pd
 
 from airmlops.spec import SimulatorSource
 
-SCENARIOS = ("stable", "covariate_drift", "concept_drift", "data_quality")
+SCENARIOS = ("stable", "covariate_drift", "concept_drift", "covariate_and_concept_drift",
+             "data_quality")
+_COVARIATE = frozenset({"covariate_drift", "covariate_and_concept_drift"})
+_CONCEPT = frozenset({"concept_drift", "covariate_and_concept_drift"})
 
 PLANS = ("basic", "standard", "premium")
 PLAN_SHARES = (0.5, 0.3, 0.2)
@@ -130,6 +141,27 @@ def _scenario_on(day: dt.date, source: SimulatorSource, scenario: str | None) ->
     return chosen
 
 
+def scenario_on(source: SimulatorSource, day: dt.date, scenario: str | None = None) -> str:
+    """The scenario of ``source``'s world on ``day`` (``scenario`` replaces the source's own;
+    ``source.scenario_start`` still applies): what ingest, the feature store and the replayer
+    all see on that day."""
+    return _scenario_on(day, source, scenario)
+
+
+def with_world(source: SimulatorSource, scenario: str | None = None,
+               scenario_start: dt.date | None = None) -> SimulatorSource:
+    """``source`` with its world replaced: ``scenario`` and/or ``scenario_start`` (each kept
+    when None). Every reader given the result agrees on the world, day by day."""
+    update: dict[str, object] = {}
+    if scenario is not None:
+        update["scenario"] = _check_scenario(scenario)
+    if scenario_start is not None:
+        if isinstance(scenario_start, dt.datetime) or not isinstance(scenario_start, dt.date):
+            raise TypeError(f"scenario_start must be a date, got {scenario_start!r}")
+        update["scenario_start"] = scenario_start
+    return source.model_copy(update=update) if update else source
+
+
 def _days(start: dt.date, end: dt.date) -> list[dt.date]:
     if isinstance(start, dt.datetime) or isinstance(end, dt.datetime):
         raise TypeError("start and end are dates (days in [start, end)), not datetimes")
@@ -183,8 +215,8 @@ def _simulate_day(source: SimulatorSource, profiles: _Profiles, day: dt.date,
         return np.random.default_rng([source.seed, ordinal, stream])
 
     weekend = 1.2 if day.weekday() >= 5 else 1.0
-    session_scale = COVARIATE_DRIFT_SESSIONS if scenario == "covariate_drift" else 1.0
-    failure_scale = COVARIATE_DRIFT_FAILURES if scenario == "covariate_drift" else 1.0
+    session_scale = COVARIATE_DRIFT_SESSIONS if scenario in _COVARIATE else 1.0
+    failure_scale = COVARIATE_DRIFT_FAILURES if scenario in _COVARIATE else 1.0
 
     sessions = rng(_SESSIONS).poisson(3.0 * profiles.engagement * weekend * session_scale)
     per_session = rng(_MINUTES).gamma(2.0, 12.0, n)
@@ -194,7 +226,7 @@ def _simulate_day(source: SimulatorSource, profiles: _Profiles, day: dt.date,
     seconds = rng(_SECONDS).integers(0, 86_400, n)
     tenure = ordinal - profiles.signup_ordinal
     logit = _churn_logit(profiles, sessions, minutes, tickets, failures, tenure,
-                         concept_drift=scenario == "concept_drift")
+                         concept_drift=scenario in _CONCEPT)
     churned = (rng(_CHURN).random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(np.int64)
 
     age = profiles.age

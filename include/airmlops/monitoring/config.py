@@ -29,6 +29,13 @@ Which of these may trigger a retraining is ``policy.triggers``; quality breaches
 and alerted on but do not retrain by default, because retraining on broken inputs makes the
 model worse, not better.
 
+Labels arrive late: a label that arrives in a window is matched with its prediction from up to
+``performance.label_lookback_windows`` window lengths back (default 48: two days of hourly
+windows). Each window's files (the collected Parquet, the HTML reports) are kept for
+``retention_windows`` window lengths (default 168: a week of hourly windows, never fewer than the
+lookback, whose predictions late labels are matched against); the monitoring table and the MLflow
+runs keep every window.
+
 :func:`validate_against_spec` checks what needs the spec (column names, types, the task).
 """
 
@@ -57,6 +64,9 @@ METRICS_BY_TASK = {
     "binary_classification": ("roc_auc", "precision", "recall"),
     "regression": ("mae", "rmse"),
 }
+
+MAX_LOOKBACK_MINUTES = 366 * 1440
+"""Labels are matched with predictions of at most this long ago (a year)."""
 
 PRESET_MINUTES = {"@hourly": 60, "@daily": 1440, "@weekly": 10080}
 """Schedules whose interval is known without a cron parser: the window must match it."""
@@ -208,6 +218,11 @@ class PerformanceConfig(_Strict):
         "computed; fewer never counts as a breach.")
     probability_threshold: float = Field(
         default=0.5, gt=0.0, lt=1.0, description="Positive-class cut-off for precision/recall.")
+    label_lookback_windows: int = Field(
+        default=48, ge=1, le=100_000, description="How many window lengths back a label that "
+        "arrives in a window looks for its prediction; a label of an older prediction is "
+        "counted as unmatched. Cover the label delay: 48 hourly windows = labels up to 2 days "
+        "late.")
 
     @model_validator(mode="after")
     def _bound_fits_metric(self) -> PerformanceConfig:
@@ -275,6 +290,13 @@ class MonitoringConfig(_Strict):
     min_rows: int = Field(
         default=500, ge=1, description="A window with fewer rows is recorded but not tested.")
     seed: int = Field(default=0, ge=0)
+    retention_windows: int = Field(
+        default=168, ge=1, le=1_000_000,
+        description="Window artifacts (the collected Parquet files, the HTML reports and their "
+        "snapshots) are kept for this many window lengths before the latest window's end; the "
+        "monitoring run deletes older ones. The monitoring table and the MLflow runs keep "
+        "every window. At least performance.label_lookback_windows (late labels are matched "
+        "against the kept windows' predictions).")
     drift: DriftConfig = Field(default_factory=DriftConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
@@ -293,7 +315,19 @@ class MonitoringConfig(_Strict):
         if self.strata > self.sample_size:
             raise ValueError(f"strata ({self.strata}) must not exceed sample_size "
                              f"({self.sample_size})")
+        lookback = self.performance.label_lookback_windows
+        if lookback * self.window_minutes > MAX_LOOKBACK_MINUTES:
+            raise ValueError(
+                f"performance.label_lookback_windows: {lookback} windows of {self.window_minutes} "
+                f"minutes reach back {lookback * self.window_minutes / 1440:.0f} days, more than "
+                f"{MAX_LOOKBACK_MINUTES // 1440} days")
+        if self.retention_windows < lookback:
+            raise ValueError(
+                f"retention_windows ({self.retention_windows}) must be at least "
+                f"performance.label_lookback_windows ({lookback}): late labels are matched "
+                "against the predictions of the windows kept")
         return self
+
 
 
 def validate_against_spec(config: MonitoringConfig, spec: PipelineSpec) -> None:

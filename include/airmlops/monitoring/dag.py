@@ -1,7 +1,8 @@
 """The ``<name>_monitoring`` DAG: one run per window of the prediction log.
 
 **collect** → **report** → **decide** → **should_retrain** (short-circuit) → **act**
-(``TriggerDagRunOperator`` of ``<name>_training``). Every task is a few lines calling
+(``TriggerDagRunOperator`` of ``<name>_training``), and **retain** (after report: deletes the
+files of windows older than the retention). Every task is a few lines calling
 :mod:`airmlops.monitoring.tasks`; only Airflow's SDK and the standard provider's trigger operator
 are imported at parse time.
 
@@ -38,7 +39,11 @@ logs the numbers to MLflow experiment `{name}-monitoring` →
 **decide** applies the policy (breached in at least {k} of the last {n} windows and in the
 latest, cooldown {cooldown} h, at most {active} active retraining) and records the decision and
 why, also when it is "none" → **act** triggers `{training}` with run id `retrain__<window_id>`
-(a repeated run for the same window never triggers twice) and the reason in its conf.
+(a repeated run for the same window never triggers twice) and a conf with the reason,
+`data_end` = the window's end (the retraining ingests data up to the window it reacts to) and,
+for a simulator source, the world it was observed in (`scenario`, `scenario_start`).
+**retain** (after report) deletes the Parquet and HTML files of windows that ended more than
+{retention} window lengths ago; the table and the MLflow runs keep every window.
 
 Params: `dry_run` records what would happen without triggering.
 Spec: `{path}` (hash `{spec_hash}`).
@@ -87,11 +92,13 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         **pipeline_dag_args(spec, "monitoring"),
         doc_md=MONITORING_DOC.format(
             name=spec.name, window=config.window_minutes, schedule=config.schedule,
-            lookback=tasks.LABEL_LOOKBACK_WINDOWS, sample=config.sample_size, k=policy.k,
+            lookback=config.performance.label_lookback_windows,
+            retention=config.retention_windows, sample=config.sample_size, k=policy.k,
             n=policy.n, cooldown=policy.cooldown_hours, active=policy.max_active_retrainings,
             training=spec.training_dag_id, path=spec_path.name, spec_hash=spec.spec_hash()[:12],
         ),
         params=monitoring_params(),
+        render_template_as_native_obj=True,
     )
     def monitoring() -> None:
         @task
@@ -115,6 +122,13 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
                                        now=dt.datetime.fromisoformat(window["end"]),
                                        dry_run=dry_run)
 
+        @task
+        def retain(window: dict[str, Any]) -> dict[str, Any]:
+            """Delete the files of windows older than the spec's retention."""
+            return tasks.prune_window_artifacts(
+                load(), dt.datetime.fromisoformat(window["start"]),
+                dt.datetime.fromisoformat(window["end"]), get_settings())
+
         @task.short_circuit
         def should_retrain(decided: dict[str, Any]) -> bool:
             """Only a "retrain" decision goes on to the trigger."""
@@ -124,17 +138,17 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
             task_id="act",
             trigger_dag_id=spec.training_dag_id,
             trigger_run_id=f"{{{{ {decision}['trigger_run_id'] }}}}",
-            conf={
-                "trigger_reason": f"{{{{ {decision}['trigger_reason'] }}}}",
-                "triggered_by": "monitoring",
-                "monitoring_window": f"{{{{ {decision}['window_id'] }}}}",
-            },
+            # The whole conf comes from decide (rendered as a dict: the DAG renders native
+            # objects), so what a retraining is given is built, and tested, in the package.
+            conf=f"{{{{ {decision}['trigger_conf'] }}}}",
             logical_date=None,
             skip_when_already_exists=True,
             doc_md="Triggers the retraining; the run id is the window's dedup key, so a "
             "repeated monitoring run finds the run already there and is skipped.",
         )
 
-        should_retrain(decide(report(collect()))) >> act
+        reported = report(collect())
+        should_retrain(decide(reported)) >> act
+        retain(reported)
 
     return monitoring()

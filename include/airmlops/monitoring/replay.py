@@ -5,7 +5,7 @@ happens), then ``covariate_drift`` traffic (drift is reported, the policy decide
 ``<name>_training`` runs and deploys a new champion at the same address).
 
 What it sends: the simulator's labelled observations (:mod:`airmlops.data.simulator`) of the
-days ending on ``day``, under the chosen scenario, in a seeded random order. Each ``/predict``
+days ending on ``day``, in a seeded random order. Each ``/predict``
 request carries ``batch_size`` rows (the entity key and the spec's request fields); after
 ``label_delay`` seconds the simulator's label of every answered row is posted to ``/feedback``
 under the request id the service returned (for a ``label_share`` of the requests).
@@ -14,10 +14,24 @@ What bounds it: ``rows`` in total (at most 1,000,000), ``rate`` requests per sec
 1,000), and ``max_seconds`` of wall time, after which labels still waiting are dropped (and
 counted). Only loopback URLs are accepted unless ``allow_remote`` is set.
 
+Which world: by default (``scenario=None``) the pipeline's own, the spec's ``source.scenario``
+from ``source.scenario_start`` (stable before), which is also what ingest and the feature store
+read: the traffic monitoring sees, the features the service looks up and the data a retraining
+trains on then agree. To show drift that the loop can act on, put the drift in the spec (for
+example ``scenario: covariate_drift`` with a ``scenario_start`` at least ``label_delay_days``
+plus ``training.gap_days`` days back, so that labelled drifted rows exist to retrain on) and
+replay its world. An explicit ``scenario`` replays another world ("what if the traffic looked
+like this"): monitoring reports it, but a retraining still trains on the spec's world, so the
+replay logs a warning when the two differ on the replayed days.
+
 Pipelines with a feature store read most inputs from the online store, not from the request:
-drift of those features reaches the model only through the store. ``refresh_features`` rebuilds
-the offline feature days around ``day`` under the scenario and re-materializes the online store
-(this rewrites those offline days: use it on a demo, not on a store that matters).
+drift of those features reaches the model only through the store, which the ``<name>_features``
+DAG keeps up to date in the spec's world (it rebuilds the latest days and materializes them).
+:func:`refresh_features` does the same at once for a demo: it rebuilds the offline days the
+world changed (from ``scenario_start`` when that is recent, else the last two days) and
+re-materializes the online store. With an explicit ``scenario`` it rebuilds the last two days in
+that world instead: this rewrites those offline days (use it on a demo, not on a store that
+matters).
 """
 
 from __future__ import annotations
@@ -59,6 +73,7 @@ class ReplayResult:
     """What a replay did."""
 
     scenario: str
+    world_warning: str | None = None
     requests: int = 0
     rows_sent: int = 0
     rows_answered: int = 0
@@ -116,20 +131,59 @@ def _check_bounds(rows: int, rate: float, batch_size: int, max_seconds: float,
         raise ReplayError("; ".join(problems))
 
 
-def replay_rows(spec: PipelineSpec, scenario: str, *, day: dt.date, rows: int, days: int = 7,
-                seed: int = 0) -> pd.DataFrame:
-    """``rows`` simulator observations of the ``days`` days ending on ``day`` under
-    ``scenario`` (from the spec's ``scenario_start``, as in training), in a seeded random order;
-    cycled when the days hold fewer rows."""
-    import numpy as np
-
-    from airmlops.data.simulator import SCENARIOS, simulate_observations
+def _check_replayable(spec: PipelineSpec, scenario: str | None) -> None:
+    from airmlops.data.simulator import SCENARIOS
 
     if spec.source.kind != "simulator":
         raise ReplayError(f"pipeline {spec.name}: the replayer needs a simulator source "
                           f"(got '{spec.source.kind}')")
-    if scenario not in SCENARIOS:
+    if scenario is not None and scenario not in SCENARIOS:
         raise ReplayError(f"unknown scenario {scenario!r}; expected one of {list(SCENARIOS)}")
+
+
+def describe_world(spec: PipelineSpec, scenario: str | None = None) -> str:
+    """``covariate_drift`` for an explicit scenario; the spec's world otherwise, as
+    ``spec: covariate_drift from 2026-07-01`` (or ``spec: stable``)."""
+    if scenario is not None:
+        return scenario
+    source = spec.source
+    since = f" from {source.scenario_start.isoformat()}" if source.scenario_start else ""
+    return f"spec: {source.scenario}{since}"
+
+
+def world_warning(spec: PipelineSpec, scenario: str | None, *, day: dt.date,
+                  days: int) -> str | None:
+    """Why a replay of ``scenario`` would not be the world a retraining trains on, or None.
+
+    None when ``scenario`` is None (the spec's world) or when the spec's world is that scenario
+    on every replayed day.
+    """
+    from airmlops.data.simulator import scenario_on
+
+    if scenario is None or spec.source.kind != "simulator":
+        return None
+    replayed = [day - dt.timedelta(days=i) for i in range(days)]
+    differing = [d for d in replayed if scenario_on(spec.source, d) != scenario]
+    if not differing:
+        return None
+    return (f"replaying '{scenario}' while the pipeline's world ({describe_world(spec)}) is "
+            f"'{scenario_on(spec.source, differing[0])}' on {len(differing)} of the {days} "
+            f"replayed days: monitoring will report this traffic, but a retraining trains on "
+            f"the spec's world; set source.scenario/scenario_start in the spec (and replay "
+            f"without a scenario) to make the drift real")
+
+
+def replay_rows(spec: PipelineSpec, scenario: str | None, *, day: dt.date, rows: int,
+                days: int = 7, seed: int = 0) -> pd.DataFrame:
+    """``rows`` simulator observations of the ``days`` days ending on ``day`` in a seeded random
+    order, cycled when the days hold fewer rows. ``scenario`` None is the spec's world (its
+    scenario from its ``scenario_start``, as ingest reads it); a named scenario replaces the
+    spec's (its ``scenario_start`` still applies)."""
+    import numpy as np
+
+    from airmlops.data.simulator import simulate_observations
+
+    _check_replayable(spec, scenario)
     if days < 1:
         raise ReplayError(f"days must be positive (got {days})")
     start = day - dt.timedelta(days=days - 1)
@@ -167,16 +221,35 @@ def request_instances(spec: PipelineSpec, frame: pd.DataFrame) -> list[dict[str,
     return [{key: _plain(value) for key, value in record.items()} for record in records]
 
 
-def refresh_features(spec: PipelineSpec, scenario: str, day: dt.date,
+def refresh_days(spec: PipelineSpec, scenario: str | None, day: dt.date) -> tuple[dt.date,
+                                                                                 dt.date]:
+    """The offline feature days ``[start, end)`` :func:`refresh_features` rebuilds: ``day - 1``
+    and ``day``, and, in the spec's world (``scenario`` None or the spec's own), every day from
+    a ``scenario_start`` within the feature store's backfill (the days the world's change
+    touched)."""
+    start = day - dt.timedelta(days=1)
+    simulator = spec.source.kind == "simulator"
+    begins = spec.source.scenario_start if simulator else None
+    own_world = scenario is None or (simulator and scenario == spec.source.scenario)
+    if own_world and begins is not None and spec.feature_store is not None:
+        earliest = day - dt.timedelta(days=spec.feature_store.backfill_days)
+        start = min(start, max(begins, earliest))
+    return start, day + dt.timedelta(days=1)
+
+
+def refresh_features(spec: PipelineSpec, scenario: str | None, day: dt.date,
                      settings: Settings) -> dict[str, Any]:
-    """Rebuild the offline feature days ``day - 1`` and ``day`` under ``scenario`` and copy the
-    newest rows of every entity to the online store (a full materialization)."""
+    """Rebuild the offline feature days of :func:`refresh_days` in the world of ``scenario``
+    (None: the spec's) and copy the newest rows of every entity to the online store (a full
+    materialization)."""
     from airmlops.features import pipeline as features
     from airmlops.features.online import make_online_store
 
     if spec.feature_store is None:
         return {"refreshed": False, "why": "the pipeline has no feature store"}
-    start, end = day - dt.timedelta(days=1), day + dt.timedelta(days=1)
+    if scenario is not None:
+        _check_replayable(spec, scenario)
+    start, end = refresh_days(spec, scenario, day)
     built = features.build_offline(spec, start, end, settings.data_root, scenario=scenario)
     store = make_online_store(settings, spec.name)
     try:
@@ -186,20 +259,21 @@ def refresh_features(spec: PipelineSpec, scenario: str, day: dt.date,
     finally:
         store.close()
     return {"refreshed": True, "offline_rows": built, "online_rows": written,
-            "days": [start.isoformat(), day.isoformat()]}
+            "days": [start.isoformat(), day.isoformat()],
+            "world": describe_world(spec, scenario)}
 
 
-def replay(url: str, spec: PipelineSpec, scenario: str, *, rows: int, rate: float,
+def replay(url: str, spec: PipelineSpec, scenario: str | None, *, rows: int, rate: float,
            day: dt.date, days: int = 7, batch_size: int = 1, label_delay: float = 5.0,
            label_share: float = 1.0, max_seconds: float = 120.0, seed: int = 0,
            token: str | None = None, allow_remote: bool = False,
            client: httpx.Client | None = None, clock: Callable[[], float] = time.monotonic,
            sleep: Callable[[float], None] = time.sleep,
            progress: Callable[[str], None] | None = None) -> ReplayResult:
-    """Send ``rows`` simulator rows of ``scenario`` (from the ``days`` days ending on ``day``)
-    to ``url`` at ``rate`` requests per second, ``batch_size`` rows a request, and post each
-    answered request's labels ``label_delay`` seconds later; stop after ``max_seconds`` whatever
-    is left. See the module docstring."""
+    """Send ``rows`` simulator rows of ``scenario`` (None: the spec's world) from the ``days``
+    days ending on ``day`` to ``url`` at ``rate`` requests per second, ``batch_size`` rows a
+    request, and post each answered request's labels ``label_delay`` seconds later; stop after
+    ``max_seconds`` whatever is left. See the module docstring."""
     import httpx
     import numpy as np
 
@@ -214,7 +288,10 @@ def replay(url: str, spec: PipelineSpec, scenario: str, *, rows: int, rate: floa
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     own_client = client is None
     http = client or httpx.Client(timeout=10.0, headers=headers, follow_redirects=False)
-    result = ReplayResult(scenario=scenario)
+    result = ReplayResult(scenario=describe_world(spec, scenario),
+                          world_warning=world_warning(spec, scenario, day=day, days=days))
+    if result.world_warning:
+        log.warning("replay %s: %s", spec.name, result.world_warning)
     pending: collections.deque[tuple[float, str, list[dict[str, Any]]]] = collections.deque()
     started = clock()
     deadline = started + max_seconds

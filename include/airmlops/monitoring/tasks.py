@@ -15,10 +15,17 @@ reads the clock (window bounds and the decision time come in). Each is safe to r
   decision, so the trigger is sent again with the same run id and Airflow ignores it.
 
 Delayed labels: a window's performance is measured on the labels that *arrived* during the
-window, joined with their predictions from up to :data:`LABEL_LOOKBACK_WINDOWS` window lengths
-back (SageMaker's ground-truth merge). Each label counts once, in the window it arrived in, and a
-model's quality shows up as soon as outcomes are known, not only for the latest predictions
-(which, with delayed labels, never have any yet).
+window, joined with their predictions from up to
+``monitoring.performance.label_lookback_windows`` window lengths back (SageMaker's ground-truth
+merge). Each label counts once, in the window it arrived in, and a model's quality shows up as
+soon as outcomes are known, not only for the latest predictions (which, with delayed labels,
+never have any yet).
+
+Retention: :func:`prune_window_artifacts` deletes the files of windows that ended more than
+``monitoring.retention_windows`` window lengths before the current window's end (its Parquet
+folder and its HTML reports with their snapshots); the monitoring table and the MLflow runs keep
+every window. Windows after the current one are never touched, so re-reporting an old window
+deletes nothing newer.
 
 Active retrainings are counted through the Task SDK (``RuntimeTaskInstance.get_dr_count``, which
 asks the API server's execution API): Airflow 3 tasks must not open the metadata database, and
@@ -50,8 +57,6 @@ log = logging.getLogger(__name__)
 
 PREDICTIONS_FILE = "predictions.parquet"
 LABELLED_FILE = "labelled.parquet"
-LABEL_LOOKBACK_WINDOWS = 48
-"""How many window lengths back a label's prediction is looked for (2 days of hourly windows)."""
 READ_SLICES = 8
 """A SQLite-logged window is read in this many time slices, each flattened before the next is
 read, so the JSON of only one slice is in memory at a time."""
@@ -205,6 +210,7 @@ def _collected_predictions(settings: Settings, pipeline: str, lookback_start: dt
     """Predictions with the given request ids from the windows collected before ``start`` and
     ending after ``lookback_start`` (their ``predictions.parquet``: no log re-read)."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     root = safe_join(settings.data_root, "monitoring", pipeline, "windows")
     frames = []
@@ -216,6 +222,8 @@ def _collected_predictions(settings: Settings, pipeline: str, lookback_start: dt
         path = folder / PREDICTIONS_FILE
         if window_end <= lookback_start or window_start >= start or not path.is_file():
             continue
+        if pq.ParquetFile(path).metadata.num_rows == 0:
+            continue  # a window without traffic: its empty columns have no type to filter on
         frames.append(pd.read_parquet(path, columns=list(LOG_COLUMNS),
                                       filters=[("request_id", "in", request_ids)]))
     if not frames:
@@ -230,9 +238,9 @@ def collect_window(spec: PipelineSpec, window_start: dt.datetime, window_end: dt
     ``predictions.parquet``: the predictions with ``window_start <= ts < window_end``, flattened
     (:func:`flatten_predictions`). ``labelled.parquet``: every label received in the window
     joined with its prediction, made in this window or in an earlier collected window ending
-    less than :data:`LABEL_LOOKBACK_WINDOWS` window lengths before this one's end (read from
-    those windows' Parquet files, so the log is read once per window). Labels of older,
-    uncollected or unknown predictions are counted as unmatched.
+    less than ``monitoring.performance.label_lookback_windows`` window lengths before this
+    one's end (read from those windows' Parquet files, so the log is read once per window).
+    Labels of older, uncollected or unknown predictions are counted as unmatched.
     """
     import pandas as pd
 
@@ -243,7 +251,7 @@ def collect_window(spec: PipelineSpec, window_start: dt.datetime, window_end: dt
     directory = window_dir(settings, spec.name, window_id)
     current = _read_window(spec, start, end, settings)
     labels = read_labels(spec.name, start, end, settings=settings)
-    lookback_start = end - LABEL_LOOKBACK_WINDOWS * (end - start)
+    lookback_start = end - spec.monitoring.performance.label_lookback_windows * (end - start)
     labelled = pd.DataFrame({name: pd.Series(dtype="object") for name in LABELLED_COLUMNS})
     earlier_rows = 0
     if len(labels):
@@ -455,6 +463,61 @@ def compute_report(spec: PipelineSpec, collected: dict[str, Any], settings: Sett
     return summary
 
 
+# --- retain -------------------------------------------------------------------------------------
+
+
+def _window_of_artifact(name: str) -> tuple[str, dt.datetime, dt.datetime] | None:
+    """The window an artifact's name belongs to (``<window_id>`` or ``<window_id>.<suffix>``)."""
+    window_id = name.split(".", 1)[0]
+    try:
+        start, end = parse_window_id(window_id)
+    except ValueError:
+        return None
+    return window_id, start, end
+
+
+def prune_window_artifacts(spec: PipelineSpec, window_start: dt.datetime,
+                           window_end: dt.datetime, settings: Settings) -> dict[str, Any]:
+    """Delete the files of windows that ended more than ``monitoring.retention_windows`` window
+    lengths before ``window_end``: each one's Parquet folder and its HTML reports (with their
+    snapshots). Files whose names are not window ids are left alone, and so is everything of
+    the current window and of later windows. Safe to repeat (a deleted file is gone already).
+    """
+    import shutil
+
+    start, end = _aware(window_start, "window_start"), _aware(window_end, "window_end")
+    if end <= start:
+        raise ValueError(f"window end {end} must be after its start {start}")
+    horizon = end - spec.monitoring.retention_windows * (end - start)
+    folders_root = window_dir(settings, spec.name, window_id_for(start, end)).parent
+    reports_root = safe_join(settings.reports_dir, spec.name, "monitoring")
+    removed: set[str] = set()
+    folders = files = 0
+    for root, is_folder in ((folders_root, True), (reports_root, False)):
+        if not root.is_dir():
+            continue
+        for path in sorted(root.iterdir()):
+            window = _window_of_artifact(path.name)
+            kind_matches = (path.is_dir() and not path.is_symlink()) == is_folder
+            if window is None or window[2] > horizon or not kind_matches:
+                continue
+            if is_folder:
+                shutil.rmtree(path, ignore_errors=True)
+                folders += 1
+            else:
+                path.unlink(missing_ok=True)
+                files += 1
+            removed.add(window[0])
+    result = {"pipeline": spec.name, "horizon": horizon.isoformat(),
+              "retention_windows": spec.monitoring.retention_windows,
+              "windows_pruned": sorted(removed), "folders_deleted": folders,
+              "files_deleted": files}
+    log.info("retain %s: windows ending at or before %s pruned: %d (%d folders, %d report "
+             "files); kept %d window lengths", spec.name, horizon, len(removed), folders, files,
+             spec.monitoring.retention_windows)
+    return result
+
+
 # --- decide -------------------------------------------------------------------------------------
 
 
@@ -475,6 +538,26 @@ def trigger_reason(spec: PipelineSpec, window_id: str, reason: str) -> str:
     return text if len(text) <= TRIGGER_REASON_MAX else text[:TRIGGER_REASON_MAX - 3] + "..."
 
 
+def trigger_conf(spec: PipelineSpec, window_id: str, reason: str) -> dict[str, Any]:
+    """The conf of the training run a retraining decision triggers (the training DAG's params).
+
+    ``data_end``: the window's end, so the run ingests data up to the window it reacts to (not
+    up to whenever it happens to run). For a simulator source, also the world the window was
+    observed in (the spec's ``scenario`` from ``scenario_start``): the run's params show what it
+    trains on, a spec edited after the decision does not change it, and the run rebuilds its
+    batch's feature days in that world (see :func:`airmlops.stages.ingest`).
+    """
+    window_end = parse_window_id(check_window_id(window_id))[1]
+    conf: dict[str, Any] = {"trigger_reason": trigger_reason(spec, window_id, reason),
+                            "triggered_by": "monitoring", "monitoring_window": window_id,
+                            "data_end": window_end.isoformat()}
+    if spec.source.kind == "simulator":
+        begins = spec.source.scenario_start
+        conf.update(scenario=spec.source.scenario,
+                    scenario_start=begins.isoformat() if begins else None)
+    return conf
+
+
 def _history_until(store: Any, pipeline: str, window_id: str, n: int) -> list[Any]:
     """The last ``n`` recorded windows up to and including ``window_id`` (oldest first)."""
     records = store.history(pipeline, 1000)
@@ -493,7 +576,8 @@ def decide_window(spec: PipelineSpec, report: dict[str, Any], settings: Settings
     ``active_retrainings`` is the number of queued or running ``<name>_training`` runs; when
     None it is asked from Airflow (:func:`count_active_runs`, inside a task only). A ``dry_run``
     records a would-be retraining as "none" with the reason, and triggers nothing. Returns the
-    decision with ``trigger_run_id`` and ``trigger_reason`` for the trigger task.
+    decision with what the trigger task sends: ``trigger_run_id`` and ``trigger_conf``
+    (:func:`trigger_conf`: the reason, the window's end and, for a simulator, its world).
     """
     from airmlops import alerts
     from airmlops.monitoring.policy import decide
@@ -510,7 +594,8 @@ def decide_window(spec: PipelineSpec, report: dict[str, Any], settings: Settings
         log.info("decide %s window %s: none (%s)", spec.name, window_id, decision.reason)
         return {"window_id": window_id, "action": "none", "reason": decision.reason,
                 "dedup_key": None, "trigger_run_id": None, "trigger_reason": None,
-                "replayed": False, "active_retrainings": None, "alert": None}
+                "trigger_conf": None, "replayed": False, "active_retrainings": None,
+                "alert": None}
     history = _history_until(store, spec.name, window_id, config.policy.n)
     last = store.last_retraining(spec.name)
     if active_retrainings is None:
@@ -525,7 +610,7 @@ def decide_window(spec: PipelineSpec, report: dict[str, Any], settings: Settings
     retrain = decision.action == "retrain"
     store.record_decision(spec.name, window_id, decision, decided_at=now,
                           triggered_run_id=decision.dedup_key if retrain else None)
-    reason = trigger_reason(spec, window_id, decision.reason) if retrain else None
+    conf = trigger_conf(spec, window_id, decision.reason) if retrain else None
     alert = None
     if retrain and not replayed:
         alert = alerts.notify(spec, "retraining_decision",
@@ -541,8 +626,8 @@ def decide_window(spec: PipelineSpec, report: dict[str, Any], settings: Settings
     return {
         "window_id": window_id, "action": decision.action, "reason": decision.reason,
         "dedup_key": decision.dedup_key, "trigger_run_id": decision.dedup_key if retrain else None,
-        "trigger_reason": reason, "replayed": replayed,
-        "active_retrainings": active_retrainings,
+        "trigger_reason": conf["trigger_reason"] if conf else None, "trigger_conf": conf,
+        "replayed": replayed, "active_retrainings": active_retrainings,
         "breached_windows": decision.evidence.get("breached_windows", []),
         "alert": alert,
     }
