@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run stop status test test-unit test-integration lint format lock bench clean replay
+.PHONY: help setup run stop status test test-unit test-integration test-compose compose-images lint format lock bench clean replay
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -45,6 +45,12 @@ test: setup lint ## Lint, then every test suite (unit, DAG, integration, e2e)
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit tests/dags
+
+compose-images: ## Build the compose stack's images locally (no registry needed; idempotent)
+	bash scripts/ensure-compose.sh
+
+test-compose: setup ## Only the compose stack test (brings the stack up, trains, predicts, tears down)
+	$(VENV)/bin/pytest -m compose tests/compose
 
 bench: setup ## Benchmarks side by side with peers (Feast, mlflow serve, Evidently); results in benchmarks/results/
 	$(PY) benchmarks/run_all.py
