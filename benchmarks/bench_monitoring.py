@@ -179,13 +179,7 @@ def worker_evidently(rows: int, scenario: str) -> dict[str, Any]:
 
 
 def run_worker(kind: str, rows: int, scenario: str) -> dict[str, Any]:
-    done = common.run_measured([common.PYTHON, __file__, "--worker", kind, str(rows), scenario],
-                               timeout=900)
-    if done["returncode"] != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{done['stderr'][-4000:]}")
-    answer = common.last_json_line(done["stdout"])
-    answer["_process"] = common.process_figures(done, answer)
-    return answer
+    return common.run_worker(__file__, kind, str(rows), scenario)
 
 
 def main() -> int:

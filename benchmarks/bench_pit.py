@@ -139,13 +139,7 @@ def compare(ours_path: Path, other_path: Path, names: list[str], rows: int) -> d
 
 
 def run_worker(kind: str, entity_path: Path, out_path: Path) -> dict[str, Any]:
-    done = common.run_measured([common.PYTHON, __file__, "--worker", kind, str(entity_path),
-                                str(out_path)], timeout=900)
-    if done["returncode"] != 0:
-        raise RuntimeError(f"{kind} worker failed:\n{done['stderr'][-4000:]}")
-    answer = common.last_json_line(done["stdout"])
-    answer["_process"] = common.process_figures(done, answer)
-    return answer
+    return common.run_worker(__file__, kind, str(entity_path), str(out_path))
 
 
 def main() -> int:

@@ -497,7 +497,7 @@ PROFILE_STAGES = (
     ("OpenTelemetry spans", ("OpenTelemetryMiddleware", "Tracer.start", "use_span")),
     ("BentoML timeout and concurrency limit", ("TimeoutMiddleware", "MaxConcurrencyMiddleware")),
     ("uvicorn HTTP (parse, socket writes)", ("uvicorn/protocols",)),
-    ("proxy: aiohttp client to the service", ("aiohttp/",)),
+    ("proxy: upstream client to the service", ("airmlops/serving/upstream.py", "aiohttp/")),
     ("proxy: forwarding code", ("ReverseProxy.", "_request_headers", "_response_headers")),
 )
 WAIT_LEAVES = ("Runner.run", "select ", "epoll", "Condition.wait", "_wait_for_tstate_lock",

@@ -215,36 +215,18 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         proc.wait(timeout=10)
 
 
-def _ping_redis(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    """A private ``redis-server`` on a free loopback port (persistence off); yields its URL."""
-    if shutil.which("redis-server") is None:
-        subprocess.run(["bash", str(REPO_ROOT / "scripts" / "ensure-redis.sh")], check=True,
-                       timeout=600)
+    """A private ``redis-server`` on a free loopback port (persistence off), started and stopped
+    the way the tests start theirs (``tests/integration/redis_fixture.py``); yields its URL."""
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "integration"))
+    from redis_fixture import run_redis_server
+
     workdir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
-    port = free_port()
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir), "--logfile", str(workdir / "redis.log")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 20
-        while not _ping_redis(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        with contextlib.contextmanager(run_redis_server)(workdir) as url:
+            yield url
     finally:
-        stop_process(proc)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -443,3 +425,14 @@ def process_figures(done: Mapping[str, Any], answer: Mapping[str, Any]) -> dict[
     """Wall, CPU and peak RSS of a finished worker (its own VmHWM when it reported one)."""
     peak = answer.get("vmhwm_mb") or done["peak_rss_mb"]
     return {"wall_s": done["wall_s"], "cpu_s": done["cpu_s"], "peak_rss_mb": peak}
+
+
+def run_worker(script: str, kind: str, *args: str, timeout: float = 900) -> dict[str, Any]:
+    """Run ``script --worker kind args...`` in this venv; its JSON answer, with its wall, CPU
+    and peak memory under ``_process``. A failed worker raises with the end of its stderr."""
+    done = run_measured([PYTHON, script, "--worker", kind, *args], timeout=timeout)
+    if done["returncode"] != 0:
+        raise RuntimeError(f"{kind} worker failed:\n{done['stderr'][-4000:]}")
+    answer = last_json_line(done["stdout"])
+    answer["_process"] = process_figures(done, answer)
+    return answer

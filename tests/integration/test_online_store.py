@@ -358,6 +358,31 @@ def test_make_online_store_picks_the_backend(redis_server: str, tmp_path: Path) 
         SqliteOnlineStore(tmp_path / "x.sqlite", "Bad Name")
 
 
+def test_redis_replies_are_parsed_by_hiredis_here_and_in_model_images(
+    redis_server: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lock installs hiredis (redis-py's C reply parser) and the bento pins it, so online
+    reads in tasks and in model containers do not parse replies in Python; without it the
+    store says so once it opens."""
+    from importlib import metadata
+
+    import redis.utils
+
+    from airmlops.serving.bento import service_requirements
+
+    with RedisOnlineStore(redis_server, "churn") as store:
+        connection = store._client.connection_pool.make_connection()
+        assert type(connection._parser).__name__ == "_HiredisParser"
+        connection.disconnect()
+    assert f"hiredis=={metadata.version('hiredis')}" in service_requirements()
+    monkeypatch.setattr(redis.utils, "HIREDIS_AVAILABLE", False)
+    with caplog.at_level("WARNING", logger="airmlops.features.online"):
+        RedisOnlineStore(redis_server, "churn").close()
+    assert "hiredis is not installed" in caplog.text
+
+
 def test_the_redis_encoding_round_trips() -> None:
     for value in (None, True, False, 0, -7, 2**62, 0.1 + 0.2, -1e-300, 1e300, "", "a:b ü"):
         assert decode_value(encode_value(value).encode() or None) == value

@@ -3,9 +3,10 @@
 Clients call one address that never changes between model versions; blue/green deploys start
 the new version beside the old one and then tell this proxy to send new requests there.
 It needs nothing but the Python environment, so the embedded default works without nginx or
-Traefik: uvicorn (httptools, uvloop) serves it and an aiohttp connection pool (keep-alive,
-timeouts) talks to the upstreams. aiohttp rather than httpx's AsyncClient because it adds a
-third of the latency (measured here on a tiny upstream: ~0.5 ms p50 against ~1.5 ms).
+Traefik: uvicorn (httptools, uvloop) serves it and a lean keep-alive client
+(:mod:`airmlops.serving.upstream`, httptools again) talks to the upstreams. That client rather
+than aiohttp's, which spent ~65 % of the proxy's CPU per request (benchmarks/README.md), or
+httpx's AsyncClient, slower still.
 
 * every request (method, path, query, body, end-to-end headers) goes to the ACTIVE upstream,
   read once when the request arrives: a switch changes where NEW requests go, while requests
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import ipaddress
 import json
@@ -43,8 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    import aiohttp
-    from multidict import CIMultiDict
+    from airmlops.serving.upstream import UpstreamPool
 
 logger = logging.getLogger("airmlops.serving.proxy")
 
@@ -76,6 +77,8 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+_NOT_FORWARDED = _HOP_BY_HOP | {"content-length", "expect"}
+_REPLACED = frozenset({"x-forwarded-host", "x-forwarded-proto"})  # set by the proxy
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 Scope = MutableMapping[str, Any]
@@ -175,6 +178,12 @@ class Upstream:
     url: str
     slot: str
 
+    @functools.cached_property
+    def address(self) -> tuple[str, int]:
+        """(host, port) of :attr:`url` (validated by :func:`validate_upstream`)."""
+        parts = urlsplit(self.url)
+        return parts.hostname or HOST, parts.port or 80
+
 
 class _ClientError(Exception):
     def __init__(self, status: int, error: str, message: str) -> None:
@@ -205,8 +214,9 @@ class ReverseProxy:
         self.max_body_bytes = max_body_bytes
         self.max_connections = max_connections
         self.counters = {"requests": 0, "upstream_errors": 0, "retries": 0, "switches": 0}
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
         self._switch_lock = asyncio.Lock()
+        self._sweeper: asyncio.Task[None] | None = None
 
     # -- ASGI entry point -------------------------------------------------------------------
 
@@ -229,48 +239,49 @@ class ReverseProxy:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self._session = self._make_session()
+                self._pool = self._make_pool()
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
                 _freeze_startup_objects()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._session is not None:
-                    await self._session.close()
+                if self._sweeper is not None:
+                    self._sweeper.cancel()
+                if self._pool is not None:
+                    await self._pool.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _make_session(self) -> aiohttp.ClientSession:
-        import aiohttp
+    def _make_pool(self) -> UpstreamPool:
+        # Only the client's own headers are forwarded (no User-Agent or Accept of the proxy's),
+        # bodies pass byte for byte (no decompression), no cookie is kept between clients, and
+        # no environment proxy is ever used: the pool speaks to loopback upstreams only. One
+        # timer per request bounds the whole answer (read_timeout).
+        from airmlops.serving.upstream import UpstreamPool
 
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=self.max_connections,
-                keepalive_timeout=KEEPALIVE_EXPIRY,
-                enable_cleanup_closed=True,
-            ),
-            # One timer per request (read_timeout bounds the whole upstream answer): a per-read
-            # timeout (sock_read) re-arms a timer on every chunk received, ~5 % of the proxy's
-            # busy samples under load (py-spy, benchmarks/README.md).
-            timeout=aiohttp.ClientTimeout(total=self.read_timeout, connect=self.connect_timeout),
-            # A proxy must not keep cookies from one client's answers for the next client.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # Forward the client's headers only: no default User-Agent, Accept, Accept-Encoding
-            # or Content-Type of aiohttp's own.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            auto_decompress=False,  # bodies pass through byte for byte, Content-Encoding kept
-            trust_env=False,  # never route upstream calls through an environment proxy
-        )
+        return UpstreamPool(limit=self.max_connections, keepalive_expiry=KEEPALIVE_EXPIRY,
+                            connect_timeout=self.connect_timeout)
+
+    async def _sweep(self) -> None:
+        """Close idle upstream connections past their expiry, so none lingers half-closed."""
+        while True:
+            await asyncio.sleep(KEEPALIVE_EXPIRY)
+            if self._pool is not None:
+                self._pool.drop_expired()
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:  # served without lifespan (e.g. an ASGI test transport)
-            self._session = self._make_session()
-        return self._session
+    def pool(self) -> UpstreamPool:
+        if self._pool is None:  # served without lifespan (e.g. an ASGI test transport)
+            self._pool = self._make_pool()
+        return self._pool
 
     # -- forwarding ---------------------------------------------------------------------------
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        import aiohttp
-        from yarl import URL
+        from airmlops.serving.upstream import (
+            UpstreamClosedError,
+            UpstreamConnectError,
+            UpstreamError,
+        )
 
         self.counters["requests"] += 1
         upstream = self.upstream
@@ -292,23 +303,30 @@ class ReverseProxy:
 
         attempt = 0
         while True:
+            host, port = upstream.address
             try:
-                async with self.session.request(
+                response = await self.pool.request(
+                    host,
+                    port,
                     method,
-                    URL(upstream.url + target, encoded=True),
-                    headers=headers,
-                    data=body if body or method not in _IDEMPOTENT else None,
-                    allow_redirects=False,
-                ) as response:
-                    content = await response.read()
-                    status, raw_headers = response.status, response.raw_headers
+                    target,
+                    headers,
+                    body if body or method not in _IDEMPOTENT else None,
+                    timeout=self.read_timeout,
+                )
+                content, status, raw_headers = response.body, response.status, response.headers
                 break
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            except UpstreamConnectError as exc:
                 # Nothing reached the upstream: safe to try once more, on the upstream that is
                 # active now (it may just have been switched away from a stopped one).
                 error: Exception = exc
                 retry = attempt == 0
-            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+            except UpstreamClosedError as exc:
+                # An idle keep-alive connection the upstream closed as the request went out:
+                # an idempotent request is sent once more on a fresh connection.
+                error = exc
+                retry = attempt == 0 and exc.reused and method in _IDEMPOTENT
+            except TimeoutError as exc:
                 self.counters["upstream_errors"] += 1
                 logger.warning("upstream %s (%s) timed out: %r", upstream.url, upstream.slot, exc)
                 raise _ClientError(
@@ -317,9 +335,7 @@ class ReverseProxy:
                     f"the model service in slot {upstream.slot} did "
                     f"not answer within {self.read_timeout:g} s",
                 ) from None
-            except aiohttp.ClientError as exc:
-                # Includes a connection closed before the answer; aiohttp itself retries that
-                # once for idempotent methods on a reused connection.
+            except UpstreamError as exc:  # an invalid or cut-off answer
                 error, retry = exc, False
             if not retry:
                 self.counters["upstream_errors"] += 1
@@ -411,14 +427,14 @@ class ReverseProxy:
         }
 
     async def _check_ready(self, upstream: Upstream) -> None:
-        import aiohttp
+        from airmlops.serving.upstream import UpstreamError
 
+        host, port = upstream.address
         try:
-            async with self.session.get(
-                f"{upstream.url}/readyz", timeout=aiohttp.ClientTimeout(total=5.0)
-            ) as response:
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            response = await self.pool.request(host, port, "GET", "/readyz", [], None,
+                                               timeout=5.0)
+            status = response.status
+        except (UpstreamError, TimeoutError) as exc:
             raise _ClientError(
                 409, "upstream_not_ready", f"{upstream.url} is not reachable: {exc!r}"
             ) from None
@@ -472,36 +488,37 @@ def _connection_tokens(values: Sequence[str]) -> frozenset[str]:
     )
 
 
-def _request_headers(scope: Scope) -> CIMultiDict[str]:
-    """The client's end-to-end headers plus ``X-Forwarded-*`` (Host becomes the upstream's)."""
-    from multidict import CIMultiDict
+def _request_headers(scope: Scope) -> list[tuple[str, str]]:
+    """The client's end-to-end headers plus ``X-Forwarded-*`` (Host becomes the upstream's).
 
+    ``Expect`` is answered by the proxy's own server (it has the whole body before
+    forwarding), so it is not passed on either."""
     raw: list[tuple[bytes, bytes]] = scope["headers"]
     declared = _connection_tokens(
         [value.decode("latin-1") for name, value in raw if name == b"connection"]
     )
-    headers: CIMultiDict[str] = CIMultiDict()
+    headers: list[tuple[str, str]] = []
     host = ""
     forwarded_for = ""
     for raw_name, raw_value in raw:
         name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
         lowered = name.lower()
-        if lowered in _HOP_BY_HOP or lowered in declared or lowered == "content-length":
+        if lowered in _NOT_FORWARDED or lowered in declared or lowered in _REPLACED:
             continue
         if lowered == "host":
             host = value
         elif lowered == "x-forwarded-for":
             forwarded_for = value
         else:
-            headers.add(name, value)
+            headers.append((name, value))
     client = scope.get("client")
     if client:
         forwarded_for = f"{forwarded_for}, {client[0]}" if forwarded_for else client[0]
     if forwarded_for:
-        headers["X-Forwarded-For"] = forwarded_for
+        headers.append(("X-Forwarded-For", forwarded_for))
     if host:
-        headers["X-Forwarded-Host"] = host
-    headers["X-Forwarded-Proto"] = scope.get("scheme", "http")
+        headers.append(("X-Forwarded-Host", host))
+    headers.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
     return headers
 
 
