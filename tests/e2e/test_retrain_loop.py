@@ -44,10 +44,10 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from airflow_api import AirflowClient
 
 from airmlops.platform import (
     Platform,
-    api_token,
     free_port,
     set_dag_paused,
     trigger_dag,
@@ -111,80 +111,11 @@ class Loop:
     spec_data: dict[str, Any]
     settings: Settings
     platform: Platform
-    token: str
+    airflow: AirflowClient
     stable_url: str
     champion: str
     champion_train_path: str
     timings: dict[str, float] = field(default_factory=dict)
-
-    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.token}", **kwargs.pop("headers", {})}
-        return httpx.request(method, f"{self.platform.base_url}/api/v2{path}",
-                             headers=headers, timeout=30, **kwargs)
-
-    def trigger_window(self, run_id: str, start: dt.datetime, end: dt.datetime) -> None:
-        response = self.api("POST", f"/dags/{MONITORING}/dagRuns", json={
-            "dag_run_id": run_id, "logical_date": end.isoformat(),
-            "data_interval_start": start.isoformat(), "data_interval_end": end.isoformat(),
-            "conf": {}})
-        assert response.status_code == 200, response.text
-
-    def run(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-        response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
-        assert response.status_code == 200, response.text
-        return response.json()["task_instances"]
-
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str | None]:
-        return {ti["task_id"]: ti["state"] for ti in self.task_instances(dag_id, run_id)}
-
-    def durations(self, dag_id: str, run_id: str) -> dict[str, float]:
-        return {ti["task_id"]: round(ti["duration"] or 0.0, 1)
-                for ti in self.task_instances(dag_id, run_id)}
-
-    def task_log(self, dag_id: str, run_id: str, task_id: str) -> str:
-        folder = (self.platform.run_dir / "airflow" / "logs" / f"dag_id={dag_id}"
-                  / f"run_id={run_id}" / f"task_id={task_id}")
-        return "\n".join(path.read_text(errors="replace")[-6000:]
-                         for path in sorted(folder.glob("attempt=*.log")))
-
-    def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
-        response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/"
-                                   f"{task_id}/xcomEntries/return_value")
-        assert response.status_code == 200, response.text
-        return response.json()["value"]
-
-    def wait(self, dag_id: str, run_id: str, timeout: float = RUN_TIMEOUT,
-             progress_every: float = 30.0) -> float:
-        started = time.monotonic()
-        reported = started
-        while True:
-            state = self.run(dag_id, run_id)["state"]
-            if state in ("success", "failed"):
-                break
-            assert time.monotonic() - started < timeout, (
-                f"{dag_id} {run_id} still {state} after {timeout} s: "
-                f"{self.task_states(dag_id, run_id)}")
-            if time.monotonic() - reported >= progress_every:
-                reported = time.monotonic()
-                _log(f"{dag_id} {run_id} {state} after {reported - started:.0f} s: "
-                     f"{self.task_states(dag_id, run_id)}")
-            time.sleep(1.0)
-        if state != "success":
-            states = self.task_states(dag_id, run_id)
-            failed = [t for t, s in states.items() if s in ("failed", "up_for_retry")]
-            logs = "\n".join(f"--- {t}\n{self.task_log(dag_id, run_id, t)}" for t in failed)
-            pytest.fail(f"{dag_id} run {run_id} {state}: {states}\n{logs}")
-        return time.monotonic() - started
-
-    def training_runs(self) -> list[dict[str, Any]]:
-        response = self.api("GET", f"/dags/{TRAINING}/dagRuns", params={"limit": 100})
-        assert response.status_code == 200, response.text
-        return response.json()["dag_runs"]
 
 
 def _deploy_champion(spec: PipelineSpec, spec_path: Path, settings: Settings,
@@ -245,13 +176,13 @@ def loop(platform_factory, mlflow_server: str,
                 platform = starting.result()
     _log(f"platform up and champion v{champion} serving at {stable_url}", started)
     try:
-        token = api_token(platform.base_url, platform.username, platform.password)
+        airflow = AirflowClient.for_platform(platform, progress=_log)
         for dag_id in (MONITORING, TRAINING, FEATURES):
-            wait_for_dag(platform.base_url, token, dag_id, timeout=240)
+            wait_for_dag(platform.base_url, airflow.token, dag_id, timeout=240)
         for dag_id in (MONITORING, TRAINING):
-            set_dag_paused(platform.base_url, token, dag_id, paused=False)
+            set_dag_paused(platform.base_url, airflow.token, dag_id, paused=False)
         timings["setup"] = time.monotonic() - started
-        yield Loop(spec, spec_data, settings, platform, token, stable_url, champion,
+        yield Loop(spec, spec_data, settings, platform, airflow, stable_url, champion,
                    train_path, timings)
     finally:
         undeploy(PIPELINE, data_root)
@@ -280,7 +211,8 @@ def _play(loop: Loop, plan: list[tuple[str, dt.date]], start: dt.datetime,
     for offset, (run_id, day) in enumerate(plan):
         end, result = _replay_window(loop, day, start, seed + offset)
         windows[run_id] = (start, end)
-        loop.trigger_window(run_id, start, end)  # the scheduler runs it during the next one
+        # The scheduler runs it while the next window plays.
+        loop.airflow.trigger(MONITORING, run_id, start, end)
         _log(f"window {run_id}: {result.rows_answered} rows of {result.scenario} (days up to "
              f"{day}), versions {result.model_versions}, {result.labels_posted} labels")
         start = end
@@ -316,28 +248,28 @@ def test_drift_retrains_on_the_drifted_world_and_the_new_champion_serves(loop: L
 
     # 2. Time moves on to today: the feature DAG builds today's (drifted) features and
     # materializes them; then it is paused again, so a retraining's ingest does not re-run it.
-    set_dag_paused(loop.platform.base_url, loop.token, FEATURES, paused=False)
-    features_run = trigger_dag(loop.platform.base_url, loop.token, FEATURES,
+    set_dag_paused(loop.platform.base_url, loop.airflow.token, FEATURES, paused=False)
+    features_run = trigger_dag(loop.platform.base_url, loop.airflow.token, FEATURES,
                                run_id="today")["dag_run_id"]
-    took = loop.wait(FEATURES, features_run)
-    set_dag_paused(loop.platform.base_url, loop.token, FEATURES, paused=True)
+    took = loop.airflow.wait(FEATURES, features_run, timeout=RUN_TIMEOUT)
+    set_dag_paused(loop.platform.base_url, loop.airflow.token, FEATURES, paused=True)
     _log(f"{FEATURES} brought the online store to {today} in {took:.0f} s: "
-         f"{loop.xcom(FEATURES, features_run, 'materialize')}", started)
+         f"{loop.airflow.xcom(FEATURES, features_run, 'materialize')}", started)
 
     # 3. Today's traffic: the drifted world.
     start = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
     start = _play(loop, [("w2", today), ("w3", today)], start, windows, seed=2)
     ids = {run_id: window_id_for(*bounds) for run_id, bounds in windows.items()}
     for run_id in ("w0", "w1", "w2", "w3"):
-        took = loop.wait(MONITORING, run_id)
+        took = loop.airflow.wait(MONITORING, run_id, timeout=RUN_TIMEOUT)
         _log(f"monitoring {run_id} done ({took:.0f} s wait): "
-             f"{loop.xcom(MONITORING, run_id, 'decide')['reason']}", started)
+             f"{loop.airflow.xcom(MONITORING, run_id, 'decide')['reason']}", started)
 
     for run_id in ("w0", "w1"):
         row = store.window(PIPELINE, ids[run_id])
         assert row["decision"] == "none" and row["breaches"] == [], (run_id, row["columns"])
         assert "not breached" in row["reason"]
-        assert loop.task_states(MONITORING, run_id)["act"] == "skipped"
+        assert loop.airflow.task_states(MONITORING, run_id)["act"] == "skipped"
     first = store.window(PIPELINE, ids["w2"])
     scores = {k: round(v["score"], 2) for k, v in first["columns"].items()}
     _log(f"drift onset window: breaches {first['breaches']}, drift share "
@@ -345,12 +277,12 @@ def test_drift_retrains_on_the_drifted_world_and_the_new_champion_serves(loop: L
     assert "drift_share" in first["breaches"]
     assert "feature:activity__sessions_sum_7d" in first["breaches"]
     assert first["decision"] == "none" and "only 1 of last 3" in first["reason"]
-    assert loop.task_states(MONITORING, "w2")["act"] == "skipped"
+    assert loop.airflow.task_states(MONITORING, "w2")["act"] == "skipped"
     second = store.window(PIPELINE, ids["w3"])
     assert second["decision"] == "retrain", second["reason"]
-    assert loop.task_states(MONITORING, "w3")["act"] == "success"
+    assert loop.airflow.task_states(MONITORING, "w3")["act"] == "success"
 
-    runs = loop.training_runs()
+    runs = loop.airflow.runs(TRAINING)
     retrain_id = f"retrain__{ids['w3']}"
     assert [r["dag_run_id"] for r in runs] == [retrain_id]
     conf = runs[0]["conf"]
@@ -365,23 +297,23 @@ def test_drift_retrains_on_the_drifted_world_and_the_new_champion_serves(loop: L
     start = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
     _play(loop, [("w4", today)], start, windows, seed=4)
     ids["w4"] = window_id_for(*windows["w4"])
-    loop.wait(MONITORING, "w4")
+    loop.airflow.wait(MONITORING, "w4", timeout=RUN_TIMEOUT)
     blocked = store.window(PIPELINE, ids["w4"])
     assert blocked["breaches"] and blocked["decision"] == "none", blocked
     assert "blocked" in blocked["reason"] and "cooldown" in blocked["reason"]
-    assert [r["dag_run_id"] for r in loop.training_runs()] == [retrain_id]
+    assert [r["dag_run_id"] for r in loop.airflow.runs(TRAINING)] == [retrain_id]
 
     # 5. The retraining: drifted data in, gates passed on merit, deployed, promoted.
-    took = loop.wait(TRAINING, retrain_id, timeout=TRAINING_TIMEOUT)
+    took = loop.airflow.wait(TRAINING, retrain_id, timeout=TRAINING_TIMEOUT)
     _log(f"retraining done in {took:.0f} s after the last window; task durations (s): "
-         f"{loop.durations(TRAINING, retrain_id)}", started)
-    assert set(loop.task_states(TRAINING, retrain_id).values()) == {"success"}
+         f"{loop.airflow.durations(TRAINING, retrain_id)}", started)
+    assert set(loop.airflow.task_states(TRAINING, retrain_id).values()) == {"success"}
 
-    snapshot = loop.xcom(TRAINING, retrain_id, "ingest")
+    snapshot = loop.airflow.xcom(TRAINING, retrain_id, "ingest")
     assert snapshot["interval_end"] == dt.datetime.combine(
         windows["w3"][1].date(), dt.time(), tzinfo=dt.UTC).isoformat()
     assert snapshot["world"] == {"scenario": SHIFT, "scenario_start": drift_start.isoformat()}
-    prepared = loop.xcom(TRAINING, retrain_id, "preprocess")
+    prepared = loop.airflow.xcom(TRAINING, retrain_id, "preprocess")
     split = prepared["split"]
     # Every training and test row (and every 30-day aggregate of them) is from the drifted world.
     fully_drifted = pd.Timestamp(drift_start + dt.timedelta(days=30), tz="UTC")
@@ -413,7 +345,7 @@ def test_drift_retrains_on_the_drifted_world_and_the_new_champion_serves(loop: L
     assert comparison["delta"] > 0 and comparison["ci_low"] > 0, comparison
     assert comparison["value_a"] > comparison["value_b"]
 
-    registered = loop.xcom(TRAINING, retrain_id, "register")
+    registered = loop.airflow.xcom(TRAINING, retrain_id, "register")
     new_version = registered["version"]
     assert int(new_version) == int(loop.champion) + 1
     champion = client.get_model_version_by_alias(PIPELINE, "champion")

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
+from airflow_api import AirflowClient
 
-from airmlops.platform import Platform, api_token, free_port, set_dag_paused, wait_for_dag
+from airmlops.platform import Platform, free_port, set_dag_paused, wait_for_dag
 from airmlops.settings import PROJECT_ROOT, Settings
 from airmlops.spec import PipelineSpec, load_spec
 
@@ -91,70 +91,10 @@ class Loop:
     spec: PipelineSpec
     settings: Settings
     platform: Platform
-    token: str
+    airflow: AirflowClient
     stable_url: str
     champion: str
     timings: dict[str, float]
-
-    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {self.token}", **kwargs.pop("headers", {})}
-        return httpx.request(method, f"{self.platform.base_url}/api/v2{path}",
-                             headers=headers, timeout=30, **kwargs)
-
-    def trigger(self, run_id: str, start: dt.datetime, end: dt.datetime,
-                logical_date: dt.datetime | None = None) -> None:
-        response = self.api("POST", f"/dags/{MONITORING}/dagRuns", json={
-            "dag_run_id": run_id, "logical_date": (logical_date or end).isoformat(),
-            "data_interval_start": start.isoformat(), "data_interval_end": end.isoformat(),
-            "conf": {}})
-        assert response.status_code == 200, response.text
-
-    def run_state(self, dag_id: str, run_id: str) -> str:
-        response = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")
-        assert response.status_code == 200, response.text
-        return response.json()["state"]
-
-    def task_instances(self, run_id: str) -> list[dict[str, Any]]:
-        response = self.api("GET", f"/dags/{MONITORING}/dagRuns/{run_id}/taskInstances")
-        assert response.status_code == 200, response.text
-        return response.json()["task_instances"]
-
-    def task_states(self, run_id: str) -> dict[str, str | None]:
-        return {ti["task_id"]: ti["state"] for ti in self.task_instances(run_id)}
-
-    def task_log(self, run_id: str, task_id: str) -> str:
-        """The task's log files (every attempt), read where the platform writes them."""
-        folder = (self.platform.run_dir / "airflow" / "logs" / f"dag_id={MONITORING}"
-                  / f"run_id={run_id}" / f"task_id={task_id}")
-        return "\n".join(path.read_text(errors="replace")[-6000:]
-                         for path in sorted(folder.glob("attempt=*.log")))
-
-    def xcom(self, run_id: str, task_id: str) -> Any:
-        response = self.api("GET", f"/dags/{MONITORING}/dagRuns/{run_id}/taskInstances/"
-                                   f"{task_id}/xcomEntries/return_value")
-        assert response.status_code == 200, response.text
-        return response.json()["value"]
-
-    def wait(self, run_id: str, timeout: float = RUN_TIMEOUT) -> float:
-        started = time.monotonic()
-        while True:
-            state = self.run_state(MONITORING, run_id)
-            if state in ("success", "failed"):
-                break
-            assert time.monotonic() - started < timeout, (
-                f"{run_id} still {state} after {timeout} s: {self.task_states(run_id)}")
-            time.sleep(1.0)
-        if state != "success":
-            states = self.task_states(run_id)
-            failed = [t for t, s in states.items() if s in ("failed", "up_for_retry")]
-            logs = "\n".join(f"--- {t}\n{self.task_log(run_id, t)}" for t in failed)
-            pytest.fail(f"monitoring run {run_id} {state}: {states}\n{logs}")
-        return time.monotonic() - started
-
-    def training_runs(self) -> list[dict[str, Any]]:
-        response = self.api("GET", f"/dags/{TRAINING}/dagRuns", params={"limit": 100})
-        assert response.status_code == 200, response.text
-        return response.json()["dag_runs"]
 
 
 def _deploy_champion(spec: PipelineSpec, spec_path: Path, settings: Settings,
@@ -214,12 +154,12 @@ def loop(platform_factory, mlflow_server: str,
                 platform = starting.result()
     try:
         timings["platform_and_champion"] = time.monotonic() - started
-        token = api_token(platform.base_url, platform.username, platform.password)
+        airflow = AirflowClient.for_platform(platform)
         for dag_id in (MONITORING, TRAINING):
-            wait_for_dag(platform.base_url, token, dag_id, timeout=240)
-        set_dag_paused(platform.base_url, token, MONITORING, paused=False)
+            wait_for_dag(platform.base_url, airflow.token, dag_id, timeout=240)
+        set_dag_paused(platform.base_url, airflow.token, MONITORING, paused=False)
         timings["setup"] = time.monotonic() - started
-        yield Loop(spec, settings, platform, token, stable_url, champion, timings)
+        yield Loop(spec, settings, platform, airflow, stable_url, champion, timings)
     finally:
         undeploy(PIPELINE, data_root)
 
@@ -255,26 +195,28 @@ def test_drift_triggers_exactly_one_retraining_and_a_repeated_window_none(loop: 
     for seed, (scenario, run_id) in enumerate(plan):
         end, replays[run_id] = _replay_window(loop, scenario, start, seed)
         windows[run_id] = (start, end)
-        loop.trigger(run_id, start, end)  # the scheduler runs it while the next window plays
+        # The scheduler runs it while the next window plays.
+        loop.airflow.trigger(MONITORING, run_id, start, end)
         start = end
     assert all(r.model_versions == {loop.champion: r.rows_answered} for r in replays.values())
     print(f"[loop] replayed {sum(r.rows_answered for r in replays.values())} rows in "
           f"{len(plan)} windows, {sum(r.labels_posted for r in replays.values())} labels")
 
-    durations = {run_id: loop.wait(run_id) for _, run_id in plan}
+    durations = {run_id: loop.airflow.wait(MONITORING, run_id, timeout=RUN_TIMEOUT)
+                 for _, run_id in plan}
     print(f"[loop] monitoring runs finished (waits, s): "
           f"{ {k: round(v, 1) for k, v in durations.items()} }")
 
     store = MonitoringStore(loop.settings.data_root)
     ids = {run_id: window_id_for(*bounds) for run_id, bounds in windows.items()}
     for run_id in ("w0", "w1", "w2"):
-        decision = loop.xcom(run_id, "decide")
+        decision = loop.airflow.xcom(MONITORING, run_id, "decide")
         row = store.window(PIPELINE, ids[run_id])
         assert decision["action"] == "none", (run_id, decision, row["columns"])
         assert row["decision"] == "none" and row["reason"] == decision["reason"]
         assert "not breached" in row["reason"]
         assert row["breaches"] == [] and row["rows"] >= 300 and row["sampled"] == 300
-        assert loop.task_states(run_id)["act"] == "skipped"
+        assert loop.airflow.task_states(MONITORING, run_id)["act"] == "skipped"
     # Labels of earlier requests arrived in later windows and were scored there.
     later = store.window(PIPELINE, ids["w2"])
     assert later["label_count"] >= 50 and later["performance"]["roc_auc"] > 0.6
@@ -289,12 +231,12 @@ def test_drift_triggers_exactly_one_retraining_and_a_repeated_window_none(loop: 
     assert drifted["decision"] == "retrain" and drifted["dedup_key"] == f"retrain__{ids['w3']}"
     assert Path(drifted["html_path"]).is_file()
     assert drifted["html_path"].endswith(f"reports/{PIPELINE}/monitoring/{ids['w3']}.html")
-    decision = loop.xcom("w3", "decide")
+    decision = loop.airflow.xcom(MONITORING, "w3", "decide")
     assert decision["action"] == "retrain" and decision["active_retrainings"] == 0
-    took = {ti["task_id"]: round(ti["duration"] or 0.0, 1) for ti in loop.task_instances("w3")}
+    took = loop.airflow.durations(MONITORING, "w3")
     print(f"[loop] task durations of the drift window's run (s): {took}")
 
-    runs = loop.training_runs()
+    runs = loop.airflow.runs(TRAINING)
     assert [r["dag_run_id"] for r in runs] == [f"retrain__{ids['w3']}"]
     triggered = runs[0]
     assert triggered["state"] == "queued"  # the training DAG is paused: it does no work here
@@ -305,19 +247,21 @@ def test_drift_triggers_exactly_one_retraining_and_a_repeated_window_none(loop: 
     reason = triggered["conf"]["trigger_reason"]
     assert reason.startswith(f"monitoring of {PIPELINE}, window {ids['w3']}: ")
     assert "feature:sessions" in reason and len(reason) <= 500
-    assert loop.task_states("w3")["act"] == "success"
-    assert loop.task_states("w3")["retain"] == "success"  # nothing old enough to delete yet
-    assert Path(loop.xcom("w3", "collect")["predictions_path"]).is_file()
+    assert loop.airflow.task_states(MONITORING, "w3")["act"] == "success"
+    # Nothing old enough to delete yet.
+    assert loop.airflow.task_states(MONITORING, "w3")["retain"] == "success"
+    assert Path(loop.airflow.xcom(MONITORING, "w3", "collect")["predictions_path"]).is_file()
 
     # The same window monitored again (another run, same data interval): no second trigger.
     start, end = windows["w3"]
-    loop.trigger("w3-again", start, end, logical_date=end + dt.timedelta(seconds=1))
-    loop.wait("w3-again")
-    again = loop.xcom("w3-again", "decide")
+    loop.airflow.trigger(MONITORING, "w3-again", start, end,
+                         logical_date=end + dt.timedelta(seconds=1))
+    loop.airflow.wait(MONITORING, "w3-again", timeout=RUN_TIMEOUT)
+    again = loop.airflow.xcom(MONITORING, "w3-again", "decide")
     assert again["action"] == "retrain" and again["replayed"] is True
     assert again["trigger_run_id"] == f"retrain__{ids['w3']}"
-    assert loop.task_states("w3-again")["act"] == "skipped"
-    assert [r["dag_run_id"] for r in loop.training_runs()] == [f"retrain__{ids['w3']}"]
+    assert loop.airflow.task_states(MONITORING, "w3-again")["act"] == "skipped"
+    assert [r["dag_run_id"] for r in loop.airflow.runs(TRAINING)] == [f"retrain__{ids['w3']}"]
     assert store.count(PIPELINE) == 4
 
     # Each window's numbers are in MLflow, with where its HTML report is.

@@ -43,7 +43,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -442,16 +442,15 @@ def encode_value(value: Any) -> str:
 
 
 def _encode_column(values: list[Any]) -> list[str]:
-    out = []
-    for value in values:
-        kind = type(value)
-        if kind is float:
-            out.append(f"f{value!r}")
-        elif value is None:
-            out.append("")
-        else:
-            out.append(encode_value(value))
-    return out
+    """:func:`encode_value` of every value; one comprehension for an all-float or all-int
+    column (with missing values), the common cases."""
+    kinds = set(map(type, values))
+    kinds.discard(type(None))
+    if kinds <= {float}:
+        return [f"f{value!r}" if value is not None else "" for value in values]
+    if kinds <= {int}:
+        return [f"i{value}" if value is not None else "" for value in values]
+    return [encode_value(value) for value in values]
 
 
 def decode_value(raw: bytes | None) -> Any:
@@ -494,6 +493,7 @@ class RedisOnlineStore:
             log.warning("hiredis is not installed: Redis replies are parsed in Python, online "
                         "reads of many entities take about twice as long (pip install hiredis)")
         self._write_script = self._client.register_script(_WRITE_NEWER)
+        self._script_loaded = False
         self._packed: dict[tuple[str, tuple[str, ...]], tuple[bytes, bytes, bytes]] = {}
 
     @property
@@ -523,20 +523,65 @@ class RedisOnlineStore:
         ttl = int(ttl_seconds if ttl_seconds is not None else view.ttl_seconds)
         if ttl < 1:
             raise ValueError("ttl_seconds must be at least 1")
+        import redis
+
         names = json.dumps(view.feature_names)
-        encoded = [_encode_column(column) for column in columns]
-        rows_text = [str(stamp) for stamp in stamps]
-        pipe = self._client.pipeline(transaction=False)
-        for start in range(0, len(entities), _WRITE_BATCH_ROWS):
-            stop = min(start + _WRITE_BATCH_ROWS, len(entities))
-            keys = [self.key(view, entities[i]) for i in range(start, stop)]
-            batch = [
-                [rows_text[i], *(column[i] for column in encoded)] for i in range(start, stop)
-            ]
-            self._write_script(keys=keys, args=[ttl, names, json.dumps(batch)], client=pipe)
-        replies = pipe.execute()
+        prefix = f"{self.prefix}:{view.name}:"
+
+        def batches() -> Iterator[tuple[list[str], str]]:
+            # Encoded batch by batch, so that Redis runs one batch while the next is encoded.
+            for start in range(0, len(entities), _WRITE_BATCH_ROWS):
+                stop = start + _WRITE_BATCH_ROWS
+                keys = [prefix + entity for entity in entities[start:stop]]
+                encoded = [_encode_column(column[start:stop]) for column in columns]
+                rows_text = [str(stamp) for stamp in stamps[start:stop]]
+                yield keys, json.dumps(list(zip(rows_text, *encoded, strict=True)))
+
+        if not self._script_loaded:
+            self._client.script_load(_WRITE_NEWER)
+            self._script_loaded = True
+        try:
+            written = self._stream_script(batches(), ttl, names)
+        except redis.exceptions.NoScriptError:  # the server lost its script cache (a restart)
+            self._client.script_load(_WRITE_NEWER)
+            written = self._stream_script(batches(), ttl, names)
         self.round_trips += 1
-        return int(sum(replies))
+        return written
+
+    def _stream_script(self, batches: Iterator[tuple[list[str], str]], ttl: int,
+                       names: str) -> int:
+        """EVALSHA the write script once per batch, each sent as soon as it is encoded, then
+        read every reply: one round trip, with the client and Redis working at the same time.
+
+        Every reply is read even after an error reply, so the connection stays in step; a
+        connection that fails mid-way is dropped. The first error is raised after that.
+        """
+        import redis
+
+        sha = self._write_script.sha
+        pool = self._client.connection_pool
+        connection = pool.get_connection()
+        try:
+            sent = 0
+            for keys, rows_json in batches:
+                connection.send_packed_command(
+                    connection.pack_command("EVALSHA", sha, len(keys), *keys, ttl, names,
+                                            rows_json), check_health=sent == 0)
+                sent += 1
+            written, error = 0, None
+            for _ in range(sent):
+                try:
+                    written += int(connection.read_response())
+                except redis.ResponseError as exc:
+                    error = error or exc
+        except BaseException:
+            connection.disconnect()
+            raise
+        finally:
+            pool.release(connection)
+        if error is not None:
+            raise error
+        return written
 
     def read(
         self,
