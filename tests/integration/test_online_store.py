@@ -188,6 +188,7 @@ def test_a_batch_read_of_all_views_is_one_round_trip(
                                      "extra__visits": ids[::2]}))
     store.write(ACTIVITY, pd.DataFrame({"customer_id": ids[::3], FEATURE_TIMESTAMP: stamp,
                                         "activity__sessions_sum_7d": 1.5}))
+    store.read([PROFILE], [0])  # connects (Redis: the client's handshake is not a read)
     calls = count_round_trips(store, monkeypatch)
     before = store.round_trips
     result = store.read([ACTIVITY, PROFILE, EXTRA], [*ids, "ghost"])
@@ -381,6 +382,30 @@ def test_redis_replies_are_parsed_by_hiredis_here_and_in_model_images(
     with caplog.at_level("WARNING", logger="airmlops.features.online"):
         RedisOnlineStore(redis_server, "churn").close()
     assert "hiredis is not installed" in caplog.text
+
+
+def test_redis_reads_stay_in_step_after_an_error_reply_and_without_hiredis(
+    redis_server: str,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A key of the wrong type makes one HMGET of a batch fail: the read raises Redis' error
+    after reading every reply, so the next read on the same connection is right. The plain
+    reply path (no hiredis reader) returns the same values as the hiredis one."""
+    from airmlops.features import online as online_module
+
+    with RedisOnlineStore(redis_server, "instep") as store:
+        store.write(PROFILE, [profile_row(c, "2026-01-05 10:00", age=c) for c in (1, 2, 3)])
+        expected = store.read([PROFILE, EXTRA], [1, 2, 3, 4]).values
+        other_client = redis.Redis.from_url(redis_server)
+        other_client.set(store.key(PROFILE, 2), "not a hash")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            store.read([PROFILE, EXTRA], [1, 2, 3])
+        assert store.read([PROFILE], [3])[3]["profile__age"] == 3
+        assert len(store._idle) == 1  # the connection was kept: it is in step
+        other_client.delete(store.key(PROFILE, 2))
+        store.write(PROFILE, [profile_row(2, "2026-01-05 10:00", age=2)])
+        monkeypatch.setattr(online_module, "_hiredis_marker", lambda: None)
+        assert store.read([PROFILE, EXTRA], [1, 2, 3, 4]).values == expected
 
 
 def test_the_redis_encoding_round_trips() -> None:
