@@ -3,7 +3,10 @@
 A spec's ``alerts:`` section names where they go: an e-mail over SMTP, a JSON webhook, or both.
 The spec holds no secret: SMTP credentials and webhook headers (an ``Authorization`` header, a
 signing token) are read from environment variables whose *names* the spec gives, when the alert
-is sent. A webhook URL is either loopback (``http://127.0.0.1:...``, a local relay) or https.
+is sent. Those names must start with ``MLOPS_ALERT_`` (read only through
+:func:`airmlops.settings.alert_secret`), so a spec can never send the platform's own secrets (the
+Airflow JWT secret, the Fernet key, the database URL, the serving token) anywhere. A webhook URL
+is either loopback (``http://127.0.0.1:...``, a local relay) or https.
 
 :func:`notify` sends one event to every configured channel and never raises: an alert that
 cannot be delivered is logged and reported in its result, and the pipeline step that raised it
@@ -14,7 +17,8 @@ Example::
     alerts:
       events: [quarantine, not_blessed, rollback, retraining_decision]
       smtp: {host: smtp.example.com, port: 587, use_tls: true, from: mlops@example.com,
-             to: [ml-team@example.com], username_env: SMTP_USER, password_env: SMTP_PASSWORD}
+             to: [ml-team@example.com], username_env: MLOPS_ALERT_SMTP_USER,
+             password_env: MLOPS_ALERT_SMTP_PASSWORD}
       webhook: {url: "https://hooks.example.com/mlops",
                 headers_from_env: {Authorization: MLOPS_ALERT_WEBHOOK_AUTH}}
 
@@ -26,13 +30,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from airmlops.settings import ALERT_ENV_PATTERN, ALERT_ENV_PREFIX, alert_secret
 
 if TYPE_CHECKING:
     from airmlops.spec import PipelineSpec
@@ -41,7 +46,6 @@ log = logging.getLogger(__name__)
 
 AlertEvent = Literal["quarantine", "not_blessed", "rollback", "retraining_decision"]
 EVENTS: tuple[str, ...] = ("quarantine", "not_blessed", "rollback", "retraining_decision")
-ENV_NAME_PATTERN = r"^[A-Z_][A-Z0-9_]{0,127}$"
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 """An HTTP header name (RFC 9110 token)."""
 EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})$")
@@ -52,6 +56,14 @@ SUBJECT_PREFIX = "[airmlops]"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _check_env_name(value: str) -> str:
+    if not ALERT_ENV_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not allowed: credentials come only from environment "
+                         f"variables named {ALERT_ENV_PREFIX}<NAME> (upper case, digits, _); "
+                         "the value itself never goes in the spec")
+    return value
 
 
 def _check_email(value: str) -> str:
@@ -80,10 +92,12 @@ class SmtpAlerts(_Strict):
     sender: str = Field(alias="from", description="The From address.")
     to: list[str] = Field(min_length=1, max_length=100)
     use_tls: bool = Field(default=False, description="Upgrade the connection with STARTTLS.")
-    username_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN,
-                                     description="Environment variable holding the user name.")
-    password_env: str | None = Field(default=None, pattern=ENV_NAME_PATTERN,
-                                     description="Environment variable holding the password.")
+    username_env: str | None = Field(
+        default=None, description=f"Environment variable ({ALERT_ENV_PREFIX}*) holding the "
+        "user name.")
+    password_env: str | None = Field(
+        default=None, description=f"Environment variable ({ALERT_ENV_PREFIX}*) holding the "
+        "password.")
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     @field_validator("host")
@@ -92,6 +106,11 @@ class SmtpAlerts(_Strict):
         if not HOSTNAME.match(value):
             raise ValueError(f"{value!r} is not a host name or address")
         return value
+
+    @field_validator("username_env", "password_env")
+    @classmethod
+    def _credential_names(cls, value: str | None) -> str | None:
+        return value if value is None else _check_env_name(value)
 
     @field_validator("sender")
     @classmethod
@@ -110,7 +129,8 @@ class WebhookAlerts(_Strict):
     url: str = Field(min_length=8, max_length=2000)
     headers_from_env: dict[str, str] = Field(
         default_factory=dict,
-        description="Header name -> name of the environment variable holding its value.")
+        description=f"Header name -> name of the environment variable ({ALERT_ENV_PREFIX}*) "
+        "holding its value.")
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
     @field_validator("url")
@@ -135,9 +155,10 @@ class WebhookAlerts(_Strict):
                 raise ValueError(f"{header!r} is not an HTTP header name")
             if header.lower() in ("host", "content-length", "content-type", "transfer-encoding"):
                 raise ValueError(f"header {header!r} is set by the client itself")
-            if not re.match(ENV_NAME_PATTERN, env_name):
-                raise ValueError(f"header {header!r}: {env_name!r} is not an environment "
-                                 "variable name (the value itself never goes in the spec)")
+            try:
+                _check_env_name(env_name)
+            except ValueError as error:
+                raise ValueError(f"header {header!r}: {error}") from None
         return value
 
 
@@ -159,7 +180,7 @@ class AlertsConfig(_Strict):
 def _secret(name: str | None, what: str) -> str | None:
     if name is None:
         return None
-    value = os.environ.get(name)
+    value = alert_secret(name)
     if value is None:
         raise RuntimeError(f"{what}: environment variable {name} is not set")
     return value

@@ -20,6 +20,10 @@ def _spec_check(paths: list[Path]) -> int:
         except SpecError as error:
             failures += 1
             print(error, file=sys.stderr)
+        except Exception as error:  # a bad spec is reported, never a traceback
+            failures += 1
+            print(f"invalid pipeline spec {path}:\n  (file): {type(error).__name__}",
+                  file=sys.stderr)
         else:
             print(f"ok  {path}  ({spec.name}: {spec.task}, {len(spec.features)} features)")
     return 1 if failures else 0

@@ -2,8 +2,9 @@
 
 Parse-time cost matters (the DAG processor parses often), so this module imports only Airflow's
 SDK, pydantic and YAML; every task imports what it needs when it runs. A spec that fails
-validation yields one placeholder DAG that explains the error (in its docs and in the failure of
-its only task), so the problem shows in the UI while every other pipeline keeps loading.
+validation, or any other error while one spec's DAGs are built, yields one placeholder DAG that
+explains the error (in its docs and in the failure of its only task), so the problem shows in
+the UI while every other pipeline keeps loading and the DAG file never fails to import.
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ def training_params() -> dict[str, Param]:
                           description="Simulator only: override the spec's scenario "
                           "(source.scenario) for this run."),
         "scenario_start": Param(None, type=["null", "string"], pattern=DATE_PATTERN,
+                                format="date",
                                 description="Simulator only: the first day of the scenario "
                                 "(YYYY-MM-DD; stable before); overrides source.scenario_start."),
         "data_end": Param(None, type=["null", "string"], pattern=DATETIME_PATTERN,
@@ -344,9 +346,11 @@ def _placeholder_name(path: Path) -> str:
     return stem if re.match(NAME_PATTERN, stem) else f"pipeline_{stem}"[:60]
 
 
-def build_invalid_spec_dag(path: Path, error: SpecError) -> DAG:
+def build_invalid_spec_dag(path: Path, error: Exception) -> DAG:
     """A DAG that shows a spec's validation error in the UI and fails if triggered."""
-    message = str(error)
+    message = str(error) if isinstance(error, SpecError) else (
+        f"invalid pipeline spec {path}:\n  (build): {type(error).__name__}: "
+        f"{' '.join(str(error).split())[:500]}")
 
     @dag(
         dag_id=f"{_placeholder_name(path)}_invalid_spec",
@@ -370,27 +374,60 @@ def build_invalid_spec_dag(path: Path, error: SpecError) -> DAG:
     return invalid_spec()
 
 
+def _build_pipeline(spec: PipelineSpec, path: Path) -> list[DAG]:
+    from airmlops.monitoring.dag import build_monitoring_dag
+
+    built = [build_training_dag(spec, path), build_rollback_dag(spec, path),
+             build_monitoring_dag(spec, path)]
+    if spec.feature_store is not None:
+        built.append(build_features_dag(spec, path))
+    return built
+
+
+def _autoregistered() -> set:
+    """DAGs Airflow's DagBag picks up from the DAG context even when they are not returned."""
+    from airflow.sdk.definitions._internal.contextmanager import DagContext
+
+    return DagContext.autoregistered_dags
+
+
+def _forget(dags: list[DAG]) -> None:
+    """Keep DAGs this factory discarded (half-built, duplicated ids) out of the DagBag."""
+    registered = _autoregistered()
+    for item in [item for item in registered if any(item[0] is gone for gone in dags)]:
+        registered.discard(item)
+
+
 def build_all(pipelines_dir: Path | None = None) -> dict[str, DAG]:
-    """Every DAG of every spec in the folder, keyed by dag_id."""
+    """Every DAG of every spec in the folder, keyed by dag_id.
+
+    Whatever goes wrong with one spec (a validation error or any other exception while its
+    DAGs are built) gives that spec a ``<file>_invalid_spec`` DAG instead; the other specs'
+    DAGs are unaffected.
+    """
     folder = pipelines_dir or get_settings().pipelines_dir
     dags: dict[str, DAG] = {}
+    owners: dict[str, Path] = {}
     for path in spec_paths(folder):
+        before = set(_autoregistered())
         try:
             spec = load_spec(path)
-        except SpecError as error:
-            log.error("%s", error)
+            built = _build_pipeline(spec, path)
+            taken = sorted({dag.dag_id for dag in built} & set(dags))
+            if taken:
+                raise SpecError(path, [("name", f"'{spec.name}' gives DAG ids {taken} that "
+                                        f"{owners[taken[0]].name} already defines")])
+        except Exception as error:  # one bad spec must never break the DAG file
+            _forget([item[0] for item in set(_autoregistered()) - before])
+            log.error("%s", error if isinstance(error, SpecError) else
+                      f"pipeline spec {path}: {type(error).__name__}: {error}")
             built = [build_invalid_spec_dag(path, error)]
-        else:
-            from airmlops.monitoring.dag import build_monitoring_dag
-
-            built = [build_training_dag(spec, path), build_rollback_dag(spec, path),
-                     build_monitoring_dag(spec, path)]
-            if spec.feature_store is not None:
-                built.append(build_features_dag(spec, path))
         for item in built:
             if item.dag_id in dags:
                 log.error("%s: dag_id %s is already defined by another spec; skipped",
                           path, item.dag_id)
+                _forget([item])
                 continue
             dags[item.dag_id] = item
+            owners[item.dag_id] = path
     return dags

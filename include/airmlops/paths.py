@@ -1,7 +1,9 @@
 """Safe paths and atomic writes, shared by every module that touches the data root.
 
 :func:`safe_join` is the one way an untrusted string (a spec field, a pipeline name, a run id)
-becomes a path: the result is always confined under its root. The ``atomic_write_*`` helpers
+becomes a path: the result is always confined under its root. :func:`confined_files` is the one
+way a spec's path or glob becomes files to read: every match, resolved, lies inside the data
+root (or a root the settings allow). The ``atomic_write_*`` helpers
 write to a temporary file in the target's directory, fsync it and rename it into place, so a
 reader sees the old content or the new one, never a torn file, and a retried task simply
 overwrites its own output.
@@ -9,9 +11,11 @@ overwrites its own output.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -84,3 +88,72 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_GLOB_MAGIC = ("*", "?", "[")
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The leading path parts of a glob pattern that hold no wildcard."""
+    parts = PurePosixPath(pattern).parts
+    literal = []
+    for part in parts:
+        if any(char in part for char in _GLOB_MAGIC):
+            break
+        literal.append(part)
+    return str(PurePosixPath(*literal)) if literal else "."
+
+
+def _within(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def confine_pattern(pattern: str, roots: Sequence[Path], *, field: str) -> str:
+    """Check that a path or glob from a spec stays inside one of ``roots``; return it.
+
+    A relative pattern lives under ``roots[0]`` (the data root); an absolute one must lie under
+    one of the roots. The wildcard-free leading part is resolved (symlinks followed), so a link
+    out of the root is refused before anything is listed. Errors are ValueErrors that start
+    with ``field`` and name the pattern, never anything read from a file.
+    """
+    if not roots:
+        raise ValueError(f"{field}: no data root is configured")
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"{field}: expected a non-empty path or glob")
+    if "\x00" in pattern:
+        raise ValueError(f"{field}: {pattern!r} contains a NUL byte")
+    if ".." in PurePosixPath(pattern).parts:
+        raise ValueError(f"{field}: {pattern!r} must not contain '..'")
+    resolved_roots = [Path(root).resolve() for root in roots]
+    prefix = _literal_prefix(pattern)
+    anchor = Path(prefix) if Path(prefix).is_absolute() else resolved_roots[0] / prefix
+    if not _within(anchor.resolve(), resolved_roots):
+        raise ValueError(f"{field}: {pattern!r} is outside the data root "
+                         f"{str(resolved_roots[0])!r} and the allowed data roots")
+    return pattern
+
+
+def confined_files(pattern: str, roots: Sequence[Path], *, field: str) -> list[Path]:
+    """The files matching ``pattern`` (a path or glob, see :func:`confine_pattern`), sorted.
+
+    Every match is resolved (symlinks followed) and must still lie inside one of ``roots``: a
+    link that leads out is refused with a ValueError naming ``field`` and the match, so no file
+    outside the roots is ever opened by a caller that reads only what this returns.
+    """
+    confine_pattern(pattern, roots, field=field)
+    resolved_roots = [Path(root).resolve() for root in roots]
+    if Path(pattern).is_absolute():
+        matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+    else:
+        # root_dir keeps glob characters in the root's own name from being interpreted.
+        matches = [resolved_roots[0] / p
+                   for p in glob.glob(pattern, root_dir=resolved_roots[0], recursive=True)]
+    files = []
+    for match in matches:
+        target = match.resolve()
+        if not _within(target, resolved_roots):
+            raise ValueError(f"{field}: {str(match)!r} leads outside the data root "
+                             f"{str(resolved_roots[0])!r} (through a symbolic link)")
+        if target.is_file():
+            files.append(target)
+    return sorted(set(files))

@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,8 @@ from typing import Any
 from urllib.parse import quote
 
 from airmlops.embedded_pg import PgHandle, running_postgres, start_postgres, stop_postgres
+from airmlops.processes import free_port as free_port  # re-exported: tests pick ports with it
+from airmlops.processes import port_free, spawn_detached
 
 HOST = "127.0.0.1"
 DEFAULT_AIRFLOW_PORT = 8080
@@ -495,29 +496,17 @@ def spawn(
 ) -> ProcessRecord:
     """Start ``argv`` in a new session (its own process group, no terminal), log to
     ``logs/<name>.log`` and write its pidfile. The process outlives the caller."""
-    import psutil
-
     from airmlops.settings import PROJECT_ROOT
 
     run_dir = Path(run_dir)
-    log_path = run_dir / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            cwd=str(cwd or PROJECT_ROOT),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    proc.returncode = 0  # the child is not ours to wait for: silence Popen's ResourceWarning
-    record = ProcessRecord(
-        name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time()
+    proc = spawn_detached(
+        argv,
+        env,
+        run_dir / "logs" / f"{name}.log",
+        cwd or PROJECT_ROOT,
+        banner=f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n",
     )
+    record = ProcessRecord(name=name, pid=proc.pid, create_time=proc.create_time())
     _write_atomic(pidfile(run_dir, name), f"{record.pid}\n{record.create_time}\n")
     return record
 
@@ -648,21 +637,8 @@ def component_status(run_dir: Path) -> dict[str, dict[str, Any]]:
 # --------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return True
-    return False
+    return not port_free(port)
 
 
 def _http_client(timeout: float = 10.0):  # -> httpx.Client

@@ -7,6 +7,8 @@ call :func:`get_settings` where a setting is needed.
 from __future__ import annotations
 
 import functools
+import os
+import re
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -29,6 +31,11 @@ class Settings(BaseSettings):
     data_root: Path = Field(
         default=PROJECT_ROOT / ".data",
         description="Root of all platform data: snapshots, quarantine, features, reports.",
+    )
+    allowed_data_roots: list[Path] = Field(
+        default=[],
+        description="Folders besides the data root that spec file paths may read from (JSON "
+        "list in the environment); empty means the data root only.",
     )
     pipelines_dir: Path = Field(
         default=PROJECT_ROOT / "include" / "pipelines",
@@ -92,6 +99,11 @@ class Settings(BaseSettings):
         return self.bentoml_home or self.data_root / "bentoml"
 
     @property
+    def data_roots(self) -> tuple[Path, ...]:
+        """Where spec file paths may point: the data root first, then the allowed roots."""
+        return (self.data_root, *self.allowed_data_roots)
+
+    @property
     def snapshots_dir(self) -> Path:
         return self.data_root / "snapshots"
 
@@ -106,6 +118,24 @@ class Settings(BaseSettings):
     @property
     def reports_dir(self) -> Path:
         return self.data_root / "reports"
+
+
+ALERT_ENV_PREFIX = "MLOPS_ALERT_"
+"""The only environment variables a spec may name for alert credentials (no Settings field
+starts with ``alert_``, so none of the platform's own settings has this prefix)."""
+ALERT_ENV_PATTERN = re.compile(r"^MLOPS_ALERT_[A-Z0-9_]{1,100}$")
+
+
+def alert_secret(name: str) -> str | None:
+    """The value of the alert credential ``name`` (``MLOPS_ALERT_*``), None when it is unset.
+
+    Specs name these variables; any other name is refused here too, so no spec can read the
+    platform's own secrets (the JWT secret, the Fernet key, the database URL).
+    """
+    if not isinstance(name, str) or not ALERT_ENV_PATTERN.match(name):
+        raise ValueError(f"{name!r} is not an alert credential: expected an environment "
+                         f"variable named {ALERT_ENV_PREFIX}<NAME>")
+    return os.environ.get(name)
 
 
 @functools.cache

@@ -12,24 +12,42 @@ time; :func:`resolve_estimator` does the expensive check of the estimator class.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import hashlib
-import importlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from airmlops import estimators
 from airmlops.alerts import AlertsConfig
 from airmlops.features.definitions import FeatureSet
 from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
+from airmlops.paths import confine_pattern
+from airmlops.schedules import check_schedule
 
 NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 ESTIMATOR_PATTERN = r"^sklearn(\.[a-z_][a-z0-9_]*)+\.[A-Z][A-Za-z0-9]*$"
 """Only scikit-learn estimators: a spec must not be able to import arbitrary code."""
+ESTIMATOR_KIND = {"binary_classification": "classifier", "regression": "regressor"}
+
+MAX_SPEC_BYTES = 256 * 1024
+"""A spec is a page of YAML; a bigger file is refused before it is parsed."""
+MAX_NESTING = 32
+"""Deepest nesting of mappings and lists a spec may use (the schema needs fewer than 10)."""
 
 Column = Annotated[str, Field(pattern=COLUMN_PATTERN)]
 
@@ -55,6 +73,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _confined(value: str, info: ValidationInfo) -> str:
+    """A spec path or glob, checked against the data roots given as validation context."""
+    roots = (info.context or {}).get("data_roots")
+    if roots is None:
+        from airmlops.settings import get_settings
+
+        roots = get_settings().data_roots
+    try:
+        return confine_pattern(value, roots, field="path")
+    except ValueError as error:
+        raise ValueError(str(error).removeprefix("path: ")) from None
+
+
 class SimulatorSource(_Strict):
     """The built-in subscription-business simulator (deterministic for a seed)."""
 
@@ -78,10 +109,8 @@ class FileSource(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _no_parent_escape(cls, value: str) -> str:
-        if ".." in Path(value).parts:
-            raise ValueError("must not contain '..'")
-        return value
+    def _inside_the_data_roots(cls, value: str, info: ValidationInfo) -> str:
+        return _confined(value, info)
 
 
 class SqlSource(_Strict):
@@ -145,11 +174,15 @@ class EstimatorConfig(_Strict):
 
     @field_validator("class_path")
     @classmethod
-    def _is_a_sklearn_class_path(cls, value: str) -> str:
-        if not re.match(ESTIMATOR_PATTERN, value):
+    def _is_a_sklearn_estimator(cls, value: str) -> str:
+        if not re.match(ESTIMATOR_PATTERN, value) or value not in estimators.catalog():
+            names = sorted({path.rpartition(".")[2] for path in estimators.catalog()})
+            close = difflib.get_close_matches(value.rpartition(".")[2], names, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ValueError(
-                "expected a scikit-learn estimator class path such as "
-                "'sklearn.linear_model.LogisticRegression'"
+                "expected a scikit-learn classifier or regressor listed by "
+                "sklearn.utils.all_estimators, such as 'sklearn.linear_model.LogisticRegression'"
+                + hint
             )
         return value
 
@@ -185,12 +218,33 @@ class FeatureStoreConfig(FeatureSet):
     """
 
     schedule: str | None = "@daily"
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return value if value is None else check_schedule(value)
+
+    @field_validator("events_path", "profiles_path")
+    @classmethod
+    def _inside_the_data_roots(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return value if value is None else _confined(value, info)
+
     backfill_days: int = Field(default=150, ge=1, le=3650,
                                description="Days computed on the first run of an empty store.")
     events_path: str | None = Field(
         default=None, description="CSV/Parquet glob of events for non-simulator sources.")
     profiles_path: str | None = Field(
         default=None, description="CSV/Parquet glob of profiles for non-simulator sources.")
+
+
+class ResourceLimits(_Strict):
+    """What one model container may use (docker target; a process slot is not limited)."""
+
+    memory_mb: int = Field(default=1024, ge=128, le=262144,
+                           description="Memory limit in MiB (no swap beyond it).")
+    cpus: float = Field(default=1.0, ge=0.1, le=64, description="CPU share (1.0 = one core).")
+    pids: int = Field(default=512, ge=32, le=32768,
+                      description="Most processes and threads the container may run.")
 
 
 class DeployConfig(_Strict):
@@ -208,6 +262,8 @@ class DeployConfig(_Strict):
     bake_probe_interval_seconds: float = Field(default=1.0, gt=0)
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
     max_p99_ms: float = Field(default=1000.0, gt=0)
+    resources: ResourceLimits = Field(default_factory=ResourceLimits,
+                                      description="Limits of each model container.")
 
 
 class PipelineSpec(_Strict):
@@ -241,6 +297,25 @@ class PipelineSpec(_Strict):
         "feature plus the request fields that are declared features, or, without a feature "
         "store, every declared feature.",
     )
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        return value if value is None else check_schedule(value)
+
+    @model_validator(mode="after")
+    def _estimator_fits_the_task(self) -> PipelineSpec:
+        entry = estimators.catalog()[self.estimator.class_path]
+        kind = ESTIMATOR_KIND[self.task]
+        if kind not in entry["kinds"]:
+            raise ValueError(f"estimator.class_path: '{self.estimator.class_path}' is not a "
+                             f"{kind} (task is {self.task})")
+        for name in self.estimator.params:
+            if name not in entry["params"]:
+                raise ValueError(f"estimator.params.{name}: not a parameter of "
+                                 f"{self.estimator.class_path.rpartition('.')[2]}; expected any "
+                                 f"of {entry['params']}")
+        return self
 
     @model_validator(mode="after")
     def _columns_are_consistent(self) -> PipelineSpec:
@@ -387,7 +462,7 @@ def _problems(error: ValidationError) -> list[tuple[str, str]]:
             message = "is not a known field"
         elif "input" in item and item["type"] != "model_type" and not isinstance(
             item["input"], dict
-        ):
+        ) and repr(item["input"]) not in message:
             message = f"{message} (got {item['input']!r})"
         field = _field_path(item["loc"])
         # Checks across fields name their field at the start of the message.
@@ -399,26 +474,75 @@ def _problems(error: ValidationError) -> list[tuple[str, str]]:
     return problems
 
 
-def parse_spec(data: Any, path: Path | str = "<memory>") -> PipelineSpec:
-    """Validate a spec given as a mapping; raise :class:`SpecError` on any bad field."""
+def parse_spec(data: Any, path: Path | str = "<memory>", *,
+               data_roots: Sequence[Path] | None = None) -> PipelineSpec:
+    """Validate a spec given as a mapping; raise :class:`SpecError` on any bad field.
+
+    ``data_roots`` are where file paths may point (default: the settings' data roots).
+    """
     if not isinstance(data, dict):
         raise SpecError(path, [("(top level)", "expected a mapping of fields")])
+    context = {"data_roots": data_roots} if data_roots is not None else None
     try:
-        return PipelineSpec.model_validate(data)
+        return PipelineSpec.model_validate(data, context=context)
     except ValidationError as error:
         raise SpecError(path, _problems(error)) from None
+    except Exception as error:  # a validator's own bug must still name the spec
+        raise SpecError(path, [("(top level)", f"cannot be validated: "
+                                               f"{type(error).__name__}")]) from None
 
 
-def load_spec(path: Path | str) -> PipelineSpec:
-    """Read and validate one spec file."""
+class _SpecLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases (no expansion bombs; a spec never needs
+    them) and with a nesting limit."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(None, None, "anchors and aliases (&name, *name) are not "
+                                       "allowed in a spec", event.start_mark)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_NESTING:
+                raise yaml.MarkedYAMLError(None, None, f"nested deeper than {MAX_NESTING} "
+                                           "levels", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _read_spec_text(path: Path) -> str:
+    with path.open("rb") as handle:
+        raw = handle.read(MAX_SPEC_BYTES + 1)
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(path, [("(file)", f"is larger than {MAX_SPEC_BYTES // 1024} KiB")])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SpecError(path, [("(file)", f"is not UTF-8 text (byte 0x{raw[error.start]:02x} "
+                                          f"at offset {error.start})")]) from None
+
+
+def load_spec(path: Path | str, *, data_roots: Sequence[Path] | None = None) -> PipelineSpec:
+    """Read and validate one spec file; any failure is a :class:`SpecError` naming the file.
+
+    The file is treated as untrusted data: at most :data:`MAX_SPEC_BYTES`, UTF-8, plain YAML
+    (no tags beyond the standard ones, no anchors or aliases, at most :data:`MAX_NESTING`
+    levels deep).
+    """
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = _read_spec_text(path)
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except SpecError:
+        raise
     except OSError as error:
         raise SpecError(path, [("(file)", f"cannot be read: {error.strerror}")]) from None
     except yaml.YAMLError as error:
         raise SpecError(path, [("(file)", f"is not valid YAML: {error}")]) from None
-    return parse_spec(data, path)
+    except Exception as error:  # e.g. RecursionError, or a too long integer literal
+        raise SpecError(path, [("(file)", f"cannot be parsed: {type(error).__name__}")]) from None
+    return parse_spec(data, path, data_roots=data_roots)
 
 
 def spec_paths(pipelines_dir: Path) -> list[Path]:
@@ -427,28 +551,35 @@ def spec_paths(pipelines_dir: Path) -> list[Path]:
 
 
 def resolve_estimator(spec: PipelineSpec, path: Path | str = "<memory>") -> type:
-    """Import the estimator class and check it fits the task; raise :class:`SpecError` if not.
+    """The estimator class of ``spec``, checked against scikit-learn before anything is built.
 
-    This imports scikit-learn, so it runs inside tasks and in ``airmlops spec check``, not at
-    DAG parse time.
+    The class must be, by identity, one of the estimators ``sklearn.utils.all_estimators`` lists
+    for the spec's task; every param must be a parameter of its ``__init__``; then one instance
+    is made and its params validated by scikit-learn. Raises :class:`SpecError` otherwise. This
+    imports scikit-learn, so it runs inside tasks and in ``airmlops spec check``, not at DAG
+    parse time.
     """
-    module_name, _, class_name = spec.estimator.class_path.rpartition(".")
-    field = "estimator.class_path"
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        raise SpecError(path, [(field, f"module '{module_name}' does not exist")]) from None
-    estimator = getattr(module, class_name, None)
-    if not isinstance(estimator, type):
-        raise SpecError(path, [(field, f"'{module_name}' has no estimator class '{class_name}'")])
-    from sklearn.base import is_classifier, is_regressor
-
+    kind = ESTIMATOR_KIND[spec.task]
+    class_path = spec.estimator.class_path
+    estimator = estimators.resolve(class_path, kind)
+    if estimator is None:
+        raise SpecError(path, [("estimator.class_path", f"'{class_path}' is not a scikit-learn "
+                                f"{kind} listed by sklearn.utils.all_estimators (task is "
+                                f"{spec.task})")])
+    known = estimators.init_params(estimator)
+    for name in spec.estimator.params:
+        if name not in known:
+            raise SpecError(path, [(f"estimator.params.{name}", f"not a parameter of "
+                                    f"{estimator.__name__}; expected any of {known}")])
     try:
         instance = estimator(**spec.estimator.params)
-    except TypeError as error:
-        raise SpecError(path, [("estimator.params", str(error))]) from None
-    wanted = is_classifier if spec.task == "binary_classification" else is_regressor
-    if not wanted(instance):
-        kind = "classifier" if spec.task == "binary_classification" else "regressor"
-        raise SpecError(path, [(field, f"'{class_name}' is not a {kind} (task is {spec.task})")])
+        validate = getattr(instance, "_validate_params", None)
+        if validate is not None:
+            validate()
+    except Exception as error:  # scikit-learn's InvalidParameterError names the parameter
+        raise SpecError(path, [("estimator.params", _one_line(str(error)))]) from None
     return estimator
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    return " ".join(text.split())[:limit]

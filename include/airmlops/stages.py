@@ -377,8 +377,8 @@ def containerize(spec: PipelineSpec, spec_path: str, registered: dict[str, Any],
 
 
 def _service_env(settings: Settings) -> dict[str, str]:
-    env = {"MLOPS_DATA_ROOT": str(settings.data_root),
-           "MLOPS_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
+    # What the model service needs, nothing more: it never talks to MLflow.
+    env = {"MLOPS_DATA_ROOT": str(settings.data_root)}
     if settings.redis_url:
         env["MLOPS_REDIS_URL"] = settings.redis_url
     if settings.serving_token.get_secret_value():
@@ -418,6 +418,7 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
     leaves the old version serving and the champion alias untouched.
     """
     from airmlops.serving import deploy as deployer
+    from airmlops.serving.container import ContainerResources
     from airmlops.training import registry
 
     materialize_features(spec, run, settings) if spec.feature_store else None
@@ -439,6 +440,7 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
         latency_budget_ms=spec.deploy.latency_budget_ms, now=run.as_of, validate=valid,
         env=_service_env(settings), bentoml_home=settings.bentoml_store,
         headers=_auth_headers(settings),
+        resources=ContainerResources(**spec.deploy.resources.model_dump()),
     )
     log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "
              "rollback; timings %s", spec.name, version, result.stable_url, result.slot,
@@ -523,17 +525,15 @@ def record_reference(spec: PipelineSpec, version: str, trained: dict[str, Any],
     """Summarize the champion's held-out data once, for drift monitoring of its windows."""
     import pandas as pd
 
+    from airmlops.model_files import load_registered_model
     from airmlops.monitoring.config import MonitoringConfig
     from airmlops.monitoring.reference import summarize_reference
     from airmlops.paths import safe_join
     from airmlops.training.model import feature_frame, predict_scores
-    from airmlops.training.tracking import using_tracking_uri
 
     frame = pd.read_parquet(trained["test_path"])
-    with using_tracking_uri(settings.mlflow_tracking_uri):
-        import mlflow.sklearn
-
-        model = mlflow.sklearn.load_model(f"models:/{spec.registered_model_name}/{version}")
+    model = load_registered_model(f"models:/{spec.registered_model_name}/{version}",
+                                  settings.mlflow_tracking_uri)
     frame["prediction"] = predict_scores(spec, model, feature_frame(spec, frame))
     config = getattr(spec, "monitoring", None) or MonitoringConfig()
     where = safe_join(settings.data_root, "monitoring", spec.name, "reference", str(version))

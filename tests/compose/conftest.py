@@ -28,6 +28,7 @@ from stack_helpers import (
     ENSURE_TIMEOUT_S,
     GIT_COMMIT,
     HEALTH_TIMEOUT_S,
+    MLFLOW_ADMIN,
     REPO_ROOT,
     ComposeStack,
     free_port,
@@ -79,6 +80,8 @@ def compose_stack(compose_images: dict[str, str]) -> Iterator[ComposeStack]:
     ports = {name: free_port() for name in ("airflow", "mlflow", "postgres", "redis", "stable")}
     write_spec(pipelines, ports["stable"])
     password = secrets.token_urlsafe(16)
+    # Hex: these go into connection URLs.
+    redis_password, mlflow_password = secrets.token_hex(16), secrets.token_hex(16)
     env_file = workdir / ".env"
     settings = {
         "AIRMLOPS_ENV_FILE": env_file,
@@ -96,6 +99,10 @@ def compose_stack(compose_images: dict[str, str]) -> Iterator[ComposeStack]:
         "_AIRFLOW_WWW_USER_PASSWORD": password,
         "POSTGRES_PASSWORD": secrets.token_urlsafe(16),
         "MLFLOW_DB_PASSWORD": secrets.token_urlsafe(16),
+        "REDIS_PASSWORD": redis_password,
+        "MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,
+        "MLFLOW_ADMIN_PASSWORD": mlflow_password,
+        "MLFLOW_SECRET_KEY": secrets.token_hex(32),
         "AIRFLOW_API_PORT": ports["airflow"],
         "MLFLOW_PORT": ports["mlflow"],
         "POSTGRES_PORT": ports["postgres"],
@@ -107,7 +114,8 @@ def compose_stack(compose_images: dict[str, str]) -> Iterator[ComposeStack]:
     env_file.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
     env_file.chmod(0o644)  # read by compose only; the containers get it through env_file
     stack = ComposeStack(project=f"airmlops-compose-{secrets.token_hex(4)}", env_file=env_file,
-                         workdir=workdir, ports=ports, password=password)
+                         workdir=workdir, ports=ports, password=password,
+                         redis_password=redis_password, mlflow_password=mlflow_password)
     stack.timings["ensure"] = float(compose_images["_seconds"])
     report(f"project {stack.project}: Airflow {stack.airflow_url}, MLflow {stack.mlflow_url}, "
            f"stable address {stack.stable_url}")

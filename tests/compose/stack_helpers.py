@@ -17,6 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ("docker-compose.yaml", "docker-compose.host.yaml")
 PIPELINE = "churn"
 ADMIN_USER = "airflow"
+MLFLOW_ADMIN = "mlops-admin"
 GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SERVICES = (
     "postgres", "redis", "mlflow", "airflow-apiserver", "airflow-scheduler",
@@ -47,6 +48,8 @@ class ComposeStack:
     workdir: Path
     ports: dict[str, int]
     password: str = field(repr=False)
+    redis_password: str = field(repr=False, default="")
+    mlflow_password: str = field(repr=False, default="")
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

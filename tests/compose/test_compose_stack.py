@@ -12,12 +12,17 @@ through the REST API (a JWT from ``POST /auth/token``) and followed to its end; 
 - the stable address answers a prediction from that version, served by a model container the
   deploy stage started through the worker's Docker socket, with Redis as online store;
 
-and the fixture takes it all down. Timings are printed (``pytest -s`` shows them as they come).
+and the fixture takes it all down. The stack is started with generated secrets only (it has no
+default password), and what an attacker tried against the old defaults is refused: MLflow
+answers 401 without credentials, Redis answers NOAUTH to a PING without its password, and
+Airflow's FAB auth manager refuses the old ``airflow``/``airflow`` login. Timings are printed
+(``pytest -s`` shows them as they come).
 """
 
 from __future__ import annotations
 
 import secrets
+import socket
 import subprocess
 import time
 
@@ -27,6 +32,7 @@ from stack_helpers import (
     ADMIN_USER,
     DEPLOYMENT_LABEL,
     GIT_COMMIT,
+    MLFLOW_ADMIN,
     PIPELINE,
     AirflowApi,
     ComposeStack,
@@ -54,8 +60,63 @@ def running_model_containers(image_tag: str) -> list[str]:
     return out.split()
 
 
-def test_training_dag_runs_on_celery_and_deploys_a_container(compose_stack: ComposeStack):
+def test_default_credentials_are_refused(compose_stack: ComposeStack):
+    """The old defaults get nothing: no MLflow without a login, no Redis without its password,
+    no Airflow token for airflow/airflow (and nothing is created by the attempts)."""
+    import redis
+
     stack = compose_stack
+    experiments = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search"
+    anonymous = httpx.get(experiments, params={"max_results": 10}, trust_env=False, timeout=60)
+    assert anonymous.status_code == 401, anonymous.text
+    created = httpx.post(f"{stack.mlflow_url}/api/2.0/mlflow/experiments/create", trust_env=False,
+                         timeout=60, json={"name": "attacker"})
+    assert created.status_code == 401, created.text
+    admin = (MLFLOW_ADMIN, stack.mlflow_password)
+    for guess in (("admin", "password"), ("admin", "admin"), (MLFLOW_ADMIN, "mlflow")):
+        assert httpx.get(experiments, params={"max_results": 10}, auth=guess, trust_env=False,
+                         timeout=60).status_code == 401, guess
+    listed = httpx.get(experiments, params={"max_results": 100}, auth=admin, trust_env=False,
+                       timeout=60)
+    assert listed.status_code == 200, listed.text
+    assert "attacker" not in {e["name"] for e in listed.json().get("experiments", [])}
+
+    # A bare client, as an attacker would type it: PING and SET without AUTH get NOAUTH.
+    for command in (b"PING\r\n", b"SET attacker 1\r\n"):
+        with socket.create_connection(("127.0.0.1", stack.ports["redis"]), timeout=30) as raw:
+            raw.sendall(command)
+            reply = raw.recv(256)
+        assert reply.startswith(b"-NOAUTH"), (command, reply)
+    guessed = redis.Redis(host="127.0.0.1", port=stack.ports["redis"], password="redis",
+                          socket_timeout=30)
+    try:
+        with pytest.raises(redis.exceptions.AuthenticationError, match="invalid username-password"):
+            guessed.ping()
+    finally:
+        guessed.close()
+    owner = redis.Redis(host="127.0.0.1", port=stack.ports["redis"],
+                        password=stack.redis_password, socket_timeout=30)
+    try:
+        assert owner.ping() is True
+        assert owner.exists("attacker") == 0
+    finally:
+        owner.close()
+
+    for username, password in (("airflow", "airflow"), (ADMIN_USER, "airflow"),
+                               ("admin", "admin")):
+        token = httpx.post(f"{stack.airflow_url}/auth/token", trust_env=False, timeout=120,
+                           json={"username": username, "password": password})
+        assert token.status_code in (401, 403), (username, token.status_code, token.text)
+        assert "access_token" not in token.text
+    api = httpx.get(f"{stack.airflow_url}/api/v2/dags", trust_env=False, timeout=120)
+    assert api.status_code == 401, api.text
+
+
+def test_training_dag_runs_on_celery_and_deploys_a_container(
+        compose_stack: ComposeStack, monkeypatch: pytest.MonkeyPatch):
+    stack = compose_stack
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_ADMIN)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.mlflow_password)
     api = AirflowApi(stack.airflow_url, ADMIN_USER, stack.password)
     try:
         api.wait_for_dag(DAG_ID, timeout=300)

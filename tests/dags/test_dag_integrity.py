@@ -129,3 +129,45 @@ def test_a_bad_spec_breaks_only_its_own_pipeline(tmp_path, caplog):
     assert "broken.yaml" in placeholder.doc_md and "label: is required" in placeholder.doc_md
     assert "invalid-spec" in placeholder.tags
     assert any("label: is required" in record.getMessage() for record in caplog.records)
+
+
+def test_any_error_while_building_a_spec_breaks_only_that_spec(tmp_path, monkeypatch):
+    """Not only validation errors: a failure half-way through building one spec's DAGs gives
+    that spec its placeholder, and the half-built DAGs do not reach the DagBag."""
+    from airflow.sdk.definitions._internal.contextmanager import DagContext
+
+    from airmlops import dag_factory
+
+    shutil.copy(PIPELINES_DIR / "churn.yaml", tmp_path / "churn.yaml")
+    (tmp_path / "other.yaml").write_text(
+        (PIPELINES_DIR / "churn.yaml").read_text().replace("name: churn", "name: other"))
+    real = dag_factory.build_rollback_dag
+
+    def fail_for_other(spec, path):
+        if spec.name == "other":
+            raise RuntimeError("rollback DAG could not be built")
+        return real(spec, path)
+
+    monkeypatch.setattr(dag_factory, "build_rollback_dag", fail_for_other)
+    monkeypatch.setattr(DagContext, "current_autoregister_module_name", __name__)
+    DagContext.autoregistered_dags.clear()
+    try:
+        dags = dag_factory.build_all(tmp_path)
+        registered = {dag.dag_id for dag, _ in DagContext.autoregistered_dags}
+    finally:
+        DagContext.autoregistered_dags.clear()
+    assert {"churn_training", "churn_rollback", "churn_monitoring"} <= set(dags)
+    assert "other_training" not in dags and "other_training" not in registered
+    placeholder = dags["other_invalid_spec"]
+    assert "RuntimeError: rollback DAG could not be built" in placeholder.doc_md
+    assert registered == set(dags)
+
+
+def test_two_specs_with_one_name_keep_the_first(tmp_path):
+    from airmlops.dag_factory import build_all
+
+    shutil.copy(PIPELINES_DIR / "churn.yaml", tmp_path / "a_churn.yaml")
+    shutil.copy(PIPELINES_DIR / "churn.yaml", tmp_path / "b_copy.yaml")
+    dags = build_all(tmp_path)
+    assert "churn_training" in dags
+    assert "already defines" in dags["b_copy_invalid_spec"].doc_md

@@ -169,18 +169,18 @@ def test_a_retraining_decision_is_mailed_with_its_details(smtp_sink):
 
 
 def test_smtp_credentials_come_from_the_environment_never_the_spec(smtp_sink, monkeypatch):
-    monkeypatch.setenv("ALERT_SMTP_USER", "relay-user")
-    monkeypatch.setenv("ALERT_SMTP_PASSWORD", "s3cret-relay-password")
-    spec = _spec({"smtp": _smtp(smtp_sink, username_env="ALERT_SMTP_USER",
-                                password_env="ALERT_SMTP_PASSWORD")})
+    monkeypatch.setenv("MLOPS_ALERT_SMTP_USER", "relay-user")
+    monkeypatch.setenv("MLOPS_ALERT_SMTP_PASSWORD", "s3cret-relay-password")
+    spec = _spec({"smtp": _smtp(smtp_sink, username_env="MLOPS_ALERT_SMTP_USER",
+                                password_env="MLOPS_ALERT_SMTP_PASSWORD")})
     assert notify(spec, "quarantine", "batch quarantined", {})["sent"] == ["smtp"]
     assert smtp_sink.messages[0]["auth"] == ("relay-user", "s3cret-relay-password")
     assert "s3cret" not in json.dumps(spec.model_dump(mode="json"))
 
-    monkeypatch.delenv("ALERT_SMTP_PASSWORD")
+    monkeypatch.delenv("MLOPS_ALERT_SMTP_PASSWORD")
     result = notify(spec, "quarantine", "batch quarantined", {})
     assert result["sent"] == []
-    assert "ALERT_SMTP_PASSWORD is not set" in result["errors"]["smtp"]
+    assert "MLOPS_ALERT_SMTP_PASSWORD is not set" in result["errors"]["smtp"]
     assert len(smtp_sink.messages) == 1
 
 
@@ -265,7 +265,7 @@ def test_spec_errors_name_the_alerts_field():
         _spec({"webhook": {"url": "https://h.example.com",
                            "headers_from_env": {"Authorization": "Bearer abc.def"}}})
     assert "alerts.webhook.headers_from_env" in str(error.value)
-    assert "not an environment variable name" in str(error.value)
+    assert "MLOPS_ALERT_<NAME>" in str(error.value)
     with pytest.raises(SpecError, match=r"alerts\.smtp\.to"):
         _spec({"smtp": {"host": "relay", "from": "a@example.com", "to": ["not-an-address"]}})
     with pytest.raises(SpecError, match=r"alerts\.events"):
@@ -274,3 +274,27 @@ def test_spec_errors_name_the_alerts_field():
                                                    "from": "a@example.com", "to": ["b@x.io"]}})
     assert config.smtp.sender == "a@example.com" and config.smtp.port == 25
     assert config.events == ["quarantine", "not_blessed", "rollback", "retraining_decision"]
+
+
+@pytest.mark.parametrize("env_name", [
+    "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "MLOPS_SERVING_TOKEN",
+    "SMTP_PASSWORD", "MLOPS_ALERT_", "mlops_alert_x", "MLOPS_ALERT_X-Y",
+])
+@pytest.mark.parametrize("field", ["username_env", "password_env", "headers_from_env"])
+def test_alert_credentials_name_only_mlops_alert_variables(field, env_name):
+    channel = ({"webhook": {"url": "https://h.example.com",
+                            "headers_from_env": {"Authorization": env_name}}}
+               if field == "headers_from_env" else
+               {"smtp": {"host": "relay", "from": "a@example.com", "to": ["b@example.com"],
+                         field: env_name}})
+    with pytest.raises(SpecError) as error:
+        _spec(channel)
+    assert f".{field}" in str(error.value) and "MLOPS_ALERT_<NAME>" in str(error.value)
+
+
+def test_the_alert_prefix_is_no_setting_of_the_platform():
+    from airmlops.settings import Settings, alert_secret
+
+    assert not [name for name in Settings.model_fields if name.startswith("alert_")]
+    with pytest.raises(ValueError, match="MLOPS_ALERT_<NAME>"):
+        alert_secret("AIRFLOW__CORE__FERNET_KEY")

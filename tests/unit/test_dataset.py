@@ -29,7 +29,8 @@ def _spec(task: str = "binary_classification", **training):
             "label": "y",
             "features": [{"name": "x", "type": "numeric"}],
             "training": {"test_fraction": 0.2, "gap_days": 10, "min_rows": 100, **training},
-            "estimator": {"class_path": "sklearn.linear_model.LogisticRegression"},
+            "estimator": {"class_path": "sklearn.linear_model.LogisticRegression"
+                          if task != "regression" else "sklearn.linear_model.Ridge"},
             "gates": {"primary_metric": "roc_auc" if task != "regression" else "rmse"},
         }
     )

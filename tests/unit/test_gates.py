@@ -215,20 +215,40 @@ def _frame(n=1200, seed=0):
     return pd.DataFrame({"id": np.arange(n), "ts": ts, "x1": x1, "x2": x2, "y": y})
 
 
-def _saved_model(spec, frame, features, path):
-    import mlflow.sklearn
+def _tracking_uri(tmp_path):
+    return f"sqlite:///{tmp_path}/mlflow.db"
 
-    from airmlops.training.tracking import pinned_requirements, skops_trusted_types
+
+def _saved_model(spec, frame, features, path):
+    """Log a model as training does (skops, trusted types, digests); its ``models:/`` URI."""
+    import mlflow
+    import mlflow.sklearn
+    from mlflow import MlflowClient
+
+    from airmlops.training.tracking import (
+        pinned_requirements,
+        record_digests,
+        skops_trusted_types,
+        using_tracking_uri,
+    )
 
     model = build_pipeline(spec, resolve_estimator(spec))
     X = feature_frame(spec, frame)
     X[[c for c in X.columns if c not in features]] = 0.0  # a model blind to those columns
     model.fit(X, label_array(spec, frame))
-    mlflow.sklearn.save_model(
-        model, str(path), skops_trusted_types=skops_trusted_types(model),
-        pip_requirements=pinned_requirements(),  # inferring them takes seconds per model
-    )
-    return str(path)
+    uri = _tracking_uri(path.parent)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("toy")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        "toy", artifact_location=(path.parent / "artifacts").as_uri())
+    with using_tracking_uri(uri), mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.sklearn.log_model(
+            model, name=path.name, serialization_format="skops",
+            skops_trusted_types=skops_trusted_types(model),
+            pip_requirements=pinned_requirements(),  # inferring them takes seconds per model
+        )
+        record_digests(client, info.model_uri, info.model_id, uri)
+    return info.model_uri
 
 
 @pytest.mark.parametrize("primary", ["roc_auc", "log_loss"])
@@ -239,7 +259,8 @@ def test_better_challenger_wins_in_either_metric_direction(tmp_path, primary):
     strong = _saved_model(spec, train, ["x1", "x2"], tmp_path / "strong")
     weak = _saved_model(spec, train, ["x2"], tmp_path / "weak")
 
-    result = evaluate_against_champion(spec, test, challenger_uri=strong, champion_uri=weak)
+    result = evaluate_against_champion(spec, test, challenger_uri=strong, champion_uri=weak,
+                                       tracking_uri=_tracking_uri(tmp_path))
     assert result.metric == primary
     assert result.n_rows == len(test)
     assert result.delta > 0 and result.ci_low > 0  # positive = challenger better, always
@@ -247,7 +268,8 @@ def test_better_challenger_wins_in_either_metric_direction(tmp_path, primary):
     assert result.comparison == expected
     assert decide(spec, {primary: 0.5}, result, "1").blessed
 
-    reverse = evaluate_against_champion(spec, test, challenger_uri=weak, champion_uri=strong)
+    reverse = evaluate_against_champion(spec, test, challenger_uri=weak, champion_uri=strong,
+                                        tracking_uri=_tracking_uri(tmp_path))
     assert reverse.ci_high < 0
     assert not decide(spec, {primary: 0.5}, reverse, "1").blessed
 
@@ -257,7 +279,8 @@ def test_comparison_can_be_limited_to_recent_days(tmp_path):
     frame = _frame()
     train, test = frame.iloc[:800], frame.iloc[800:]
     model = _saved_model(spec, train, ["x1", "x2"], tmp_path / "m")
-    result = evaluate_against_champion(spec, test, challenger_uri=model, champion_uri=model)
+    result = evaluate_against_champion(spec, test, challenger_uri=model, champion_uri=model,
+                                       tracking_uri=_tracking_uri(tmp_path))
     newest = test["ts"].max()
     assert result.n_rows == int((test["ts"] >= newest - pd.Timedelta(days=5)).sum()) == 120
     assert result.ci_low == result.ci_high == 0.0

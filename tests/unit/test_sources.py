@@ -20,11 +20,11 @@ UTC = dt.UTC
 JAN1 = dt.datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def make_spec(source: dict[str, Any]) -> PipelineSpec:
+def make_spec(source: dict[str, Any], data_roots: list[Path] | None = None) -> PipelineSpec:
     data = yaml.safe_load((PROJECT_ROOT / "include/pipelines/churn.yaml").read_text())
     data["source"] = source
     data.pop("feature_store")  # views over events need the simulator or events files
-    return parse_spec(data)
+    return parse_spec(data, data_roots=data_roots)
 
 
 SIMULATOR = make_spec({"kind": "simulator", "seed": 7, "customers": 500,
@@ -104,10 +104,12 @@ def test_file_glob_under_the_data_root(tmp_path: Path, raw_frame: pd.DataFrame,
     expected = raw_frame[(raw_frame["event_timestamp"] >= pd.Timestamp(at(1)))
                          & (raw_frame["event_timestamp"] < pd.Timestamp(at(4)))]
     pd.testing.assert_frame_equal(batch, expected.reset_index(drop=True))
-    # an absolute path (or glob) is allowed as is
-    absolute = make_spec({"kind": "file", "path": str(tmp_path / f"raw/churn/*{suffix}")})
-    pd.testing.assert_frame_equal(load_batch(absolute, at(1), at(4), data_root=Path("/x")),
-                                  batch)
+    # an absolute path (or glob) is allowed when it lies under the data root
+    absolute = make_spec({"kind": "file", "path": str(tmp_path / f"raw/churn/*{suffix}")},
+                         data_roots=[tmp_path])
+    pd.testing.assert_frame_equal(load_batch(absolute, at(1), at(4), data_root=tmp_path), batch)
+    with pytest.raises(SourceError, match=r"^source\.path: .* is outside the data root '/x'"):
+        load_batch(absolute, at(1), at(4), data_root=Path("/x"))
 
 
 def test_csv_timestamps_with_offsets_or_none_are_read_as_utc(tmp_path: Path) -> None:
@@ -162,19 +164,43 @@ def test_relative_file_paths_cannot_leave_the_data_root(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
-    (outside / "secret.csv").write_text("customer_id,event_timestamp\nC1,2026-01-01\n")
+    (outside / "secret.csv").write_text("TOPSECRET_COLUMN,event_timestamp\nC1,2026-01-01\n")
     (root / "link").symlink_to(outside)
     spec = make_spec({"kind": "file", "path": "link/*.csv"})
-    with pytest.raises(SourceError, match=r"^source\.path: .*escapes the root"):
+    with pytest.raises(SourceError, match=r"^source\.path: .*is outside the data root") as error:
         load_batch(spec, at(0), at(1), data_root=root)
+    assert "TOPSECRET" not in str(error.value)
     (root / "inner").mkdir()
     (root / "inner" / "evil.csv").symlink_to(outside / "secret.csv")
     spec = make_spec({"kind": "file", "path": "inner/*.csv"})
-    with pytest.raises(SourceError, match="escapes the root"):
+    with pytest.raises(SourceError, match=r"^source\.path: .*leads outside the data root") as error:
         load_batch(spec, at(0), at(1), data_root=root)
+    assert "TOPSECRET" not in str(error.value)
+    absolute = make_spec({"kind": "file", "path": str(outside / "secret.csv")},
+                         data_roots=[outside])
+    with pytest.raises(SourceError, match=r"^source\.path: .*is outside the data root"):
+        load_batch(absolute, at(0), at(1), data_root=root)
     with pytest.raises(SpecError, match=r"'\.\.'"):  # the spec rejects it first too
         parse_spec({**make_spec({"kind": "simulator"}).model_dump(mode="json"),
                     "source": {"kind": "file", "path": "../outside/secret.csv"}})
+
+
+def test_allowed_data_roots_extend_where_files_may_be_read(tmp_path: Path, monkeypatch) -> None:
+    from airmlops.settings import get_settings
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "rows.csv").write_text("customer_id,event_timestamp\nC1,2026-01-01\n")
+    spec = make_spec({"kind": "file", "path": str(shared / "*.csv")}, data_roots=[shared])
+    with pytest.raises(SourceError, match="is outside the data root"):
+        load_batch(spec, at(0), at(1), data_root=tmp_path / "root")
+    monkeypatch.setenv("MLOPS_ALLOWED_DATA_ROOTS", f'["{shared}"]')
+    get_settings.cache_clear()
+    try:
+        assert get_settings().data_roots[1:] == (shared,)
+        assert len(load_batch(spec, at(0), at(1), data_root=tmp_path / "root")) == 1
+    finally:
+        get_settings.cache_clear()
 
 
 def test_scenario_is_for_simulator_sources_only(tmp_path: Path) -> None:

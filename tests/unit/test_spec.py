@@ -51,14 +51,15 @@ def test_unknown_estimator_class_is_named(tmp_path, demo):
     demo["estimator"]["class_path"] = "sklearn.linear_model.LogisticRegresion"
     error = _error_for(tmp_path, demo)
     assert error.problems[0][0] == "estimator.class_path"
-    assert "no estimator class 'LogisticRegresion'" in error.problems[0][1]
+    assert "listed by sklearn.utils.all_estimators" in error.problems[0][1]
+    assert "did you mean LogisticRegression" in error.problems[0][1]
 
 
 def test_non_sklearn_estimator_is_refused(tmp_path, demo):
     demo["estimator"]["class_path"] = "os.system"
     error = _error_for(tmp_path, demo)
     assert error.problems[0][0] == "estimator.class_path"
-    assert "scikit-learn estimator class path" in error.problems[0][1]
+    assert "scikit-learn classifier or regressor" in error.problems[0][1]
 
 
 def test_regressor_for_a_classification_task_is_refused(tmp_path, demo):
@@ -153,3 +154,93 @@ def test_model_inputs_must_exist(tmp_path, demo):
     demo["model_inputs"] = ["tenure_days", "ghost"]
     error = _error_for(tmp_path, demo)
     assert error.problems[0] == ("model_inputs", "unknown column(s) ['ghost']")
+
+
+def test_the_estimator_catalog_matches_the_installed_scikit_learn():
+    """The parse-time allow-list is what all_estimators says; regenerate it after an upgrade
+    with ``python -m airmlops.estimators``."""
+    from airmlops import estimators
+
+    assert estimators.catalog() == estimators.build_catalog()["estimators"]
+
+
+def test_params_are_checked_against_the_estimator_signature(tmp_path, demo):
+    demo["estimator"]["params"] = {"C": 0.5, "filename": "/tmp/x"}
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0][0] == "estimator.params.filename"
+    assert "not a parameter of LogisticRegression" in error.problems[0][1]
+
+
+def test_param_values_are_checked_by_scikit_learn_before_training(tmp_path, demo):
+    demo["estimator"]["params"] = {"C": -1.0}
+    error = _error_for(tmp_path, demo)
+    assert error.problems[0][0] == "estimator.params" and "'C' parameter" in error.problems[0][1]
+
+
+def test_resolve_estimator_checks_identity_not_the_catalog(demo):
+    """A class path the catalog let through still has to be one of all_estimators' classes."""
+    spec = parse_spec(demo)
+    forged = spec.model_copy(update={"estimator": spec.estimator.model_copy(
+        update={"class_path": "sklearn.utils._testing.MinimalClassifier"})})
+    with pytest.raises(SpecError, match=r"estimator\.class_path: .* is not a scikit-learn "
+                                        "classifier"):
+        resolve_estimator(forged)
+
+
+@pytest.mark.parametrize("schedule, ok", [
+    ("@daily", True), ("@once", True), ("0 3 * * *", True), ("*/15 * * * 1-5", True),
+    ("every day", False), ("@sometimes", False), ("61 * * * *", False),
+    ("0 0 * * * *", False), ("* * *", False),
+])
+def test_schedules_are_presets_or_five_field_cron(demo, schedule, ok):
+    demo["schedule"] = schedule
+    if ok:
+        assert parse_spec(demo).schedule == schedule
+    else:
+        with pytest.raises(SpecError) as error:
+            parse_spec(demo)
+        assert error.value.problems[0][0] == "schedule"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("name: &a churn\nowner: *a\n", "anchors and aliases"),
+    ("a: " + "[" * 40 + "]" * 40 + "\n", "nested deeper than 32"),
+    ("name: !!python/object/apply:os.system ['true']\n", "not valid YAML"),
+])
+def test_yaml_without_aliases_tags_or_deep_nesting(tmp_path, text, expected):
+    path = tmp_path / "x.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=expected):
+        load_spec(path)
+
+
+def test_oversized_and_non_utf8_files_are_spec_errors(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_bytes(b"name: churn\n" + b"#" * 300_000)
+    with pytest.raises(SpecError, match="larger than 256 KiB"):
+        load_spec(path)
+    path.write_bytes(b"name: ch\xffurn\n")
+    with pytest.raises(SpecError, match=r"not UTF-8 text \(byte 0xff at offset 8\)"):
+        load_spec(path)
+
+
+def test_file_paths_stay_inside_the_data_roots(tmp_path, demo):
+    root, extra, outside = tmp_path / "root", tmp_path / "extra", tmp_path / "outside"
+    for folder in (root, extra, outside):
+        folder.mkdir()
+    (root / "link").symlink_to(outside)
+    demo["source"] = {"kind": "file", "path": "raw/*.csv"}
+    demo["feature_store"]["events_path"] = str(extra / "events/*.csv")
+    demo["feature_store"]["profiles_path"] = "profiles/*.parquet"
+    assert parse_spec(demo, data_roots=[root, extra]).source.path == "raw/*.csv"
+    for field, value in [("source.path", "/etc/passwd"), ("source.path", "link/*.csv"),
+                         ("feature_store.events_path", str(outside / "*.csv")),
+                         ("feature_store.profiles_path", "../outside/p.csv")]:
+        bad = copy.deepcopy(demo)
+        if field == "source.path":
+            bad["source"]["path"] = value
+        else:
+            bad["feature_store"][field.split(".")[1]] = value
+        with pytest.raises(SpecError) as error:
+            parse_spec(bad, data_roots=[root, extra])
+        assert error.value.problems[0][0] == field, error.value

@@ -6,7 +6,8 @@ column parsed to tz-aware UTC. Every error names the spec field at fault (``sour
 
 - ``simulator``: the labels arrive ``label_delay_days`` after an observation, so only rows whose
   label is known at ``end`` are returned (``timestamp <= end - label_delay_days``).
-- ``file``: a CSV or Parquet path or glob; relative paths are confined under the data root.
+- ``file``: a CSV or Parquet path or glob, relative to the data root; every file read lies,
+  after resolving symbolic links, under the data root or a root in ``allowed_data_roots``.
 - ``sql``: a query run through an Airflow connection, with the interval bound as parameters
   (never formatted into the SQL text).
 """
@@ -14,7 +15,6 @@ column parsed to tz-aware UTC. Every error names the spec field at fault (``sour
 from __future__ import annotations
 
 import datetime as dt
-import glob
 import re
 import sys
 from collections.abc import Callable
@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from airmlops.paths import safe_join
+from airmlops.paths import confined_files
 from airmlops.spec import FileSource, PipelineSpec, SimulatorSource, SqlSource
 
 ConnectionGetter = Callable[[str], Any]
@@ -109,23 +109,22 @@ _CSV_SUFFIXES = (".csv", ".csv.gz", ".csv.bz2", ".csv.xz", ".csv.zst", ".csv.zip
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
+def _data_roots(data_root: Path) -> tuple[Path, ...]:
+    from airmlops.settings import get_settings
+
+    return (Path(data_root), *get_settings().allowed_data_roots)
+
+
 def _matching_files(source: FileSource, data_root: Path) -> list[Path]:
-    """Files matching ``source.path``, sorted; relative matches must stay under the root."""
-    if Path(source.path).is_absolute():
-        candidates = [Path(p) for p in glob.glob(source.path, recursive=True)]
-    else:
-        root = Path(data_root).resolve()
-        try:
-            safe_join(root, source.path)
-            # root_dir keeps glob characters in the root's own name from being interpreted.
-            candidates = [safe_join(root, p)
-                          for p in glob.glob(source.path, root_dir=root, recursive=True)]
-        except ValueError as error:
-            raise SourceError(f"source.path: {error}") from None
-    files = sorted(p for p in candidates if p.is_file())
+    """Files matching ``source.path``, sorted, each confined to the data roots (see
+    :func:`airmlops.paths.confined_files`)."""
+    try:
+        files = confined_files(source.path, _data_roots(data_root), field="source.path")
+    except ValueError as error:
+        raise SourceError(str(error)) from None
     if not files:
-        where = "" if Path(source.path).is_absolute() else f" under the data root {data_root}"
-        raise SourceError(f"source.path: no file matches {source.path!r}{where}")
+        raise SourceError(f"source.path: no file matches {source.path!r} under the data root "
+                          f"{str(data_root)!r}")
     return files
 
 
@@ -351,7 +350,8 @@ def read_files(pattern: str, data_root: Path, *, field: str,
                entity_key: str | None = None) -> pd.DataFrame:
     """Every CSV/Parquet file matching ``pattern`` (relative to the data root), concatenated,
     with ``timestamp_column`` parsed to UTC. Errors name ``field``, the spec field at fault."""
-    source = FileSource(kind="file", path=pattern)
+    # not validated here: confined_files checks the pattern and names ``field`` in its errors
+    source = FileSource.model_construct(kind="file", path=pattern, format=None)
     try:
         files = _matching_files(source, data_root)
         frames = [

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 if TYPE_CHECKING:
     from airmlops.spec import PipelineSpec
@@ -301,6 +301,16 @@ class MonitoringConfig(_Strict):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     performance: PerformanceConfig = Field(default_factory=PerformanceConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        from airmlops.schedules import check_schedule
+
+        if value.strip().startswith("@") and value.strip() not in PRESET_MINUTES:
+            raise ValueError(f"'{value}' does not define windows; expected a cron expression "
+                             f"or one of {sorted(PRESET_MINUTES)}")
+        return check_schedule(value, presets=tuple(PRESET_MINUTES))
 
     @model_validator(mode="after")
     def _consistent(self) -> MonitoringConfig:

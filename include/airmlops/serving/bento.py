@@ -3,9 +3,11 @@
 :func:`build_bento` assembles a build context:
 
 - ``model/``: the registered version's MLflow model directory (downloaded from
-  ``models:/<name>/<version>``; scikit-learn in the skops format, checked before building);
+  ``models:/<name>/<version>``; checked before building by :mod:`airmlops.model_files`: its
+  digests against those recorded on the version, skops format, trusted types);
 - ``spec.yaml``: the pipeline spec file, byte for byte, and ``serving.json``: the model name,
-  version, run id and the spec's hashes (:class:`~airmlops.serving.service.ServingConfig`);
+  version, run id, the spec's hashes and the model's expected digests, which the service checks
+  again when it loads the model (:class:`~airmlops.serving.service.ServingConfig`);
 - ``airmlops/``: this package's source, so the service imports the same feature code as
   training without installing anything (the package is not on any index);
 - ``bento_service.py``: a fixed entry module that calls
@@ -43,11 +45,12 @@ log = logging.getLogger(__name__)
 
 SERVICE_PACKAGES = (
     "bentoml", "scikit-learn", "skops", "numpy", "scipy", "pandas", "pyarrow", "pydantic",
-    "pydantic-settings", "pyyaml", "redis", "hiredis",
+    "pydantic-settings", "pyyaml", "redis", "hiredis", "httptools",
 )
 """What the service imports; their installed versions (and those of their dependencies) are
 pinned in the bento. hiredis is redis-py's optional C reply parser: online reads of 100
-entities take less than half the time with it (benchmarks/README.md)."""
+entities take less than half the time with it (benchmarks/README.md). httptools is the HTTP
+parser the service's request limits are built on (airmlops.serving.http_limits)."""
 ENTRY_MODULE = "bento_service"
 ENTRY_SOURCE = '''"""Entry module of a model bento, written by airmlops.serving.bento."""
 
@@ -57,7 +60,10 @@ from airmlops.serving.service import CONFIG_FILE, create_service
 
 ModelService = create_service(Path(__file__).resolve().parent / CONFIG_FILE)
 '''
-INCLUDE = [f"{ENTRY_MODULE}.py", "serving.json", "spec.yaml", "model/**", "airmlops/**/*.py"]
+PACKAGE_SUFFIXES = (".py", ".json")
+"""What of this package a bento carries: its source and its data (the estimator catalogue)."""
+INCLUDE = [f"{ENTRY_MODULE}.py", "serving.json", "spec.yaml", "model/**",
+           *(f"airmlops/**/*{suffix}" for suffix in PACKAGE_SUFFIXES)]
 TAG_KEYS = ("bento_tag", "image_id", "image_tag", "deployed_at", "deployed_target")
 
 _VERSION = re.compile(r"^[0-9]{1,9}$")
@@ -146,11 +152,11 @@ def _check_features_hash(spec: PipelineSpec, version: Any) -> None:
 
 
 def _package_source(destination: Path) -> None:
-    """Copy this package's Python source (no caches) to ``destination``."""
+    """Copy this package's Python source and data files (no caches) to ``destination``."""
     import airmlops
 
     source = Path(airmlops.__file__).resolve().parent
-    for path in sorted(source.rglob("*.py")):
+    for path in sorted(p for suffix in PACKAGE_SUFFIXES for p in source.rglob(f"*{suffix}")):
         relative = path.relative_to(source)
         if "__pycache__" in relative.parts:
             continue
@@ -189,7 +195,8 @@ def build_bento(
     import mlflow
     from mlflow import MlflowClient
 
-    from airmlops.serving.service import CONFIG_FILE, ModelLoadError, ServingConfig, read_model_dir
+    from airmlops.model_files import ModelDigests, ModelLoadError, check_model_dir
+    from airmlops.serving.service import CONFIG_FILE, ServingConfig
     from airmlops.spec import load_spec
     from airmlops.training.tracking import using_tracking_uri
 
@@ -219,14 +226,15 @@ def build_bento(
         if downloaded.resolve() != (context / "model").resolve():
             raise BentoBuildError(f"{model_uri} downloaded to {downloaded}, not a directory")
         try:
-            read_model_dir(context / "model")
+            digests = ModelDigests.from_tags(model_version.tags, model_uri)
+            check_model_dir(context / "model", digests)
         except ModelLoadError as error:
             raise BentoBuildError(f"{model_uri} cannot be served: {error}") from None
         shutil.copyfile(spec_path, context / "spec.yaml")
         config = ServingConfig(
             pipeline=spec.name, model_name=name, model_version=version,
             run_id=model_version.run_id, model_uri=model_uri, spec_hash=spec.spec_hash(),
-            features_hash=spec.features_hash(),
+            features_hash=spec.features_hash(), **digests.to_tags(),
         )
         (context / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
         (context / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
@@ -258,9 +266,9 @@ def _run_build(context: Path, bento_name: str, bento_version: str, requirements:
         "context": str(context), "name": bento_name, "version": bento_version,
         "requirements": requirements, "export_path": str(export_path), "labels": labels,
     }))
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith("MLOPS_SERVING_TOKEN")}
-    env.update(BENTOML_HOME=str(bentoml_home), BENTOML_DO_NOT_TRACK="true")
+    from airmlops.processes import BENTO_BUILD, child_env
+
+    env = child_env(BENTO_BUILD, {"BENTOML_HOME": str(bentoml_home)})
     try:
         done = subprocess.run(
             [sys.executable, "-m", "airmlops.serving.bento", str(job)],

@@ -12,7 +12,8 @@ after a successful switch, so a failed deploy never costs the rollback target ei
 State lives in ``<data_root>/deployments/<pipeline>/state.json`` (atomic writes); one deploy,
 rollback or undeploy at a time per pipeline (a lock file). Every process and container a
 deployment starts carries its ``deployment_id`` (environment marker, container label), so
-:func:`undeploy` finds and stops them even if a record was lost.
+:func:`undeploy` finds and stops them even if a record was lost. They start with an explicit
+minimal environment (:func:`airmlops.processes.child_env`), never the deploying worker's.
 
 Times are passed in (``now``), never read here. Pipeline names, versions, bento tags, image
 references, ports and environment names are validated before they reach a process or the Docker
@@ -31,8 +32,6 @@ import os
 import re
 import secrets
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,7 +39,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from airmlops.paths import atomic_write_json, safe_join
+from airmlops.processes import MODEL_SERVICE, PROXY, child_env, free_port, spawn_detached
+from airmlops.processes import port_free as _port_free
 from airmlops.serving import proxy as proxy_mod
+from airmlops.serving.container import ContainerResources
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -133,6 +135,7 @@ class SlotHandle:
     container_name: str | None = None
     log_path: str | None = None
     bentoml_home: str | None = None
+    resources: Mapping[str, Any] | None = None
 
     @property
     def upstream(self) -> str:
@@ -236,8 +239,10 @@ def validate_port(port: int) -> int:
 
 
 def validate_env(env: Mapping[str, str] | None) -> dict[str, str]:
-    """Return ``env`` as a dict if every name is a plain identifier and every value a string
-    without NUL bytes; else ValueError (naming the variable, never printing its value)."""
+    """Return ``env`` as a dict if every name is a plain identifier, every value a string
+    without NUL bytes, and every name one a model service may receive
+    (:data:`airmlops.processes.MODEL_SERVICE`: no Airflow setting, no other process's secret);
+    else ValueError (naming the variable, never printing its value)."""
     result: dict[str, str] = {}
     for name, value in (env or {}).items():
         if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
@@ -245,6 +250,7 @@ def validate_env(env: Mapping[str, str] | None) -> dict[str, str]:
         if not isinstance(value, str) or "\x00" in value:
             raise ValueError(f"environment variable {name} must be a string without NUL bytes")
         result[name] = value
+    child_env(MODEL_SERVICE, result, parent={})  # refuses a name the service may not get
     return result
 
 
@@ -354,6 +360,7 @@ def _slot_record(handle: SlotHandle, version: str, started_at: str | None) -> di
         "instance": handle.instance,
         "log_path": handle.log_path,
         "bentoml_home": handle.bentoml_home,
+        "resources": dict(handle.resources) if handle.resources else None,
         "started_at": started_at,
     }
 
@@ -370,29 +377,13 @@ def _handle_from_record(record: Mapping[str, Any]) -> SlotHandle:
         container_name=record.get("container_name"),
         log_path=record.get("log_path"),
         bentoml_home=record.get("bentoml_home"),
+        resources=record.get("resources"),
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Processes
 # --------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def _process_alive(pid: int | None, create_time: float | None) -> bool:
@@ -482,26 +473,6 @@ def _stop_process(
     return True
 
 
-def _spawn(argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: Path) -> Any:
-    """Start ``argv`` in its own session, output appended to ``log_path``; return its psutil
-    Process (the child outlives the caller)."""
-    import psutil
-
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            list(argv),
-            env=dict(env),
-            cwd=str(cwd),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    proc.returncode = 0  # not ours to wait for: silence Popen's ResourceWarning
-    return psutil.Process(proc.pid)
-
-
 def _log_tail(path: str | Path | None, lines: int = LOG_TAIL_LINES) -> str:
     if not path:
         return ""
@@ -513,14 +484,6 @@ def _log_tail(path: str | Path | None, lines: int = LOG_TAIL_LINES) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _base_env() -> dict[str, str]:
-    """The environment of local servers: ours, minus anything that would steer BentoML's bind."""
-    env = dict(os.environ)
-    for name in ("BENTOML_PORT", "BENTOML_HOST", DEPLOYMENT_MARKER, INSTANCE_MARKER):
-        env.pop(name, None)
-    return env
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,9 +545,8 @@ def _ensure_proxy(
     ]
     if active_record:
         argv += ["--upstream", active_record["upstream"], "--slot", active]
-    env = _base_env()
-    env[DEPLOYMENT_MARKER] = state["deployment_id"]
-    proc = _spawn(argv, env, directory / "logs" / "proxy.log", cwd=directory)
+    env = {**child_env(PROXY), DEPLOYMENT_MARKER: state["deployment_id"]}
+    proc = spawn_detached(argv, env, directory / "logs" / "proxy.log", cwd=directory)
     create_time = proc.create_time()
     if not _wait_proxy(port, proc.pid, create_time, timeout):
         _stop_process(proc.pid, create_time, None, timeout=5.0)
@@ -646,15 +608,20 @@ def start_slot(
     bentoml_home: Path | None = None,
     deployment_id: str | None = None,
     docker_client: DockerClient | None = None,
+    resources: ContainerResources | None = None,
 ) -> SlotHandle:
     """Start one model server on ``127.0.0.1:port`` and return at once (see :func:`wait_ready`).
 
-    * ``process``: ``python -m bentoml serve <bento tag> --host 127.0.0.1 --port N`` in its own
-      session, with ``BENTOML_HOME`` (``bentoml_home``, else the caller's) and
-      ``BENTOML_DO_NOT_TRACK=true``, output to ``<log_dir>/<name>.log``.
+    * ``process``: ``bentoml serve <bento tag> --host 127.0.0.1 --port N`` through
+      :mod:`airmlops.serving.slot_server` (circus's control endpoints on private unix sockets,
+      so the HTTP port is its only TCP socket) in its own session, with the minimal environment
+      of :data:`airmlops.processes.MODEL_SERVICE` (``env`` must fit it), ``BENTOML_HOME``
+      (``bentoml_home``, else the caller's), output to ``<log_dir>/<name>.log``.
     * ``docker``: the image ``artifact`` as container ``airmlops-<name>`` on the host network;
       BentoML in the image binds ``BENTOML_HOST=127.0.0.1`` / ``BENTOML_PORT=N``. Only ``env``
-      reaches the container (never this process's environment).
+      reaches the container (never this process's environment). It runs confined
+      (:func:`airmlops.serving.container.hardened_run_options`: no capabilities, non-root,
+      read-only root filesystem) within ``resources`` (default :class:`ContainerResources`).
 
     ``name`` (e.g. ``churn-blue-41234``) names the log file and the container.
     """
@@ -674,7 +641,7 @@ def start_slot(
     if target == "process":
         if not _port_free(port):
             raise DeployError(f"port {port} is already in use")
-        process_env = {**_base_env(), **extra, **markers, "BENTOML_DO_NOT_TRACK": "true"}
+        process_env = {**child_env(MODEL_SERVICE, extra), **markers}
         home = Path(bentoml_home) if bentoml_home else None
         if home is None and process_env.get("BENTOML_HOME"):
             home = Path(process_env["BENTOML_HOME"])
@@ -683,7 +650,7 @@ def start_slot(
         argv = [
             sys.executable,
             "-m",
-            "bentoml",
+            "airmlops.serving.slot_server",
             "serve",
             artifact,
             "--host",
@@ -693,7 +660,7 @@ def start_slot(
         ]
         log_path = log_dir / f"{name}.log"
         # cwd is the log folder: `bentoml serve` must never pick up a service from a cwd.
-        proc = _spawn(argv, process_env, log_path, cwd=log_dir)
+        proc = spawn_detached(argv, process_env, log_path, cwd=log_dir)
         return SlotHandle(
             target="process",
             artifact=artifact,
@@ -705,7 +672,9 @@ def start_slot(
             bentoml_home=str(home) if home else None,
         )
 
-    return _start_container(artifact, port, extra, markers, name, docker_client)
+    return _start_container(
+        artifact, port, extra, markers, name, docker_client, resources or ContainerResources()
+    )
 
 
 def _start_container(
@@ -715,7 +684,9 @@ def _start_container(
     markers: Mapping[str, str],
     name: str,
     client: DockerClient | None,
+    resources: ContainerResources,
 ) -> SlotHandle:
+    from airmlops.serving.container import hardened_run_options
     from airmlops.serving.docker_engine import (
         check_network_mode,
         docker_client,
@@ -739,6 +710,9 @@ def _start_container(
         "BENTOML_PORT": str(port),
         "BENTOML_DO_NOT_TRACK": "true",
     }
+    # The data root is scratch space in a container (a SQLite fallback there dies with it).
+    data_root = env.get("MLOPS_DATA_ROOT")
+    confinement = hardened_run_options(resources, scratch_dirs=[data_root] if data_root else [])
     try:
         container = client.containers.run(
             image,
@@ -747,6 +721,7 @@ def _start_container(
             network_mode=check_network_mode("host"),
             environment=environment,
             labels=labels,
+            **confinement,
         )
     except Exception:
         remove_container(client, container_name, timeout=5)  # created but not started
@@ -758,6 +733,7 @@ def _start_container(
         instance=markers[INSTANCE_MARKER],
         container_id=container.id,
         container_name=container_name,
+        resources=resources.to_dict(),
     )
 
 
@@ -946,6 +922,7 @@ def deploy(
     docker_client: DockerClient | None = None,
     stop_timeout: float = 10.0,
     headers: Mapping[str, str] | None = None,
+    resources: ContainerResources | None = None,
 ) -> DeployResult:
     """Blue/green deploy of ``version`` (a bento tag for ``process``, an image for ``docker``).
 
@@ -953,7 +930,7 @@ def deploy(
     ``golden`` and switches the stable address (``proxy_port``) to it. The previous version
     keeps running in the other slot (the rollback target). Any failure raises
     :class:`DeployFailed`, with the new version stopped, the old one serving and the state file
-    untouched.
+    untouched. ``resources`` limits a ``docker`` version's container (spec ``deploy.resources``).
     """
     validate_pipeline(pipeline)
     validate_version(version)
@@ -999,6 +976,7 @@ def deploy(
                 bentoml_home=bentoml_home,
                 deployment_id=state["deployment_id"],
                 docker_client=docker_client,
+                resources=resources,
             )
         except Exception as exc:
             raise DeployFailed("start", f"{type(exc).__name__}: {exc}") from None
@@ -1200,6 +1178,8 @@ def _restart_slot(
             bentoml_home=Path(home) if home else None,
             deployment_id=deployment_id,
             docker_client=docker_client,
+            resources=ContainerResources(**record["resources"]) if record.get("resources")
+            else None,
         )
     except Exception as exc:
         raise RollbackFailed(

@@ -7,12 +7,21 @@ Two backends behind one small interface, :class:`LogBackend`:
   ``(request_id, position, ts, model_version, entity_id, inputs, features, prediction,
   probability)``, keyed ``(request_id, position)`` (``position`` is the entity's index in its
   request), so a batch written twice (a retry after a failed commit) is stored once.
-  ``labels`` has ``(request_id, entity_id, label, ts)`` keyed ``(request_id, entity_id)``: a
-  later label for the same prediction replaces the earlier one.
+  ``labels`` has ``(request_id, entity_id, label, ts)`` keyed ``(request_id, entity_id)``.
 - :class:`RedisLogBackend` (when a Redis URL is configured): the streams
   ``<pipeline>:predictions`` and ``<pipeline>:labels``, one entry per row with the same fields,
   appended with ``XADD ... MAXLEN ~ <bound>`` by one Lua script call per batch (atomic). Readers
-  drop duplicate ``(request_id, position)`` entries, so a retried batch is read once.
+  drop duplicate ``(request_id, position)`` entries, so a retried batch is read once. The same
+  call adds each row's entity to the set ``<pipeline>:request:<request_id>`` (expiring after
+  ``label_window_days``): the record that the request was issued, which labels are checked
+  against.
+
+Labels are not buffered: :meth:`~LogBackend.claim_labels` checks and stores a request's labels in
+one atomic step (one SQLite ``BEGIN IMMEDIATE`` transaction; one Lua script on Redis, which keeps
+the labels given so far in the hash ``<pipeline>:labeled:<request_id>``): the request must have
+been issued, every entity must be one of its entities, and an entity that already has a label is
+a conflict unless the caller asks to overwrite. So "exactly one label per (request, entity)"
+holds across any number of service workers and processes.
 
 ``ts`` is the prediction's (or label's) time in epoch microseconds, UTC; ``inputs`` is the
 request row (entity and request fields) and ``features`` the model's input row, both JSON.
@@ -58,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PIPELINE_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+REQUEST_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 PREDICTION_COLUMNS = (
     "request_id", "position", "ts", "model_version", "entity_id", "inputs", "features",
     "prediction", "probability",
@@ -96,6 +106,10 @@ class PredictionLogSettings(BaseSettings):
     stream_maxlen: int = Field(
         default=1_000_000, ge=1000,
         description="Approximate bound of each Redis stream (XADD MAXLEN ~).")
+    label_window_days: float = Field(
+        default=7.0, gt=0, le=365,
+        description="With Redis, how long a prediction accepts labels: the record of which "
+        "entities a request predicted expires after this (SQLite keeps it with the row).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +152,19 @@ class LogStats:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelClaim:
+    """What :meth:`LogBackend.claim_labels` found; ``stored`` is True only when it stored."""
+
+    issued: bool
+    unknown_entities: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+
+    @property
+    def stored(self) -> bool:
+        return self.issued and not self.unknown_entities and not self.conflicts
+
+
 class LogBackend(Protocol):
     """Where log entries are stored. Writes raise on failure; the caller retries."""
 
@@ -148,6 +175,12 @@ class LogBackend(Protocol):
 
     def write(self, predictions: Sequence[PredictionRecord],
               labels: Sequence[LabelRecord]) -> None: ...
+
+    def claim_labels(self, request_id: str, labels: Sequence[LabelRecord], *,
+                     overwrite: bool = False) -> LabelClaim:
+        """Store ``labels`` of ``request_id`` atomically if the request was issued, predicted
+        each entity, and (unless ``overwrite``) none has a label yet; else store nothing."""
+        ...
 
     def close(self) -> None: ...
 
@@ -256,6 +289,38 @@ class SqliteLogBackend:
                 self.close()  # a broken connection is reopened on the next write
             raise
 
+    def claim_labels(self, request_id: str, labels: Sequence[LabelRecord], *,
+                     overwrite: bool = False) -> LabelClaim:
+        """One ``BEGIN IMMEDIATE`` transaction: SQLite's write lock makes the check and the
+        insert one step for every process writing this file."""
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            issued = {row[0] for row in db.execute(
+                "SELECT entity_id FROM predictions WHERE request_id = ?", (request_id,))}
+            claim = LabelClaim(issued=bool(issued), unknown_entities=tuple(
+                r.entity_id for r in labels if issued and r.entity_id not in issued))
+            if claim.stored and not overwrite:
+                labelled = {row[0] for row in db.execute(
+                    "SELECT entity_id FROM labels WHERE request_id = ?", (request_id,))}
+                claim = LabelClaim(issued=True, conflicts=tuple(
+                    r.entity_id for r in labels if r.entity_id in labelled))
+            if claim.stored:
+                db.executemany(
+                    "INSERT OR REPLACE INTO labels (request_id, entity_id, label, ts)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(request_id, r.entity_id, r.label, r.ts_us) for r in labels])
+                db.execute("COMMIT")
+            else:
+                db.execute("ROLLBACK")
+            return claim
+        except BaseException:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                self.close()
+            raise
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -269,6 +334,22 @@ def stream_keys(pipeline: str) -> tuple[str, str]:
     """The (predictions, labels) stream keys of a pipeline."""
     check_pipeline(pipeline)
     return f"{pipeline}:predictions", f"{pipeline}:labels"
+
+
+def request_key(pipeline: str, request_id: str) -> str:
+    """The set of entities request ``request_id`` predicted (Redis)."""
+    return f"{check_pipeline(pipeline)}:request:{_check_request_id(request_id)}"
+
+
+def labeled_key(pipeline: str, request_id: str) -> str:
+    """The hash entity -> label of the labels request ``request_id`` got so far (Redis)."""
+    return f"{check_pipeline(pipeline)}:labeled:{_check_request_id(request_id)}"
+
+
+def _check_request_id(request_id: str) -> str:
+    if not isinstance(request_id, str) or not REQUEST_ID_PATTERN.fullmatch(request_id):
+        raise ValueError(f"invalid request id {request_id!r}: expected 32 hex digits")
+    return request_id
 
 
 def _redis_client(url: str, *, timeout: float) -> Any:
@@ -289,13 +370,16 @@ def _redis_location(url: str) -> str:
 
 
 _APPEND_SCRIPT = """
--- KEYS: predictions stream, labels stream
--- ARGV: maxlen, prediction rows, label rows, then each row's field/value pairs
--- (9 pairs per prediction, 4 per label: RedisLogBackend.write)
+-- KEYS: predictions stream, labels stream, then each prediction row's request key
+-- ARGV: maxlen, prediction rows, label rows, request key ttl (s), then each row's field/value
+-- pairs (9 pairs per prediction, 4 per label: RedisLogBackend.write)
 local maxlen = ARGV[1]
-local at = 4
-for _ = 1, tonumber(ARGV[2]) do
+local ttl = ARGV[4]
+local at = 5
+for row = 1, tonumber(ARGV[2]) do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, at, at + 17))
+  redis.call('SADD', KEYS[2 + row], ARGV[at + 9])
+  redis.call('EXPIRE', KEYS[2 + row], ttl)
   at = at + 18
 end
 for _ = 1, tonumber(ARGV[3]) do
@@ -303,6 +387,31 @@ for _ = 1, tonumber(ARGV[3]) do
   at = at + 8
 end
 return at
+"""
+
+
+_CLAIM_SCRIPT = """
+-- KEYS: the request's entity set, its labeled hash, the labels stream
+-- ARGV: maxlen, overwrite (1/0), ttl (s), request id, then entity, label, ts per label
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown_request'} end
+local unknown, conflicts = {'unknown_entities'}, {'conflicts'}
+for at = 5, #ARGV, 3 do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[at]) == 0 then table.insert(unknown, ARGV[at]) end
+end
+if #unknown > 1 then return unknown end
+if ARGV[2] ~= '1' then
+  for at = 5, #ARGV, 3 do
+    if redis.call('HEXISTS', KEYS[2], ARGV[at]) == 1 then table.insert(conflicts, ARGV[at]) end
+  end
+  if #conflicts > 1 then return conflicts end
+end
+for at = 5, #ARGV, 3 do
+  redis.call('HSET', KEYS[2], ARGV[at], ARGV[at + 1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[1], '*', 'request_id', ARGV[4],
+             'entity_id', ARGV[at], 'label', ARGV[at + 1], 'ts', ARGV[at + 2])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+return {'stored'}
 """
 
 
@@ -315,12 +424,16 @@ class RedisLogBackend:
     """
 
     def __init__(self, url: str, pipeline: str, *, maxlen: int = 1_000_000,
-                 timeout: float = 2.0, client: Any = None) -> None:
+                 timeout: float = 2.0, client: Any = None,
+                 label_window_s: float = 7 * 86_400) -> None:
         self.url = url
+        self.pipeline = check_pipeline(pipeline)
         self.maxlen = int(maxlen)
+        self.label_window_s = max(1, int(label_window_s))
         self.predictions_key, self.labels_key = stream_keys(pipeline)
         self._client = client or _redis_client(url, timeout=timeout)
         self._append = self._client.register_script(_APPEND_SCRIPT)
+        self._claim = self._client.register_script(_CLAIM_SCRIPT)
 
     @property
     def location(self) -> str:
@@ -331,7 +444,7 @@ class RedisLogBackend:
         """XADD the batch in one script call: all of it is appended or none."""
         if not predictions and not labels:
             return
-        args: list[Any] = [self.maxlen, len(predictions), len(labels)]
+        args: list[Any] = [self.maxlen, len(predictions), len(labels), self.label_window_s]
         for r in predictions:
             args += (
                 "request_id", r.request_id, "position", r.position, "ts", r.ts_us,
@@ -343,7 +456,27 @@ class RedisLogBackend:
         for r in labels:
             args += ("request_id", r.request_id, "entity_id", r.entity_id,
                      "label", repr(float(r.label)), "ts", r.ts_us)
-        self._append(keys=[self.predictions_key, self.labels_key], args=args)
+        keys = [self.predictions_key, self.labels_key,
+                *(request_key(self.pipeline, r.request_id) for r in predictions)]
+        self._append(keys=keys, args=args)
+
+    def claim_labels(self, request_id: str, labels: Sequence[LabelRecord], *,
+                     overwrite: bool = False) -> LabelClaim:
+        """One Lua script: Redis runs it atomically, whichever worker calls it."""
+        args: list[Any] = [self.maxlen, 1 if overwrite else 0, self.label_window_s, request_id]
+        for r in labels:
+            args += (r.entity_id, repr(float(r.label)), r.ts_us)
+        keys = [request_key(self.pipeline, request_id), labeled_key(self.pipeline, request_id),
+                self.labels_key]
+        outcome, *entities = [part.decode("utf-8") for part in
+                              self._claim(keys=keys, args=args)]
+        if outcome == "unknown_request":
+            return LabelClaim(issued=False)
+        if outcome == "unknown_entities":
+            return LabelClaim(issued=True, unknown_entities=tuple(entities))
+        if outcome == "conflicts":
+            return LabelClaim(issued=True, conflicts=tuple(entities))
+        return LabelClaim(issued=True)
 
     def close(self) -> None:
         self._client.close()
@@ -586,7 +719,8 @@ def open_backend(pipeline: str, settings: Settings,
     log_settings = log_settings or PredictionLogSettings()
     url = log_redis_url(settings, log_settings)
     if url:
-        return RedisLogBackend(url, pipeline, maxlen=log_settings.stream_maxlen)
+        return RedisLogBackend(url, pipeline, maxlen=log_settings.stream_maxlen,
+                               label_window_s=log_settings.label_window_days * 86_400)
     return SqliteLogBackend(sqlite_log_path(settings.data_root, pipeline))
 
 

@@ -20,6 +20,10 @@ httpx's AsyncClient, slower still.
   directory (:func:`ensure_admin_token`); the switch checks the new upstream's ``/readyz``
   first (unless ``"verify": false``) and persists the choice, so a restarted proxy resumes it.
 
+Clients are held to :class:`~airmlops.serving.http_limits.HttpLimits` before anything is
+forwarded: oversized headers 431, oversized bodies 413, slow headers or bodies 408, a request on
+a connection beyond ``--max-connections`` 503, idle connections closed after ``--keep-alive``.
+
 Upstreams must be loopback addresses, and the proxy itself binds 127.0.0.1 only.
 Run it as ``python -m airmlops.serving.proxy --port N --state-dir D``.
 """
@@ -43,6 +47,17 @@ from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequen
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+from airmlops.serving.http_limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADER_COUNT,
+    HttpLimits,
+    guarded_protocol,
+)
 
 if TYPE_CHECKING:
     from airmlops.serving.upstream import UpstreamPool
@@ -678,7 +693,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT)
     parser.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT,
                         help="most seconds an upstream answer may take (then 504)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest request body (413 above)")
+    parser.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                        help="largest request line plus headers (431 above)")
+    parser.add_argument("--max-header-count", type=int, default=DEFAULT_MAX_HEADER_COUNT,
+                        help="most request header lines (431 above)")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT_S,
+                        help="seconds a client has to send its headers (then 408)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="seconds a client has to send its body after the headers (408)")
+    parser.add_argument("--keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_S,
+                        help="seconds an idle client connection is kept open")
+    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="open client connections; a request on one beyond gets 503")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     return parser
 
@@ -690,6 +718,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         port = validate_port(args.port)
+        limits = HttpLimits(
+            max_header_bytes=args.max_header_bytes, max_header_count=args.max_header_count,
+            max_body_bytes=args.max_body_bytes, header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout, keep_alive_s=args.keep_alive,
+            max_connections=args.max_connections,
+        )
         initial = None
         if args.upstream:
             initial = Upstream(
@@ -713,6 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     config = uvicorn.Config(
         proxy,
+        http=guarded_protocol(limits),
         host=HOST,
         port=port,
         lifespan="on",
@@ -721,7 +756,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_header=False,
         date_header=False,  # the upstream's Date is passed through
         proxy_headers=False,
-        timeout_keep_alive=5,
+        timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
         timeout_graceful_shutdown=15,
         backlog=2048,
     )

@@ -17,8 +17,15 @@ Endpoints:
   same code as training (:func:`airmlops.features.pipeline.online_inputs`). An entity the
   online store does not know gets 422 naming it. Every answered row goes to the prediction log
   without blocking the response (:mod:`airmlops.serving.prediction_log`).
-- ``POST /feedback`` ``{"request_id": ..., "labels": [{"entity": id, "label": y}]}`` answers
-  202 once the labels are handed to the prediction log.
+- ``POST /feedback`` ``{"request_id": ..., "labels": [{"entity": id, "label": y}],
+  "overwrite": false}`` answers 202 once the labels are stored in the prediction log. A label
+  is ``0``/``1``/``true``/``false`` for binary classification and a finite number for
+  regression (else 422 naming it); the request id must be one this service issued (else 404),
+  each entity one of that request's (else 422 naming it) and given once per request (a second
+  label for the same (request id, entity) is 409 and leaves the first unchanged, unless the
+  body says ``"overwrite": true``). A label that follows its prediction at once is accepted:
+  the service flushes its own log buffer and waits up to ``feedback_wait_s`` for another
+  worker's (:meth:`ServingRuntime.claim_labels`).
 - ``/livez``, ``/readyz`` (the model is loaded and the online store answers) and Prometheus
   ``/metrics`` (requests, latency, errors by kind, model info, prediction-log counters) stay
   open when authentication is on; everything else needs ``Authorization: Bearer <token>``.
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -72,11 +80,13 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from airmlops.model_files import ModelDigests, ModelLoadError, load_model_dir, model_dir_under
+
 if TYPE_CHECKING:
     import numpy as np
 
     from airmlops.serving.fast_predict import FastScorer
-    from airmlops.serving.prediction_log import PredictionLog
+    from airmlops.serving.prediction_log import LogBackend, PredictionLog
     from airmlops.settings import Settings
     from airmlops.spec import PipelineSpec
 
@@ -90,8 +100,6 @@ PICKLE_MEDIA_TYPES = frozenset({
     "application/x-python-pickle", "application/vnd.bentoml+pickle",
 })
 ENTITY_MAX_LENGTH = 256
-MODEL_FLAVOUR_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
-"""Modules whose types a served model may reference (see training.tracking)."""
 LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -110,6 +118,10 @@ class ServingConfig(BaseModel):
     spec_file: str = "spec.yaml"
     spec_hash: str
     features_hash: str
+    model_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """sha256 of the model file recorded at logging; the service refuses a model without it."""
+    mlmodel_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """sha256 of the model's MLmodel file recorded at logging."""
 
     @classmethod
     def read(cls, path: Path) -> ServingConfig:
@@ -144,6 +156,25 @@ class ServingSettings(BaseSettings):
     direct: bool = Field(
         default=True, description="Answer /predict in the request gate, which has already "
         "parsed the body, instead of BentoML's API handler (same answers, less per request).")
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="Seconds a client has to send its request headers "
+        "(then 408 and the connection is closed).")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="Seconds a client has to send its body once the "
+        "headers are in (then 408).")
+    keep_alive_s: float = Field(
+        default=5.0, ge=2.5, description="Seconds an idle client connection stays open; "
+        "above the stable address's 2 s reuse of idle upstream connections.")
+    max_header_bytes: int = Field(default=16_384, ge=1024,
+                                  description="Largest request line plus headers (431 above).")
+    max_header_count: int = Field(default=100, ge=8,
+                                  description="Most request header lines (431 above).")
+    max_connections: int = Field(
+        default=512, ge=1, description="Open client connections per worker; a request on a "
+        "connection beyond them gets 503 (the stable address keeps up to 256 open).")
+    feedback_wait_s: float = Field(
+        default=1.0, ge=0, le=30, description="How long /feedback waits for a request id it "
+        "does not find yet (its prediction still buffered by another worker) before 404.")
     trace_predict: bool = Field(
         default=False, description="Let BentoML's OpenTelemetry middleware trace /predict. "
         "It records three spans per request even when no exporter is configured (a third of "
@@ -154,49 +185,13 @@ class ServingSettings(BaseSettings):
 # --- the model --------------------------------------------------------------------------------
 
 
-class ModelLoadError(RuntimeError):
-    """The model directory is not a scikit-learn model saved in the skops format."""
-
-
-def read_model_dir(model_dir: Path) -> tuple[Path, list[str]]:
-    """The skops file of an MLflow sklearn model directory and the types it may load.
-
-    Only the skops format is accepted (pickle and cloudpickle run code when loaded), and the
-    trusted types the MLmodel file lists must belong to scikit-learn, NumPy or SciPy: MLflow
-    itself trusts whatever list the model brings, so a crafted model could allow anything.
+def load_model(root: Path, config: ServingConfig) -> Any:
+    """The bento's model, through the one loader (:mod:`airmlops.model_files`): ``model_dir``
+    confined to the bento, the digests of ``serving.json`` checked before anything is parsed,
+    skops only, exactly the trusted types recorded at training. :class:`ModelLoadError` if not.
     """
-    import yaml
-
-    model_dir = Path(model_dir)
-    try:
-        mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ModelLoadError(f"{model_dir} has no readable MLmodel file: {error}") from None
-    flavour = ((mlmodel or {}).get("flavors") or {}).get("sklearn")
-    if not isinstance(flavour, dict):
-        raise ModelLoadError(f"{model_dir} is not an MLflow scikit-learn model")
-    if flavour.get("serialization_format") != "skops":
-        raise ModelLoadError(
-            f"{model_dir} is saved as {flavour.get('serialization_format')!r}; only the skops "
-            "format is served (pickle would run code on load)")
-    trusted = [str(name) for name in flavour.get("skops_trusted_types") or []]
-    foreign = [name for name in trusted if name.split(".")[0] not in MODEL_FLAVOUR_ROOTS]
-    if foreign:
-        raise ModelLoadError(f"{model_dir} asks to trust types outside scikit-learn, NumPy and "
-                             f"SciPy: {foreign}")
-    pickled = str(flavour.get("pickled_model") or "model.skops")
-    path = (model_dir / pickled).resolve()
-    if not path.is_relative_to(model_dir.resolve()) or not path.is_file():
-        raise ModelLoadError(f"{model_dir} has no model file {pickled!r}")
-    return path, trusted
-
-
-def load_model(model_dir: Path) -> Any:
-    """Load the scikit-learn model of an MLflow model directory with skops (no pickle)."""
-    import skops.io
-
-    path, trusted = read_model_dir(model_dir)
-    return skops.io.load(path, trusted=trusted)
+    expected = ModelDigests.from_tags(config.model_dump(), CONFIG_FILE)
+    return load_model_dir(model_dir_under(root, config.model_dir), expected)
 
 
 # --- request and response models -------------------------------------------------------------
@@ -214,20 +209,40 @@ EntityId = Annotated[str | int, BeforeValidator(_entity_id)]
 
 
 def _finite_label(value: Any) -> Any:
+    """A regression label: a finite number within the float range (not a boolean)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a finite number")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise ValueError("must be a finite number within the float range") from None
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number within the float range")
+    return number
+
+
+def _binary_label(value: Any) -> Any:
+    """A binary classification label: 0, 1, true or false."""
     if isinstance(value, bool):
         return float(value)
-    if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return float(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return float(value)
+    raise ValueError("must be 0, 1, true or false (binary classification)")
 
 
 class LabelItem(BaseModel):
-    """One observed outcome."""
+    """One observed outcome (a regression label; see :func:`request_models`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     entity: EntityId
     label: Annotated[float, BeforeValidator(_finite_label)]
+
+
+class BinaryLabelItem(LabelItem):
+    """One observed outcome of a binary classifier."""
+
+    label: Annotated[float, BeforeValidator(_binary_label)]
 
 
 def request_models(spec: PipelineSpec, max_instances: int) -> tuple[type[BaseModel],
@@ -265,11 +280,13 @@ def request_models(spec: PipelineSpec, max_instances: int) -> tuple[type[BaseMod
         __config__=ConfigDict(extra="forbid"),
         instances=(list[instance], Field(min_length=1, max_length=max_instances)),
     )
+    label_item = BinaryLabelItem if spec.task == "binary_classification" else LabelItem
     feedback = create_model(
         "FeedbackRequest",
         __config__=ConfigDict(extra="forbid"),
         request_id=(str, Field(pattern=r"^[0-9a-f]{32}$")),
-        labels=(list[LabelItem], Field(min_length=1, max_length=max_instances)),
+        labels=(list[label_item], Field(min_length=1, max_length=max_instances)),
+        overwrite=(Annotated[bool, Strict()], False),
     )
     return predict, feedback
 
@@ -355,8 +372,17 @@ class ServingRuntime:
         *,
         clock: Callable[[], float] = time.time,
         fast_path: bool = True,
+        label_backend: LogBackend | None = None,
     ) -> None:
+        import threading
+
         self.config = config
+        # Labels are checked and stored synchronously, on a backend connection of their own.
+        self.label_backend = label_backend if label_backend is not None \
+            else prediction_log.backend
+        self._label_lock = threading.Lock()
+        self.labels_stored = 0
+        self.flush_timeout = 5.0
         self.spec = spec
         self.model = model
         self.online_store = online_store
@@ -472,16 +498,54 @@ class ServingRuntime:
         return {"predictions": predictions, "model_name": self.config.model_name,
                 "model_version": version, "request_id": request_id}
 
-    def record_labels(self, request_id: str, labels: Sequence[Mapping[str, Any]], ts_us: int
-                      ) -> int:
+    def claim_labels(self, request_id: str, labels: Sequence[Mapping[str, Any]], ts_us: int,
+                     *, overwrite: bool = False, flush: bool = False
+                     ) -> tuple[int, dict[str, Any]]:
+        """Store the labels of one earlier request; (HTTP status, body) of the answer.
+
+        Stored in one atomic step by the log's backend (:meth:`LogBackend.claim_labels`), on
+        a connection of its own (the writer thread has the log's): 202 when stored; 404 when
+        the request id was never issued; 422 naming an entity the request did not predict or
+        one labelled twice in the body; 409 naming an entity that already has a label (unless
+        ``overwrite``). With ``flush``, this worker's buffered predictions are written first,
+        so a label that follows its prediction at once finds it.
+        """
         from airmlops.serving.prediction_log import LabelRecord
 
-        records = [LabelRecord(request_id=request_id, entity_id=str(item["entity"]),
-                               label=float(item["label"]), ts_us=ts_us) for item in labels]
-        return self.prediction_log.log_labels(records)
+        entities = [str(item["entity"]) for item in labels]
+        twice = [index for index, entity in enumerate(entities) if entity in entities[:index]]
+        if twice:
+            return 422, error_body("invalid_request", "; ".join(
+                f"labels[{i}].entity: {entities[i]!r} is labelled more than once in this body"
+                for i in twice[:10]), request_id=request_id)
+        if flush:
+            self.prediction_log.flush(timeout=self.flush_timeout)
+        records = [LabelRecord(request_id=request_id, entity_id=entity,
+                               label=float(item["label"]), ts_us=ts_us)
+                   for entity, item in zip(entities, labels, strict=True)]
+        with self._label_lock:
+            claim = self.label_backend.claim_labels(request_id, records, overwrite=overwrite)
+        if not claim.issued:
+            return 404, error_body("unknown_request", f"request_id: {request_id} was not issued "
+                                   "by this model (or no longer accepts labels)",
+                                   request_id=request_id)
+        if claim.unknown_entities:
+            return 422, error_body("unknown_entity", "; ".join(
+                f"labels[{entities.index(e)}].entity: {e!r} was not predicted in request "
+                f"{request_id}" for e in claim.unknown_entities[:10]),
+                unknown_entities=list(claim.unknown_entities), request_id=request_id)
+        if claim.conflicts:
+            return 409, error_body("label_exists", "; ".join(
+                f"labels[{entities.index(e)}].entity: {e!r} already has a label for request "
+                f"{request_id}" for e in claim.conflicts[:10]) + "; send \"overwrite\": true "
+                "to replace it", conflicts=list(claim.conflicts), request_id=request_id)
+        self.labels_stored += len(records)
+        return 202, {"request_id": request_id, "accepted": len(records)}
 
     def close(self) -> None:
         self.prediction_log.close(timeout=5.0)
+        if self.label_backend is not self.prediction_log.backend:
+            self.label_backend.close()
         self.online_store.close()
 
 
@@ -668,7 +732,8 @@ class ServiceMetrics:
 
 
 _KIND_BY_STATUS = {400: "bad_request", 401: "unauthorized", 404: "not_found",
-                   405: "method_not_allowed", 413: "payload_too_large",
+                   405: "method_not_allowed", 408: "timeout", 409: "conflict",
+                   413: "body_too_large",
                    415: "unsupported_media_type", 422: "unknown_entity", 429: "overloaded",
                    500: "internal", 503: "unavailable", 504: "timeout"}
 
@@ -789,7 +854,7 @@ class RequestGate:
             except ValueError:
                 return (400, "bad_request", "Content-Length is not a number", {}), None, None
             if length > self.max_body_bytes:
-                return (413, "payload_too_large", f"body of {length} bytes exceeds the limit "
+                return (413, "body_too_large", f"body of {length} bytes exceeds the limit "
                         f"of {self.max_body_bytes} bytes", {}), None, None
         chunks = bytearray()
         while True:
@@ -799,7 +864,7 @@ class RequestGate:
                         {}), None, None
             chunks.extend(message.get("body", b""))
             if len(chunks) > self.max_body_bytes:
-                return (413, "payload_too_large",
+                return (413, "body_too_large",
                         f"body exceeds the limit of {self.max_body_bytes} bytes", {}), None, None
             if not message.get("more_body", False):
                 break
@@ -889,6 +954,51 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def install_http_limits(serving: ServingSettings) -> None:
+    """Hold clients of this process's uvicorn (built later by BentoML's worker) to the
+    service's :class:`~airmlops.serving.http_limits.HttpLimits`: 431, 413, 408, 503."""
+    from airmlops.serving.http_limits import HttpLimits, install_as_uvicorn_default
+
+    install_as_uvicorn_default(HttpLimits(
+        max_header_bytes=serving.max_header_bytes, max_header_count=serving.max_header_count,
+        max_body_bytes=serving.max_body_bytes, header_timeout_s=serving.header_timeout_s,
+        body_timeout_s=serving.body_timeout_s, keep_alive_s=serving.keep_alive_s,
+        max_connections=serving.max_connections))
+
+
+async def claim_labels_waiting(runtime: ServingRuntime, request_id: str,
+                               labels: Sequence[Mapping[str, Any]], *, overwrite: bool,
+                               wait_s: float) -> tuple[int, dict[str, Any]]:
+    """:meth:`ServingRuntime.claim_labels`, in a thread, waiting for a request id not yet
+    found: predictions reach the log store asynchronously, so the first miss flushes this
+    worker's buffer and later ones poll (another worker's buffer is written within its
+    linger) until ``wait_s`` has passed; then 404. A log store that fails answers 503."""
+    import anyio.to_thread
+
+    ts_us = _now_us(runtime.clock)
+    deadline = time.monotonic() + wait_s
+    attempt, pause = 0, 0.02
+    while True:
+        try:
+            status, body = await anyio.to_thread.run_sync(functools.partial(
+                runtime.claim_labels, request_id, labels, ts_us, overwrite=overwrite,
+                flush=attempt == 1))
+        except Exception as error:
+            if not _is_connection_error(error):
+                raise
+            log.warning("prediction log unavailable for labels: %s: %s",
+                        type(error).__name__, error)
+            return 503, error_body("unavailable", "the prediction log is unavailable; the "
+                                   "labels were not recorded, retry later",
+                                   request_id=request_id)
+        if status != 404 or (attempt > 0 and time.monotonic() >= deadline):
+            return status, body
+        attempt += 1
+        if attempt > 1:
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.2)
+
+
 def _now_us(clock: Callable[[], float]) -> int:
     return int(clock() * 1_000_000)
 
@@ -915,6 +1025,7 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
     serving = serving or ServingSettings()
     predict_model, feedback_model = request_models(spec, serving.max_instances)
     install_log_filter()
+    install_http_limits(serving)
 
     state: dict[str, Any] = {"metrics": None, "predict": None}
 
@@ -923,17 +1034,19 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
 
         def __init__(self) -> None:
             from airmlops.features.online import make_online_store
-            from airmlops.serving.prediction_log import open_log
+            from airmlops.serving.prediction_log import open_backend, open_log
 
             install_log_filter()
             started = time.perf_counter()
             metrics = ServiceMetrics.get(config)
             state["metrics"] = metrics
-            model = load_model(root / config.model_dir)
+            model = load_model(root, config)
             store = make_online_store(settings, spec.name)
             prediction_log = open_log(spec.name, settings, observer=metrics.observe_log)
             self.runtime = ServingRuntime(config, spec, model, store, prediction_log,
-                                          fast_path=serving.fast_path)
+                                          fast_path=serving.fast_path,
+                                          label_backend=open_backend(spec.name, settings))
+            self.metrics = metrics
             self.coalescer = Coalescer(self.runtime.score, serving.max_batch_rows,
                                        metrics.batch_requests.observe) if serving.batching \
                 else None
@@ -959,15 +1072,16 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
 
         @bentoml.api(route="/feedback", input_spec=feedback_model,
                      output_spec=FeedbackResponse)
-        async def feedback(self, request_id: str, labels: list[Any]) -> Any:
-            """Record labels that arrived later for the entities of an earlier request."""
-            items = [item.model_dump() for item in labels]
-            accepted = self.runtime.record_labels(request_id, items, _now_us(self.runtime.clock))
-            if accepted < len(items):
-                return _json_response(503, error_body(
-                    "unavailable", f"the prediction log buffer is full; {len(items) - accepted} "
-                    "label(s) were not recorded", request_id=request_id))
-            return _json_response(202, {"request_id": request_id, "accepted": accepted})
+        async def feedback(self, request_id: str, labels: list[Any],
+                           overwrite: bool = False) -> Any:
+            """Record labels that arrived later for the entities of an earlier request (see
+            :meth:`ServingRuntime.claim_labels`): at most one per (request id, entity)."""
+            status, body = await claim_labels_waiting(
+                self.runtime, request_id, [item.model_dump() for item in labels],
+                overwrite=overwrite, wait_s=serving.feedback_wait_s)
+            if status == 202:
+                self.metrics.observe_log("labels_logged", body["accepted"])
+            return _json_response(status, body)
 
         async def __is_ready__(self) -> bool:
             import anyio.to_thread

@@ -241,13 +241,15 @@ def evaluate_against_champion(
     Only the last ``gates.champion.recent_days`` of ``test_df`` are used when that is set.
     The result is oriented so that a positive delta means the challenger is better:
     ``challenger - champion`` for higher-is-better metrics, ``champion - challenger`` otherwise.
+    Both models are loaded by :func:`airmlops.model_files.load_registered_model` (skops, exact
+    trusted types, digests recorded at logging), so a tampered artifact raises
+    :class:`~airmlops.model_files.ModelLoadError` before it is parsed.
     """
-    import mlflow.sklearn
     import pandas as pd
 
+    from airmlops.model_files import load_registered_model
     from airmlops.spec import HIGHER_IS_BETTER
     from airmlops.training.model import label_array, predict_scores
-    from airmlops.training.tracking import using_tracking_uri
 
     rows = test_df
     recent_days = spec.gates.champion.recent_days
@@ -256,9 +258,8 @@ def evaluate_against_champion(
         rows = test_df.loc[timestamps >= timestamps.max() - pd.Timedelta(days=recent_days)]
     y = label_array(spec, rows)
 
-    with using_tracking_uri(tracking_uri):
-        challenger = mlflow.sklearn.load_model(challenger_uri)
-        champion = mlflow.sklearn.load_model(champion_uri)
+    challenger = load_registered_model(challenger_uri, tracking_uri)
+    champion = load_registered_model(champion_uri, tracking_uri)
     challenger_scores = predict_scores(spec, challenger, rows)
     champion_scores = predict_scores(spec, champion, rows)
 

@@ -2,7 +2,8 @@
 
 A blessed model becomes a new version of the registered model named after the pipeline, with
 alias ``challenger``; deploy moves ``champion`` to it once it serves healthily. Every version
-carries the lineage tags of the run that produced it.
+carries the lineage tags of the run that produced it and the sha256 digests of its model files
+(``model_sha256``, ``mlmodel_sha256``), which every load checks.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ CHAMPION = "champion"
 RUN_ID_TAG = "mlflow_run_id"
 """Version tag naming the run the version was registered from (the idempotency key)."""
 
-COPIED_RUN_TAGS = ("trigger_reason", "gate_blessed", "pipeline")
-"""Run tags copied to the version besides the lineage tags, when the run has them."""
+COPIED_RUN_TAGS = ("trigger_reason", "gate_blessed", "pipeline", "model_sha256", "mlmodel_sha256")
+"""Run tags copied to the version besides the lineage tags, when the run has them (the digests
+are required: see :func:`register_challenger`)."""
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
@@ -58,6 +60,7 @@ def register_challenger(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from airmlops.model_files import ModelDigests
     from airmlops.training.tracking import LINEAGE_TAGS, using_tracking_uri
 
     name = _checked_name(spec.registered_model_name)
@@ -75,8 +78,11 @@ def register_challenger(
             raise
 
     run_tags = client.get_run(run_id).data.tags
+    # A version nobody could load is refused; its digests are the run's, whatever ``tags`` say.
+    digests = ModelDigests.from_tags(run_tags, f"run {run_id}")
     version_tags = {k: run_tags[k] for k in (*LINEAGE_TAGS, *COPIED_RUN_TAGS) if k in run_tags}
     version_tags.update({str(k): str(v) for k, v in tags.items() if v is not None})
+    version_tags.update(digests.to_tags())
     version_tags[RUN_ID_TAG] = run_id
 
     version = _version_of_run(client, name, run_id)

@@ -1,5 +1,7 @@
 """Fit the model and record it in MLflow: params, metrics, signature, input example, dataset
-inputs, lineage tags and the model itself (skops format, so loading it runs no pickle).
+inputs, lineage tags and the model itself (skops format, so loading it runs no pickle), with
+the exact types it needs trusted and the sha256 digests of its files (see
+:mod:`airmlops.model_files`, the one loader that checks them).
 
 The run is the unit of lineage: its tags say which commit, data, spec, feature definitions and
 Airflow run produced the model, and the model version registered from it copies them.
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
 
+    from airmlops.model_files import ModelDigests
     from airmlops.spec import PipelineSpec
 
 LINEAGE_TAGS = (
@@ -37,9 +40,6 @@ UNKNOWN = "unknown"
 
 MODEL_NAME = "model"
 """Name of the logged model within its run."""
-
-TRUSTED_MODULE_ROOTS = frozenset({"sklearn", "numpy", "scipy"})
-"""Packages whose types a saved model may reference (the spec allows scikit-learn estimators)."""
 
 RUNTIME_PACKAGES = ("scikit-learn", "skops", "numpy", "scipy", "pandas")
 """Pinned in the model's requirements (MLflow adds its own pin)."""
@@ -200,7 +200,9 @@ def train_and_log(
             {f"train_{k}": v for k, v in train_metrics.items()},
             model_id=model_info.model_id, dataset=train_dataset,
         )
-        mlflow.set_tags({"model_uri": model_info.model_uri, "model_id": model_info.model_id})
+        digests = record_digests(client, model_info.model_uri, model_info.model_id, tracking_uri)
+        mlflow.set_tags({"model_uri": model_info.model_uri, "model_id": model_info.model_id,
+                         **digests.to_tags()})
 
     return TrainResult(
         run_id=run.info.run_id,
@@ -222,19 +224,38 @@ def lineage_tags(spec: PipelineSpec, lineage: dict[str, str], data_digest: str) 
 
 
 def skops_trusted_types(model: Any) -> list[str]:
-    """Types the skops loader must be told to trust for ``model`` (tree structures, say).
+    """The exact types the skops loader must trust for ``model`` (tree structures, say).
 
-    Only types from :data:`TRUSTED_MODULE_ROOTS` are accepted: anything else raises
-    ``ValueError`` rather than widening what loading a model may construct.
+    Each must be in the platform's allow-list (:func:`airmlops.model_files.safe_type_names`):
+    anything else raises :class:`~airmlops.model_files.ModelLoadError` rather than widening
+    what loading a model may construct.
     """
-    import skops.io
+    from airmlops.model_files import trusted_types_of
 
-    untrusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
-    foreign = [name for name in untrusted if name.split(".")[0] not in TRUSTED_MODULE_ROOTS]
-    if foreign:
-        raise ValueError(f"the model references types outside {sorted(TRUSTED_MODULE_ROOTS)}: "
-                         f"{foreign}")
-    return sorted(untrusted)
+    return trusted_types_of(model)
+
+
+def record_digests(
+    client: MlflowClient, model_uri: str, model_id: str, tracking_uri: str
+) -> ModelDigests:
+    """Hash the model files as stored in the artifact store and tag the logged model with them.
+
+    The run gets them too (the caller sets them) and the registry copies them to the version,
+    so every later load can refuse an artifact swapped after this point.
+    """
+    import tempfile
+
+    import mlflow
+
+    from airmlops.model_files import check_model_dir, digest_model_dir
+
+    with tempfile.TemporaryDirectory(prefix="airmlops-logged-") as scratch:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=scratch, tracking_uri=tracking_uri))
+        digests = digest_model_dir(local)
+        check_model_dir(local, digests)  # the stored file needs only the recorded, safe types
+    client.set_logged_model_tags(model_id, digests.to_tags())
+    return digests
 
 
 def pinned_requirements() -> list[str]:
@@ -290,14 +311,16 @@ def _file_digest(path: Path) -> str:
 def _finished_run(
     client: MlflowClient, experiment_id: str, training_key: str
 ) -> TrainResult | None:
+    from airmlops.model_files import DIGEST_TAGS
+
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.training_key = '{training_key}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
-    if not runs or "model_uri" not in runs[0].data.tags:
-        return None
+    if not runs or not all(key in runs[0].data.tags for key in ("model_uri", *DIGEST_TAGS)):
+        return None  # a run logged before digests were recorded is trained again
     run = runs[0]
     metrics = {
         key.removeprefix("test_"): value

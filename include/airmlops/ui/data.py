@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 from airmlops.paths import safe_join
-from airmlops.spec import NAME_PATTERN, PipelineSpec, SpecError, load_spec, spec_paths
+from airmlops.spec import NAME_PATTERN, PipelineSpec, load_spec, spec_paths
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def load_pipelines(pipelines_dir: Path) -> tuple[list[PipelineSpec], list[str]]:
     for path in spec_paths(Path(pipelines_dir)):
         try:
             specs.append(load_spec(path))
-        except SpecError:
+        except Exception:  # any bad spec is skipped, never fatal
             log.warning("MLOps view: pipeline spec %s is invalid; it is not shown", path)
             invalid.append(path.name)
     return specs, invalid

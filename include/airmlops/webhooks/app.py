@@ -9,7 +9,8 @@ order, and refused at the first failure:
 3. the body fits ``MLOPS_WEBHOOK_MAX_BODY_BYTES`` (else 413; read in bounded chunks);
 4. GitHub's HMAC-SHA256 signature over the raw body matches (else 401);
 5. the event and delivery-id headers are present and well formed (else 400);
-6. the body is JSON of the kind the event announces (else 400; 415 for a form-encoded body).
+6. the body is JSON of the kind the event announces (else 400; 415 for any content type but
+   application/json).
 
 An authentic delivery then either acts or is answered ``"ignored"`` with a reason: other events,
 branches not in ``MLOPS_WEBHOOK_BRANCHES``, tags, deleted branches, pull requests closed without
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from airmlops.settings import PROJECT_ROOT, Settings, get_settings
-from airmlops.spec import SpecError, load_spec, spec_paths
+from airmlops.spec import load_spec, spec_paths
 from airmlops.webhooks.verify import (
     IgnoredEvent,
     PayloadError,
@@ -150,7 +151,7 @@ def pipeline_targets(pipelines_dir: Path) -> list[PipelineTarget]:
     for path in spec_paths(pipelines_dir):
         try:
             spec = load_spec(path)
-        except SpecError:
+        except Exception:  # any bad spec is skipped, never fatal
             log.warning("Webhook: pipeline spec %s is invalid; it cannot be triggered", path)
             targets.append(PipelineTarget(path.stem, "", _repo_relative(path),
                                           error="invalid pipeline spec"))
@@ -373,7 +374,7 @@ def _delivery_id(value: str | None, shown: str) -> str:
 
 def _json_payload(request: Request, body: bytes) -> dict[str, Any]:
     content_type = request.headers.get("content-type", "application/json")
-    if content_type.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+    if content_type.split(";")[0].strip().lower() != "application/json":
         raise _Refusal(415, "set the webhook's content type to application/json")
     try:
         return load_json_object(body)
