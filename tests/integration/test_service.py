@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
-import datetime as dt
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -36,7 +32,6 @@ from airmlops.model_files import ModelDigests, check_model_dir
 from airmlops.platform import free_port
 from airmlops.serving.bento import (
     BentoBuildError,
-    BentoRef,
     build_bento,
     record_on_version,
     serve_command,
@@ -47,136 +42,17 @@ from airmlops.serving.prediction_log import (
     read_predictions,
 )
 from airmlops.serving.service import ModelLoadError, ServingConfig, load_model
-from airmlops.settings import Settings
-from airmlops.spec import PipelineSpec, load_spec
+from airmlops.spec import load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_service_fixtures import AS_OF, WINDOW, Server, metric
 from redis_fixture import _ensure_binary, _ping, redis_server  # noqa: F401  (a session fixture)
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-AS_OF = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 MAX_INSTANCES = 50
 MAX_BODY_BYTES = 20_000
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
-WINDOW = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2100, 1, 1, tzinfo=dt.UTC))
-
-
-@dataclasses.dataclass
-class Model:
-    """A registered model version of a (smaller) copy of the demo spec, with its features."""
-
-    spec: PipelineSpec
-    spec_path: Path
-    version: str
-    tracking_uri: str
-    data_root: Path
-    settings: Settings
-    known: list[str]
-
-
-@dataclasses.dataclass
-class Server:
-    url: str
-    process: subprocess.Popen
-    log_path: Path
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
-    """Features (offline and online) and a model trained and registered for the demo spec."""
-    from airmlops import stages
-    from airmlops.features.online import SqliteOnlineStore
-
-    root = tmp_path_factory.mktemp("service-model")
-    data = yaml.safe_load((REPO_ROOT / "include" / "pipelines" / "churn.yaml").read_text())
-    data["source"]["customers"] = 800
-    data["feature_store"]["backfill_days"] = 40
-    data["training"].update(min_rows=200)
-    spec_path = root / "churn.yaml"
-    spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
-    spec = load_spec(spec_path)
-    settings = Settings(data_root=root / "data", mlflow_tracking_uri=f"sqlite:///{root}/mlflow.db",
-                        redis_url=None)
-    run = stages.RunContext(dag_id="churn_training", run_id="service-test", as_of=AS_OF,
-                            git_commit="0" * 40, trigger_reason="integration test")
-    stages.build_features(spec, run, settings)
-    stages.materialize_features(spec, run, settings)
-    snapshot = stages.ingest(spec, run, settings)
-    trained = stages.train(spec, stages.preprocess(spec, snapshot, settings), run, settings)
-    registered = stages.register(spec, trained, settings)
-    with SqliteOnlineStore(settings.data_root / "online" / "store.sqlite", spec.name) as store:
-        ids = [f"C{i:06d}" for i in range(800)]
-        known = [e for e in ids if not store.read(spec.feature_store.views, [e]).missing]
-    assert len(known) > 100
-    return Model(spec, spec_path, registered["version"], settings.mlflow_tracking_uri,
-                 settings.data_root, settings, known)
-
-
-@pytest.fixture(scope="module")
-def bento(model: Model, tmp_path_factory: pytest.TempPathFactory) -> tuple[BentoRef, Path]:
-    home = tmp_path_factory.mktemp("bentoml-home")
-    ref = build_bento(model.spec, model.version, model.tracking_uri, home,
-                      spec_path=model.spec_path)
-    return ref, home
-
-
-def _wait_ready(server: Server, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            pytest.fail(f"bentoml serve exited ({server.process.returncode}):\n"
-                        f"{server.log_text()[-4000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{server.url} not ready in {timeout} s:\n{server.log_text()[-4000:]}")
-
-
-def _stop(server: Server) -> None:
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def serve(model: Model, bento: tuple[BentoRef, Path], tmp_path_factory: pytest.TempPathFactory):
-    """``serve(name, **env)`` starts the bento on a free loopback port; stopped at module end."""
-    ref, home = bento
-    logs = tmp_path_factory.mktemp("service-logs")
-    started: list[Server] = []
-
-    def start(name: str, **extra: str) -> Server:
-        port = free_port()
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("MLOPS_SERVING_", "MLOPS_PREDICTION_LOG_"))
-               and k != "MLOPS_REDIS_URL"}
-        env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="true",
-                   MLOPS_DATA_ROOT=str(model.data_root), **extra)
-        log_path = logs / f"{name}.log"
-        with open(log_path, "wb") as log_file:
-            process = subprocess.Popen(serve_command(ref.tag, port), env=env, cwd=logs,
-                                       stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        server = Server(f"http://127.0.0.1:{port}", process, log_path)
-        started.append(server)
-        _wait_ready(server)
-        return server
-
-    yield start
-    for server in started:
-        _stop(server)
 
 
 @pytest.fixture(scope="module")
@@ -190,27 +66,12 @@ def _instance(entity: Any, tenure: float = 120.0) -> dict[str, Any]:
     return {"customer_id": entity, "tenure_days": tenure}
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of a Prometheus text exposition (0 if absent)."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        sample, _, label_text = head.partition("{")
-        if sample != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(value)
-    return 0.0
-
-
 def _wait_logged(server: Server, count: int, timeout: float = 30.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
         text = httpx.get(f"{server.url}/metrics", timeout=5).text
-        if (_metric(text, "airmlops_prediction_log_logged_total") >= count
-                and _metric(text, "airmlops_prediction_log_buffered") == 0):
+        if (metric(text, "airmlops_prediction_log_logged_total") >= count
+                and metric(text, "airmlops_prediction_log_buffered") == 0):
             return text
         if time.monotonic() > deadline:
             raise AssertionError(f"prediction log did not reach {count} rows:\n"
@@ -495,14 +356,14 @@ def test_metrics_count_requests_latency_errors_and_model(model, server):
     httpx.post(f"{server.url}/predict", json={"instances": [_instance(model.known[5])]})
     httpx.post(f"{server.url}/predict", json={"instances": []})
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    assert _metric(text, "airmlops_requests_total", endpoint="/predict", status="200") >= 1
-    assert _metric(text, "airmlops_requests_total", endpoint="/predict", status="422") >= 1
-    assert _metric(text, "airmlops_request_duration_seconds_count", endpoint="/predict") >= 2
-    assert _metric(text, "airmlops_request_errors_total", endpoint="/predict",
+    assert metric(text, "airmlops_requests_total", endpoint="/predict", status="200") >= 1
+    assert metric(text, "airmlops_requests_total", endpoint="/predict", status="422") >= 1
+    assert metric(text, "airmlops_request_duration_seconds_count", endpoint="/predict") >= 2
+    assert metric(text, "airmlops_request_errors_total", endpoint="/predict",
                    kind="invalid_request") >= 1
-    assert _metric(text, "airmlops_model_info", model_name="churn",
+    assert metric(text, "airmlops_model_info", model_name="churn",
                    model_version=model.version) == 1
-    assert _metric(text, "airmlops_predictions_total") >= 1
+    assert metric(text, "airmlops_predictions_total") >= 1
     for name in ("airmlops_prediction_log_logged_total", "airmlops_prediction_log_buffered",
                  "airmlops_prediction_log_failed_writes_total",
                  "airmlops_prediction_log_dropped_total", "airmlops_prediction_log_backend_up"):
@@ -523,14 +384,14 @@ def test_prediction_log_has_one_row_per_answered_request_under_load(model, serve
                 ids.append(response.json()["request_id"])
         return ids
 
-    before = _metric(httpx.get(f"{server.url}/metrics").text,
+    before = metric(httpx.get(f"{server.url}/metrics").text,
                      "airmlops_prediction_log_logged_total")
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answered = [rid for ids in pool.map(client, range(8)) for rid in ids]
     assert len(answered) == len(set(answered)) == 400
     text = _wait_logged(server, before + 400)
     # Concurrent requests were coalesced: on average more than one request per model call.
-    assert _metric(text, "airmlops_coalesced_requests_sum") > _metric(
+    assert metric(text, "airmlops_coalesced_requests_sum") > metric(
         text, "airmlops_coalesced_requests_count")
 
     logged = read_predictions("churn", *WINDOW, settings=model.settings)
@@ -591,7 +452,7 @@ def test_bearer_token_protects_everything_but_probes_and_metrics(model, serve):
     for open_path in ("/livez", "/readyz", "/metrics"):
         assert httpx.get(f"{secured.url}{open_path}").status_code == 200, open_path
     metrics = httpx.get(f"{secured.url}/metrics").text
-    assert _metric(metrics, "airmlops_request_errors_total", endpoint="/predict",
+    assert metric(metrics, "airmlops_request_errors_total", endpoint="/predict",
                    kind="unauthorized") >= 5
     assert "s3cret-token" not in secured.log_text()
 
@@ -671,20 +532,20 @@ def test_redis_log_outage_fails_no_request_and_loses_nothing(model, serve, priva
     deadline = time.monotonic() + 20
     while True:
         text = httpx.get(f"{server.url}/metrics").text
-        if _metric(text, "airmlops_prediction_log_failed_writes_total") >= 1 or \
+        if metric(text, "airmlops_prediction_log_failed_writes_total") >= 1 or \
                 time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert _metric(text, "airmlops_prediction_log_failed_writes_total") >= 1
-    assert _metric(text, "airmlops_prediction_log_buffered") == 30
-    assert _metric(text, "airmlops_prediction_log_backend_up") == 0
-    assert _metric(text, "airmlops_prediction_log_dropped_total") == 0
-    assert _metric(text, "airmlops_requests_total", endpoint="/predict", status="200") == 50
+    assert metric(text, "airmlops_prediction_log_failed_writes_total") >= 1
+    assert metric(text, "airmlops_prediction_log_buffered") == 30
+    assert metric(text, "airmlops_prediction_log_backend_up") == 0
+    assert metric(text, "airmlops_prediction_log_dropped_total") == 0
+    assert metric(text, "airmlops_requests_total", endpoint="/predict", status="200") == 50
     assert httpx.get(f"{server.url}/readyz").status_code == 200  # the log is not a dependency
 
     private_redis.start()
     text = _wait_logged(server, 50, timeout=30)
-    assert _metric(text, "airmlops_prediction_log_backend_up") == 1
+    assert metric(text, "airmlops_prediction_log_backend_up") == 1
     logged = read_predictions("churn", *WINDOW, settings=model.settings,
                               log_settings=log_settings)
     assert sorted(logged["request_id"]) == sorted(before + during)

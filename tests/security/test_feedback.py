@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from redis_fixture import redis_server  # noqa: F401  (a session fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_service_fixtures import WINDOW, bento, model, serve  # noqa: F401  (fixtures)
+from model_service_fixtures import WINDOW
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ class LogTarget:
 
 
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
-def log_target(request, serve, model) -> LogTarget:  # noqa: F811 (fixtures)
+def log_target(request, serve, model) -> LogTarget:
     if request.param == "sqlite":
         return LogTarget(serve("feedback-sqlite"), model, None)
     url = request.getfixturevalue("redis_server")

@@ -29,7 +29,7 @@ from airmlops.platform import free_port
 from airmlops.serving import proxy as proxy_mod
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_service_fixtures import bento, metric, model, serve  # noqa: F401  (fixtures)
+from model_service_fixtures import metric
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +62,7 @@ class Answer:
 
 
 @pytest.fixture(scope="module")
-def service(serve, model):  # noqa: F811 (fixtures)
+def service(serve, model):
     return serve("http-limits", MLOPS_SERVING_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT),
                  MLOPS_SERVING_BODY_TIMEOUT_S=str(BODY_TIMEOUT),
                  MLOPS_SERVING_KEEP_ALIVE_S=str(KEEP_ALIVE),
@@ -95,7 +95,7 @@ def stable_address(service, tmp_path_factory) -> Iterator[int]:
 
 
 @pytest.fixture(params=["stable_address", "model_service"])
-def target(request, model, service) -> Target:  # noqa: F811 (fixtures)
+def target(request, model, service) -> Target:
     body = json.dumps({"instances": [{"customer_id": model.known[0],
                                       "tenure_days": 12.0}]}).encode()
     def reached() -> float:

@@ -1,7 +1,7 @@
 """Attacks on the model service and its stable address, both running for real.
 
 The model service is ``bentoml serve`` of a bento built from a registered model (the recipe of
-model_service_fixtures.py) with ``MLOPS_SERVING_TOKEN`` set; the stable address is the
+tests/model_service_fixtures.py) with ``MLOPS_SERVING_TOKEN`` set; the stable address is the
 project's proxy process (:func:`airmlops.serving.deploy.ensure_proxy`) switched to it. Each case
 asserts the refusal (status, error kind and message) and that it had no effect: the service
 answered no prediction and accepted no label (its Prometheus counters of 200 and 202 answers
@@ -34,7 +34,7 @@ from airmlops.serving.deploy import ProxyHandle, ensure_proxy, undeploy
 from airmlops.serving.prediction_log import read_predictions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_service_fixtures import WINDOW, bento, metric, model, serve  # noqa: F401  (fixtures)
+from model_service_fixtures import WINDOW, metric
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(serve, model, tmp_path_factory) -> Iterator[Served]:  # noqa: F811 (fixtures)
+def served(serve, model, tmp_path_factory) -> Iterator[Served]:
     service = serve("live-attacks", MLOPS_SERVING_TOKEN=TOKEN,
                     MLOPS_SERVING_MAX_INSTANCES=str(MAX_INSTANCES))
     root = tmp_path_factory.mktemp("attack-deploy")
@@ -428,7 +428,7 @@ def test_switch_to_a_remote_upstream_is_refused_before_any_connection(served, ur
     assert after["upstream_errors"] == state["upstream_errors"]
 
 
-def test_no_refused_request_reached_the_prediction_log_or_logged_the_token(served, model):  # noqa: F811
+def test_no_refused_request_reached_the_prediction_log_or_logged_the_token(served, model):
     """After every attack above: the log holds only the two control predictions, and neither
     the token nor a pickle payload shows up in the service's output."""
     deadline = time.monotonic() + 30

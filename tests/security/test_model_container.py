@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from airmlops.platform import free_port
@@ -105,6 +106,22 @@ def test_service_process_holds_no_capability_and_cannot_gain_privileges(model_sl
     for capability_set in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[capability_set].strip(), 16) == 0, (capability_set, fields)
     assert fields["NoNewPrivs"].strip() == "1"
+
+
+def test_the_only_tcp_port_of_the_container_is_the_http_port(model_slot):
+    """circus's control and pub/sub endpoints are private unix sockets (slot_server), not TCP
+    ports that anyone on the host network could drive."""
+    handle, _ = model_slot
+    top = subprocess.run(["docker", "top", handle.container_id or "", "-eo", "pid"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    pids = {int(line) for line in top.split()[1:]}
+    assert len(pids) >= 2, top  # the arbiter and at least one worker
+    listening = {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+                 if c.pid in pids and c.status == psutil.CONN_LISTEN}
+    assert listening == {("127.0.0.1", handle.port)}
+    sockets = docker_exec(handle.container_id or "", "sh", "-c",
+                          "ls /tmp/airmlops-circus-*/").stdout.split()
+    assert sorted(sockets) == ["control.sock", "pubsub.sock"]
 
 
 ATTACKS = {

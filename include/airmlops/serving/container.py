@@ -14,9 +14,11 @@ layer. Instead:
    ``/opt/venv`` with ``--no-index`` and copies the bento to ``/home/bentoml/bento``. It is built
    by the classic builder (the Docker SDK never uses BuildKit) with ``network_mode="none"``.
 
-The image runs ``bentoml serve`` as uid 10001, exposes 3000 and has a HEALTHCHECK on
-``/readyz``. Bind address and port come from BentoML's own ``BENTOML_HOST`` / ``BENTOML_PORT``
-environment variables (defaults ``0.0.0.0`` / ``3000``; the healthcheck reads the same port).
+The image runs ``bentoml serve`` (through :mod:`airmlops.serving.slot_server`, so the process
+manager's control endpoints are private unix sockets, never TCP ports) as uid 10001, exposes
+3000 and has a HEALTHCHECK on ``/readyz``. Bind address and port come from BentoML's own
+``BENTOML_HOST`` / ``BENTOML_PORT`` environment variables (defaults ``0.0.0.0`` / ``3000``;
+the healthcheck reads the same port).
 Nothing secret goes in: no CA bundle beyond the base image's own ``ca-certificates``, no proxy
 settings, no index credentials (a bento whose requirements carry any is refused).
 
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airmlops.paths import atomic_write_json, safe_join
+from airmlops.serving import slot_server
 from airmlops.serving.docker_engine import (
     check_network_mode,
     validate_image_ref,
@@ -117,6 +120,7 @@ ENV VIRTUAL_ENV=/opt/venv \\
     BENTOML_PORT=3000
 COPY --from=builder /opt/venv /opt/venv
 COPY bento/ /home/bentoml/bento/
+COPY slot_server.py /opt/airmlops/slot_server.py
 WORKDIR /home/bentoml/bento
 USER 10001:10001
 EXPOSE 3000
@@ -124,7 +128,7 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \\
   CMD ["python3", "-c", "import os, urllib.request as u; \\
 port = os.environ.get('BENTOML_PORT', '3000'); \\
 u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/readyz', timeout=4)"]
-ENTRYPOINT ["bentoml", "serve", "/home/bentoml/bento"]
+ENTRYPOINT ["python3", "/opt/airmlops/slot_server.py", "serve", "/home/bentoml/bento"]
 """
 """The Dockerfile of every model image. It is a constant: the only inputs are the validated
 ``BASE_IMAGE`` build argument and the build context this module assembles."""
@@ -355,6 +359,9 @@ def build_image(
             encoding="utf-8",
         )
         (context / "Dockerfile").write_text(DOCKERFILE, encoding="utf-8")
+        # `bentoml serve` with circus's control endpoints on private unix sockets: with the
+        # host network, TCP ones would answer anyone on the machine.
+        shutil.copyfile(Path(slot_server.__file__), context / "slot_server.py")
         _normalise_permissions(context)
 
         image_labels = {

@@ -1,7 +1,7 @@
-"""A real model service for the serving attacks (test_http_limits.py, test_feedback.py).
+"""A real model service, shared by tests/integration/test_service.py and the serving attacks
+of tests/security (test_http_limits.py, test_feedback.py, test_live_serving.py).
 
-The same recipe as tests/integration/test_service.py, kept here so the security suite does not
-depend on that module: features and a model trained and registered for a smaller copy of the
+Features and a model trained and registered for a smaller copy of the
 demo spec, its bento built from the registered version, and ``serve(name, **env)`` starting
 ``bentoml serve`` of it on a free loopback port (stopped at module end).
 """
@@ -26,7 +26,7 @@ from airmlops.serving.bento import BentoRef, build_bento, serve_command
 from airmlops.settings import Settings
 from airmlops.spec import PipelineSpec, load_spec
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 AS_OF = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 WINDOW = (dt.datetime(2000, 1, 1, tzinfo=dt.UTC), dt.datetime(2100, 1, 1, tzinfo=dt.UTC))
 
@@ -57,34 +57,34 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
     from airmlops import stages
     from airmlops.features.online import SqliteOnlineStore
 
-    root = tmp_path_factory.mktemp("attack-model")
+    root = tmp_path_factory.mktemp("service-model")
     data = yaml.safe_load((REPO_ROOT / "include" / "pipelines" / "churn.yaml").read_text())
-    data["source"]["customers"] = 400
+    data["source"]["customers"] = 800
     data["feature_store"]["backfill_days"] = 40
-    data["training"].update(min_rows=100)
+    data["training"].update(min_rows=200)
     spec_path = root / "churn.yaml"
     spec_path.write_text(yaml.safe_dump(data, sort_keys=False))
     spec = load_spec(spec_path)
     settings = Settings(data_root=root / "data", mlflow_tracking_uri=f"sqlite:///{root}/mlflow.db",
                         redis_url=None)
-    run = stages.RunContext(dag_id="churn_training", run_id="attack-test", as_of=AS_OF,
-                            git_commit="0" * 40, trigger_reason="security test")
+    run = stages.RunContext(dag_id="churn_training", run_id="service-test", as_of=AS_OF,
+                            git_commit="0" * 40, trigger_reason="integration test")
     stages.build_features(spec, run, settings)
     stages.materialize_features(spec, run, settings)
     snapshot = stages.ingest(spec, run, settings)
     trained = stages.train(spec, stages.preprocess(spec, snapshot, settings), run, settings)
     registered = stages.register(spec, trained, settings)
     with SqliteOnlineStore(settings.data_root / "online" / "store.sqlite", spec.name) as store:
-        ids = [f"C{i:06d}" for i in range(400)]
+        ids = [f"C{i:06d}" for i in range(800)]
         known = [e for e in ids if not store.read(spec.feature_store.views, [e]).missing]
-    assert len(known) > 50
+    assert len(known) > 100
     return Model(spec, spec_path, registered["version"], settings.mlflow_tracking_uri,
                  settings.data_root, settings, known)
 
 
 @pytest.fixture(scope="module")
 def bento(model: Model, tmp_path_factory: pytest.TempPathFactory) -> tuple[BentoRef, Path]:
-    home = tmp_path_factory.mktemp("attack-bentoml-home")
+    home = tmp_path_factory.mktemp("bentoml-home")
     ref = build_bento(model.spec, model.version, model.tracking_uri, home,
                       spec_path=model.spec_path)
     return ref, home
@@ -119,7 +119,7 @@ def _stop(server: Server) -> None:
 def serve(model: Model, bento: tuple[BentoRef, Path], tmp_path_factory: pytest.TempPathFactory):
     """``serve(name, **env)`` starts the bento on a free loopback port; stopped at module end."""
     ref, home = bento
-    logs = tmp_path_factory.mktemp("attack-service-logs")
+    logs = tmp_path_factory.mktemp("service-logs")
     started: list[Server] = []
 
     def start(name: str, **extra: str) -> Server:
