@@ -8,6 +8,8 @@ cron schedule, so the check adds no import cost at parse time.
 
 from __future__ import annotations
 
+import datetime as dt
+
 PRESETS: tuple[str, ...] = ("@once", "@continuous", "@hourly", "@daily", "@weekly",
                             "@monthly", "@quarterly", "@yearly")
 """Airflow 3's schedule presets (``airflow.sdk.definitions.timetables._cron.CRON_PRESETS`` plus
@@ -33,9 +35,13 @@ def check_schedule(value: str, *, presets: tuple[str, ...] = PRESETS) -> str:
         raise ValueError(f"{value!r} is not a cron expression; expected five fields (minute hour "
                          "day-of-month month day-of-week) such as '0 3 * * *', or a preset such "
                          "as '@daily'")
-    from croniter import croniter
+    from croniter import CroniterError, croniter
 
     if not croniter.is_valid(text):
         raise ValueError(f"{value!r} is not a valid cron expression (minute hour day-of-month "
                          "month day-of-week)")
+    try:  # a date that never comes (30 February) fails only when Airflow computes the next run
+        croniter(text, dt.datetime(2026, 1, 1, tzinfo=dt.UTC)).get_next(dt.datetime)
+    except (CroniterError, ValueError, KeyError):
+        raise ValueError(f"{value!r} never fires: no date matches it") from None
     return text

@@ -293,19 +293,24 @@ def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settin
 
     uri = settings.mlflow_tracking_uri
     champion = registry.get_alias_version(spec.registered_model_name, "champion", uri)
-    comparison = None
+    comparison, comparison_error = None, None
     if champion is not None:
+        from airmlops.model_files import ModelLoadError
+
         test = pd.read_parquet(trained["test_path"])
         champion_uri = f"models:/{spec.registered_model_name}/{champion.version}"
         try:
             comparison = gates.evaluate_against_champion(
                 spec, test, trained["model_uri"], champion_uri, tracking_uri=uri
             )
+        except ModelLoadError as error:  # e.g. a version registered before digests: say so
+            comparison_error = str(error)
+            log.error("validate_model %s: %s", spec.name, error)
         except Exception:  # the champion cannot score these rows: fail closed, not crash
             log.exception("validate_model %s: champion version %s could not be compared",
                           spec.name, champion.version)
     decision = gates.decide(spec, trained["metrics"], comparison,
-                            champion.version if champion else None)
+                            champion.version if champion else None, comparison_error)
     gates.log_decision(decision, trained["run_id"], uri)
     verdict = "BLESSED" if decision.blessed else "NOT BLESSED"
     if not decision.blessed:

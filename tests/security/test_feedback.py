@@ -17,13 +17,18 @@ from typing import Any
 import httpx
 import pytest
 
-from airmlops.serving.prediction_log import PredictionLogSettings, read_labels
+from airmlops.serving.prediction_log import (
+    LabelRecord,
+    PredictionLogSettings,
+    PredictionRecord,
+    RedisLogBackend,
+    issued_key,
+    read_labels,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from redis_fixture import redis_server  # noqa: F401  (a session fixture)
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_service_fixtures import WINDOW
+from redis_fixture import redis_server  # noqa: F401  (a session fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +188,24 @@ def test_overwrite_must_be_a_boolean(log_target: LogTarget) -> None:
     assert response.status_code == 422, response.text
     assert "overwrite: Input should be a valid boolean" in response.json()["message"]
     assert log_target.labels(request_id) == []
+
+
+def test_records_of_issued_requests_are_bounded_like_the_streams(redis_server: str) -> None:  # noqa: F811
+    """Any client that may call /predict makes a record; beyond ``maxlen`` requests the oldest
+    records (and their labels' hash) are dropped, so Redis memory stays bounded."""
+    import redis
+
+    backend = RedisLogBackend(redis_server, "bounded_issued", maxlen=3)
+    request_ids = [f"{n:032x}" for n in range(1, 6)]
+    for n, request_id in enumerate(request_ids):
+        backend.write([PredictionRecord(request_id, 0, 1_700_000_000_000_000 + n, "1", "C1",
+                                        {}, {}, 0.0, 0.5)], [])
+    label = [LabelRecord(request_ids[0], "C1", 1.0, 1_700_000_001_000_000)]
+    assert backend.claim_labels(request_ids[0], label).issued is False  # dropped, oldest
+    assert backend.claim_labels(request_ids[1], label).issued is False
+    newest = [LabelRecord(request_ids[4], "C1", 1.0, 1_700_000_001_000_000)]
+    assert backend.claim_labels(request_ids[4], newest).issued is True
+    client = redis.Redis.from_url(redis_server)
+    assert client.zcard(issued_key("bounded_issued")) == 3
+    kept = {key.decode() for key in client.scan_iter("bounded_issued:request:*")}
+    assert kept == {f"bounded_issued:request:{r}" for r in request_ids[2:]}

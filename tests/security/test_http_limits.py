@@ -20,16 +20,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
+from model_service_fixtures import metric
 
 from airmlops.platform import free_port
 from airmlops.serving import proxy as proxy_mod
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_service_fixtures import metric
 
 pytestmark = pytest.mark.integration
 
@@ -192,6 +189,17 @@ def test_oversized_headers_get_431(target: Target, attack: str) -> None:
 def test_half_sent_header_times_out_with_408(target: Target) -> None:
     before = target.reached()
     answer = _send(target.port, _post_head(len(target.body))[:40])
+    _refused(answer, 408, "header_timeout", f"within {HEADER_TIMEOUT:g} s")
+    assert target.reached() == before
+
+
+@pytest.mark.parametrize("lead", [b"\r\n", b"\r\n" * 50, b"\n"],
+                         ids=["one blank line", "fifty blank lines", "one bare LF"])
+def test_blank_lines_before_a_request_time_out_with_408(target: Target, lead: bytes) -> None:
+    """The parser starts a message only after leading blank lines: the header clock must
+    start at the first byte anyway, or such a connection is held open forever."""
+    before = target.reached()
+    answer = _send(target.port, lead)
     _refused(answer, 408, "header_timeout", f"within {HEADER_TIMEOUT:g} s")
     assert target.reached() == before
 

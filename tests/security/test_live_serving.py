@@ -17,7 +17,6 @@ import dataclasses
 import http.client
 import json
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -27,14 +26,12 @@ from typing import Any
 
 import httpx
 import pytest
+from model_service_fixtures import WINDOW, metric
 
 from airmlops.platform import free_port
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.deploy import ProxyHandle, ensure_proxy, undeploy
 from airmlops.serving.prediction_log import read_predictions
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_service_fixtures import WINDOW, metric
 
 pytestmark = pytest.mark.integration
 

@@ -232,6 +232,10 @@ CASES = [
          _with("feature_store.schedule", "61 * * * *")),
     Case("monitoring_schedule_words", "monitoring.schedule",
          _with("monitoring.schedule", "every hour")),
+    # valid cron syntax that never fires fails only when Airflow computes the next run
+    Case("schedule_february_30", "schedule", _with("schedule", "0 3 30 2 *")),
+    Case("features_schedule_april_31", "feature_store.schedule",
+         _with("feature_store.schedule", "0 0 31 4 *")),
     Case("name_path_traversal", "name", _with("name", "../../etc/evil")),
 ]
 

@@ -195,6 +195,16 @@ def test_a_champion_without_a_usable_comparison_is_not_blessed():
     assert not decide(spec, {"roc_auc": 0.9}, _comparison(0.05, metric="f1"), "3").blessed
 
 
+def test_why_the_champion_could_not_be_compared_is_in_the_reasons():
+    """A champion the loader refuses (say, registered before digests were recorded) fails the
+    gate closed, and the decision says why, so the operator knows what to fix."""
+    decision = decide(_spec(), {"roc_auc": 0.9}, None, "3",
+                      "models:/churn/3 has no recorded model_sha256")
+    assert not decision.blessed
+    assert any("champion version 3 was made: models:/churn/3 has no recorded model_sha256"
+               in reason for reason in decision.reasons), decision.reasons
+
+
 def test_decision_is_strict_json():
     decision = decide(_spec({"roc_auc": 0.7}), {"roc_auc": float("nan")}, _comparison(0.01), "2")
     text = json.dumps(decision.to_dict(), allow_nan=False)

@@ -110,6 +110,12 @@ def guarded_protocol(limits: HttpLimits) -> type:
                 return
             if self._in_head:
                 self._head_received += len(data)
+                if self._deadline is None and data:
+                    # The clock starts at the first byte of any kind: the parser begins a
+                    # message only after leading blank lines, which would hold it open forever.
+                    self._arm(limits.header_timeout_s, "header_timeout",
+                              "request headers not received within "
+                              f"{limits.header_timeout_s:g} s")
             super().data_received(data)
             # Bytes still unparsed as a complete head count against the header cap, so a
             # single huge header line is refused before httptools has buffered all of it.

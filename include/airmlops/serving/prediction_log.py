@@ -14,7 +14,9 @@ Two backends behind one small interface, :class:`LogBackend`:
   drop duplicate ``(request_id, position)`` entries, so a retried batch is read once. The same
   call adds each row's entity to the set ``<pipeline>:request:<request_id>`` (expiring after
   ``label_window_days``): the record that the request was issued, which labels are checked
-  against.
+  against. The sorted set ``<pipeline>:issued`` orders those records by time, and the script
+  drops the oldest (with their labels' hash) beyond ``stream_maxlen`` requests, so the records
+  are bounded like the streams, whatever the traffic.
 
 Labels are not buffered: :meth:`~LogBackend.claim_labels` checks and stores a request's labels in
 one atomic step (one SQLite ``BEGIN IMMEDIATE`` transaction; one Lua script on Redis, which keeps
@@ -107,9 +109,11 @@ class PredictionLogSettings(BaseSettings):
         default=1_000_000, ge=1000,
         description="Approximate bound of each Redis stream (XADD MAXLEN ~).")
     label_window_days: float = Field(
-        default=7.0, gt=0, le=365,
+        default=90.0, gt=0, le=365,
         description="With Redis, how long a prediction accepts labels: the record of which "
-        "entities a request predicted expires after this (SQLite keeps it with the row).")
+        "entities a request predicted expires after this, or sooner when more than "
+        "stream_maxlen requests came after it (SQLite keeps it with the row). Keep it above "
+        "the pipeline's label delay.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,6 +345,11 @@ def request_key(pipeline: str, request_id: str) -> str:
     return f"{check_pipeline(pipeline)}:request:{_check_request_id(request_id)}"
 
 
+def issued_key(pipeline: str) -> str:
+    """The sorted set of issued request ids by time, which bounds their records (Redis)."""
+    return f"{check_pipeline(pipeline)}:issued"
+
+
 def labeled_key(pipeline: str, request_id: str) -> str:
     """The hash entity -> label of the labels request ``request_id`` got so far (Redis)."""
     return f"{check_pipeline(pipeline)}:labeled:{_check_request_id(request_id)}"
@@ -370,21 +379,31 @@ def _redis_location(url: str) -> str:
 
 
 _APPEND_SCRIPT = """
--- KEYS: predictions stream, labels stream, then each prediction row's request key
--- ARGV: maxlen, prediction rows, label rows, request key ttl (s), then each row's field/value
--- pairs (9 pairs per prediction, 4 per label: RedisLogBackend.write)
+-- KEYS: predictions stream, labels stream, the issued-requests sorted set, then each
+-- prediction row's request key
+-- ARGV: maxlen, prediction rows, label rows, request key ttl (s), the pipeline's key prefix,
+-- then each row's field/value pairs (9 pairs per prediction, 4 per label: RedisLogBackend.write)
 local maxlen = ARGV[1]
 local ttl = ARGV[4]
-local at = 5
+local at = 6
 for row = 1, tonumber(ARGV[2]) do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, at, at + 17))
-  redis.call('SADD', KEYS[2 + row], ARGV[at + 9])
-  redis.call('EXPIRE', KEYS[2 + row], ttl)
+  redis.call('SADD', KEYS[3 + row], ARGV[at + 9])
+  redis.call('EXPIRE', KEYS[3 + row], ttl)
+  redis.call('ZADD', KEYS[3], 'NX', ARGV[at + 5], ARGV[at + 1])
   at = at + 18
 end
 for _ = 1, tonumber(ARGV[3]) do
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, at, at + 7))
   at = at + 8
+end
+-- The records of issued requests are bounded like the streams: the oldest go first.
+local excess = redis.call('ZCARD', KEYS[3]) - tonumber(maxlen)
+if excess > 0 then
+  local oldest = redis.call('ZPOPMIN', KEYS[3], excess)
+  for i = 1, #oldest, 2 do
+    redis.call('DEL', ARGV[5] .. 'request:' .. oldest[i], ARGV[5] .. 'labeled:' .. oldest[i])
+  end
 end
 return at
 """
@@ -425,7 +444,7 @@ class RedisLogBackend:
 
     def __init__(self, url: str, pipeline: str, *, maxlen: int = 1_000_000,
                  timeout: float = 2.0, client: Any = None,
-                 label_window_s: float = 7 * 86_400) -> None:
+                 label_window_s: float = 90 * 86_400) -> None:
         self.url = url
         self.pipeline = check_pipeline(pipeline)
         self.maxlen = int(maxlen)
@@ -444,7 +463,8 @@ class RedisLogBackend:
         """XADD the batch in one script call: all of it is appended or none."""
         if not predictions and not labels:
             return
-        args: list[Any] = [self.maxlen, len(predictions), len(labels), self.label_window_s]
+        args: list[Any] = [self.maxlen, len(predictions), len(labels), self.label_window_s,
+                           f"{self.pipeline}:"]
         for r in predictions:
             args += (
                 "request_id", r.request_id, "position", r.position, "ts", r.ts_us,
@@ -456,7 +476,7 @@ class RedisLogBackend:
         for r in labels:
             args += ("request_id", r.request_id, "entity_id", r.entity_id,
                      "label", repr(float(r.label)), "ts", r.ts_us)
-        keys = [self.predictions_key, self.labels_key,
+        keys = [self.predictions_key, self.labels_key, issued_key(self.pipeline),
                 *(request_key(self.pipeline, r.request_id) for r in predictions)]
         self._append(keys=keys, args=args)
 

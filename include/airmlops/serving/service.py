@@ -81,6 +81,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from airmlops.model_files import ModelDigests, ModelLoadError, load_model_dir, model_dir_under
+from airmlops.paths import safe_join
 
 if TYPE_CHECKING:
     import numpy as np
@@ -195,6 +196,21 @@ def load_model(root: Path, config: ServingConfig) -> Any:
 
 
 # --- request and response models -------------------------------------------------------------
+
+
+def load_bento_spec(root: Path, config: ServingConfig) -> PipelineSpec:
+    """The spec a bento was built with, checked against the hash recorded in ``serving.json``.
+
+    Its file paths are not confined to this process's data roots: the service reads no source
+    file, and a build sandbox or a container has other roots than the worker that validated
+    the spec (the hash proves it is that spec).
+    """
+    from airmlops.spec import load_spec
+
+    spec = load_spec(safe_join(root, config.spec_file), data_roots=(Path("/"),))
+    if spec.name != config.pipeline or spec.spec_hash() != config.spec_hash:
+        raise ValueError(f"{config.spec_file} is not the spec this bento was built with")
+    return spec
 
 
 def _entity_id(value: Any) -> Any:
@@ -1013,14 +1029,11 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
     import bentoml
 
     from airmlops.settings import Settings
-    from airmlops.spec import load_spec
 
     config_path = Path(config_path).resolve()
     root = config_path.parent
     config = ServingConfig.read(config_path)
-    spec = load_spec(root / config.spec_file)
-    if spec.name != config.pipeline or spec.spec_hash() != config.spec_hash:
-        raise ValueError(f"{config.spec_file} is not the spec this bento was built with")
+    spec = load_bento_spec(root, config)
     settings = settings or Settings()
     serving = serving or ServingSettings()
     predict_model, feedback_model = request_models(spec, serving.max_instances)

@@ -148,6 +148,7 @@ def decide(
     challenger_metrics: dict[str, float],
     comparison: BootstrapResult | None,
     champion_version: str | None,
+    comparison_error: str | None = None,
 ) -> GateDecision:
     """Bless the challenger only if every check passes; any missing number fails closed.
 
@@ -194,6 +195,8 @@ def decide(
         ci_low = _number(comparison.ci_low) if comparison is not None else None
         if comparison is None:
             why = f"no comparison with champion version {champion_version} was made"
+            if comparison_error:
+                why += f": {comparison_error}"
         elif comparison.metric != primary:
             why = f"the comparison is on {comparison.metric}, not the primary metric {primary}"
             ci_low = None
