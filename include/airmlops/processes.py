@@ -63,10 +63,9 @@ class ChildKind:
 
 MODEL_SERVICE = ChildKind(
     name="model service",
-    # The data roots too: the service loads its spec, whose file paths are checked against them.
-    names=frozenset(
-        {"BENTOML_HOME", "MLOPS_DATA_ROOT", "MLOPS_ALLOWED_DATA_ROOTS", "MLOPS_REDIS_URL"}
-    ),
+    # The data root holds the SQLite prediction log; the service reads no source file, so the
+    # allowed data roots are not its business (its spec is checked by hash).
+    names=frozenset({"BENTOML_HOME", "MLOPS_DATA_ROOT", "MLOPS_REDIS_URL"}),
     prefixes=("MLOPS_SERVING_", "MLOPS_PREDICTION_LOG_"),
     own_secrets=frozenset(
         {"MLOPS_REDIS_URL", "MLOPS_SERVING_TOKEN", "MLOPS_PREDICTION_LOG_REDIS_URL"}
