@@ -224,3 +224,20 @@ def test_the_cli_refuses_a_remote_url_and_a_bad_pipeline_name(capsys):
     assert "not a loopback address" in capsys.readouterr().err
     assert main(["replay", "--pipeline", "../etc/passwd"]) == 2
     assert "must match" in capsys.readouterr().err
+
+
+def test_an_entity_named_twice_in_a_batch_is_labelled_once(spec):
+    """The service takes one label per (request, entity) and refuses a body naming an entity
+    twice: a batch holding two days of one customer posts that customer's label once."""
+    clock = FakeClock()
+    service = FakeService(clock)
+    result = _run(spec, service, clock, rows=1200, rate=100.0, batch_size=400)
+    requests = [body["instances"] for _, body in service.predicts]
+    assert any(len({r["customer_id"] for r in rows}) < len(rows) for rows in requests), (
+        "the data must hold a batch with a repeated customer for this test to mean anything")
+    for (_, body), rows in zip(service.feedback, requests, strict=True):
+        named = [item["entity"] for item in body["labels"]]
+        assert len(named) == len(set(named))
+        assert set(named) == {r["customer_id"] for r in rows}
+    assert result.errors == 0
+    assert result.labels_posted == sum(len({r["customer_id"] for r in rows}) for rows in requests)

@@ -346,8 +346,10 @@ def replay(url: str, spec: PipelineSpec, scenario: str | None, *, rows: int, rat
             result.request_ids.append(request_id)
             result.model_versions[version] = result.model_versions.get(version, 0) + len(batch)
             if labelled[number]:
-                items = [{"entity": entities[offset + i], "label": labels[offset + i]}
-                         for i in range(len(batch))]
+                # A label is given once per (request, entity): an entity the batch names twice
+                # (two of its days) gets the label of its last row, as the log keeps one.
+                by_entity = {entities[offset + i]: labels[offset + i] for i in range(len(batch))}
+                items = [{"entity": entity, "label": label} for entity, label in by_entity.items()]
                 pending.append((clock() + label_delay, request_id, items))
             if progress and result.requests % 100 == 0:
                 progress(f"{result.requests} requests, {result.rows_answered} rows answered, "

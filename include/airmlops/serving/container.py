@@ -119,8 +119,8 @@ ENV VIRTUAL_ENV=/opt/venv \\
     BENTOML_HOST=0.0.0.0 \\
     BENTOML_PORT=3000
 COPY --from=builder /opt/venv /opt/venv
-COPY bento/ /home/bentoml/bento/
 COPY slot_server.py /opt/airmlops/slot_server.py
+COPY bento/ /home/bentoml/bento/
 WORKDIR /home/bentoml/bento
 USER 10001:10001
 EXPOSE 3000
