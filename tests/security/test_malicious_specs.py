@@ -252,8 +252,9 @@ def _file_name(case: Case) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    """The session's data root (what build_all and the CLI use) with links that lead out."""
+def world(tmp_path_factory) -> Iterator[World]:
+    """The session's data root (what build_all and the CLI use) with links that lead out,
+    removed afterwards (other suites share that data root)."""
     data_root = Path(get_settings().data_root)
     data_root.mkdir(parents=True, exist_ok=True)
     base = tmp_path_factory.mktemp("malicious")
@@ -261,14 +262,17 @@ def world(tmp_path_factory) -> World:
     (outside / "deeper").mkdir(parents=True)
     for path in (outside / "secret.csv", outside / "deeper" / "secret.csv"):
         path.write_text(f"{OUTSIDE_CANARY},event_timestamp\n1,2026-01-01\n")
-    for link, target in ((data_root / "link", outside),
-                         (data_root / "inner" / "evil.csv", outside / "secret.csv")):
+    links = ((data_root / "link", outside),
+             (data_root / "inner" / "evil.csv", outside / "secret.csv"))
+    for link, target in links:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             link.symlink_to(target)
     victim = base / "victim.txt"
     victim.write_bytes(VICTIM_CONTENT)
-    return World(data_root=data_root, outside=outside, victim=victim, marker=base / "pwned")
+    yield World(data_root=data_root, outside=outside, victim=victim, marker=base / "pwned")
+    for link, _ in links:
+        link.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")

@@ -166,13 +166,13 @@ def test_relative_file_paths_cannot_leave_the_data_root(tmp_path: Path) -> None:
     outside.mkdir()
     (outside / "secret.csv").write_text("TOPSECRET_COLUMN,event_timestamp\nC1,2026-01-01\n")
     (root / "link").symlink_to(outside)
-    spec = make_spec({"kind": "file", "path": "link/*.csv"})
+    spec = make_spec({"kind": "file", "path": "link/*.csv"}, data_roots=[tmp_path / "elsewhere"])
     with pytest.raises(SourceError, match=r"^source\.path: .*is outside the data root") as error:
         load_batch(spec, at(0), at(1), data_root=root)
     assert "TOPSECRET" not in str(error.value)
     (root / "inner").mkdir()
     (root / "inner" / "evil.csv").symlink_to(outside / "secret.csv")
-    spec = make_spec({"kind": "file", "path": "inner/*.csv"})
+    spec = make_spec({"kind": "file", "path": "inner/*.csv"}, data_roots=[tmp_path / "elsewhere"])
     with pytest.raises(SourceError, match=r"^source\.path: .*leads outside the data root") as error:
         load_batch(spec, at(0), at(1), data_root=root)
     assert "TOPSECRET" not in str(error.value)
