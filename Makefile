@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run stop status test test-unit test-integration test-compose compose-images lint format lock bench clean replay
+.PHONY: help setup run stop status test test-unit test-integration test-compose compose-images lint format lock bench chaos clean replay
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ compose-images: ## Build the compose stack's images locally (no registry needed;
 
 test-compose: setup ## Only the compose stack test (brings the stack up, trains, predicts, tears down)
 	$(VENV)/bin/pytest -m compose tests/compose
+
+chaos: setup ## Fault injection under load (kill workers, servers, the proxy, Redis); table in benchmarks/results/chaos.md
+	$(VENV)/bin/pytest tests/chaos
 
 bench: setup ## Benchmarks side by side with peers (Feast, mlflow serve, Evidently); results in benchmarks/results/
 	$(PY) benchmarks/run_all.py

@@ -639,14 +639,17 @@ def main() -> int:
             no_signature_uri = log_without_signature(setup)
             bodies = request_bodies(setup, work)
             golden = [json.loads(line) for line in bodies["ours"].read_text().splitlines()[:5]]
+            # As the platform deploys (the demo spec's defaults): two servers of two workers,
+            # health-checked by the stable address, supervised, prediction log with its spill.
             env = {"MLOPS_DATA_ROOT": str(settings.data_root), "MLOPS_REDIS_URL": redis_url,
-                   "MLOPS_MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
+                   "MLOPS_SERVING_WORKERS": str(spec.deploy.workers)}
             deployed_root = settings.data_root
             began = time.perf_counter()
             deployed = deployer.deploy(
                 spec.name, setup["version"], ref.tag, "process", golden,
                 root=settings.data_root, proxy_port=common.free_port(), ready_timeout=180,
-                latency_budget_ms=1000, now=AS_OF, env=env, bentoml_home=home)
+                latency_budget_ms=1000, now=AS_OF, env=env, bentoml_home=home,
+                replicas=spec.deploy.replicas)
             setup["timings"]["deploy_s"] = time.perf_counter() - began
             results["setup"] = {"model_version": setup["version"], "bento": ref.tag,
                                 "timings": setup["timings"], "deploy_timings": deployed.timings}

@@ -1,28 +1,56 @@
-"""Alerts: quarantined data, a model not blessed, a rollback, every retraining decision.
+"""Alerts of a pipeline: what happened, sent to the spec's e-mail and/or webhook channels.
 
-A spec's ``alerts:`` section names where they go: an e-mail over SMTP, a JSON webhook, or both.
-The spec holds no secret: SMTP credentials and webhook headers (an ``Authorization`` header, a
-signing token) are read from environment variables whose *names* the spec gives, when the alert
-is sent. Those names must start with ``MLOPS_ALERT_`` (read only through
-:func:`airmlops.settings.alert_secret`), so a spec can never send the platform's own secrets (the
-Airflow JWT secret, the Fernet key, the database URL, the serving token) anywhere. A webhook URL
-is either loopback (``http://127.0.0.1:...``, a local relay) or https.
+The events, and the process that sends each:
 
-:func:`notify` sends one event to every configured channel and never raises: an alert that
-cannot be delivered is logged and reported in its result, and the pipeline step that raised it
-carries on (an outage of the mail relay must not fail a training run or hide a decision).
+- ``quarantine``: a data batch failed its contract and was quarantined (``validate_data`` task).
+- ``not_blessed``: a challenger failed its gates (``validate_model`` task).
+- ``rollback``: a deployment was rolled back, after its bake period (``monitor`` task) or by
+  hand (``<name>_rollback`` DAG).
+- ``retraining_decision``: monitoring decided to retrain (``decide`` task of
+  ``<name>_monitoring``).
+- ``task_failed``: any task of any pipeline DAG failed for good, after its retries (the task's
+  ``on_failure_callback``, :class:`airmlops.notifiers.PipelineFailureNotifier`, in the process
+  that ran the task, or Airflow's DAG processor for a task that died without finishing).
+- ``slot_died``: a model server (process or container) of a deployment died and was restarted;
+  ``proxy_died``: the stable-address proxy died and was restarted; ``failover``: the stable
+  address routed around a dead slot; ``serving_unavailable``: the stable address had no healthy
+  upstream and answered 503; ``log_dropped``: prediction-log entries were dropped past the disk
+  bound (all five by the serving supervisor, a long-lived process).
+
+Every alert goes out through :func:`notify_config`; :func:`notify` is that for a spec. The
+serving supervisor has no spec object: it calls :func:`notify_config` with the ``alerts`` section
+a deploy saved as JSON (``AlertsConfig.model_dump(by_alias=True, mode="json")`` validates back to
+the same config) and sends through an :class:`AlertThrottle`, so a crash loop gives one alert a
+while with the count of those held back, not one a second.
+
+A spec's ``alerts:`` section names where they go: an e-mail over SMTP (straight to a relay, or
+through an Airflow SMTP connection and Airflow's ``SmtpNotifier`` when ``conn_id`` is given), a
+JSON webhook, or both. The spec holds no secret: SMTP credentials and webhook headers (an
+``Authorization`` header, a signing token) come from environment variables whose *names* the spec
+gives, read when the alert is sent, or from the Airflow connection. Those names must start with
+``MLOPS_ALERT_`` (read only through :func:`airmlops.settings.alert_secret`), so a spec can never
+send the platform's own secrets (the Airflow JWT secret, the Fernet key, the database URL, the
+serving token) anywhere. A webhook URL is either loopback (``http://127.0.0.1:...``, a local
+relay) or https.
+
+Sending never raises: an alert that cannot be delivered is logged and reported in its result,
+and the step that raised it carries on (an outage of the mail relay must not fail a training run
+or hide a decision).
 
 Example::
 
     alerts:
-      events: [quarantine, not_blessed, rollback, retraining_decision]
+      events: [quarantine, not_blessed, rollback, retraining_decision, task_failed]
       smtp: {host: smtp.example.com, port: 587, use_tls: true, from: mlops@example.com,
              to: [ml-team@example.com], username_env: MLOPS_ALERT_SMTP_USER,
              password_env: MLOPS_ALERT_SMTP_PASSWORD}
+      # or through an Airflow connection, which holds host, port, TLS and credentials:
+      # smtp: {conn_id: smtp_alerts, to: [ml-team@example.com]}
       webhook: {url: "https://hooks.example.com/mlops",
                 headers_from_env: {Authorization: MLOPS_ALERT_WEBHOOK_AUTH}}
 
-Nothing heavy is imported here (the spec imports this module at DAG parse time).
+``events`` defaults to every event. Nothing heavy is imported here (the spec imports this module
+at DAG parse time).
 """
 
 from __future__ import annotations
@@ -31,11 +59,13 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from airmlops.settings import ALERT_ENV_PATTERN, ALERT_ENV_PREFIX, alert_secret
 
@@ -44,14 +74,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-AlertEvent = Literal["quarantine", "not_blessed", "rollback", "retraining_decision"]
-EVENTS: tuple[str, ...] = ("quarantine", "not_blessed", "rollback", "retraining_decision")
+AlertEvent = Literal[
+    "quarantine", "not_blessed", "rollback", "retraining_decision",
+    "task_failed",
+    "slot_died", "proxy_died", "failover", "serving_unavailable", "log_dropped",
+]
+EVENTS: tuple[str, ...] = get_args(AlertEvent)
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 """An HTTP header name (RFC 9110 token)."""
 EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})$")
 HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$|^\[?[0-9A-Fa-f:.]+\]?$")
+CONN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}$")
+"""An Airflow connection id (letters, digits, ``_``, ``.``, ``-``)."""
 MAX_MESSAGE_CHARS = 2000
 SUBJECT_PREFIX = "[airmlops]"
+HELD_BACK_KEY = "held_back_since_last"
+"""The detail an :class:`AlertThrottle` adds: how many alerts of that kind it held back since the
+last one that went out."""
 
 
 class _Strict(BaseModel):
@@ -85,11 +124,18 @@ def is_loopback_host(host: str | None) -> bool:
 
 
 class SmtpAlerts(_Strict):
-    """E-mail through an SMTP relay. Credentials come from the named environment variables."""
+    """E-mail, straight to an SMTP relay (``host``; credentials from the named environment
+    variables) or through an Airflow SMTP connection (``conn_id``; Airflow's ``SmtpNotifier``)."""
 
-    host: str = Field(description="The relay's host name or address.")
+    conn_id: str | None = Field(
+        default=None, description="Send through Airflow's SmtpNotifier and this Airflow "
+        "connection (of type smtp) instead of host/port: the connection holds the relay's host, "
+        "port, TLS, timeout and credentials, and may hold the From address (extra from_email).")
+    host: str | None = Field(default=None, description="The relay's host name or address "
+                             "(required unless conn_id is given).")
     port: int = Field(default=25, ge=1, le=65535)
-    sender: str = Field(alias="from", description="The From address.")
+    sender: str | None = Field(default=None, alias="from", description="The From address "
+                               "(required unless conn_id's connection gives one).")
     to: list[str] = Field(min_length=1, max_length=100)
     use_tls: bool = Field(default=False, description="Upgrade the connection with STARTTLS.")
     username_env: str | None = Field(
@@ -100,10 +146,17 @@ class SmtpAlerts(_Strict):
         "password.")
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
+    @field_validator("conn_id")
+    @classmethod
+    def _conn_id(cls, value: str | None) -> str | None:
+        if value is not None and not CONN_ID.match(value):
+            raise ValueError(f"{value!r} is not an Airflow connection id (letters, digits, _ . -)")
+        return value
+
     @field_validator("host")
     @classmethod
-    def _host(cls, value: str) -> str:
-        if not HOSTNAME.match(value):
+    def _host(cls, value: str | None) -> str | None:
+        if value is not None and not HOSTNAME.match(value):
             raise ValueError(f"{value!r} is not a host name or address")
         return value
 
@@ -114,13 +167,32 @@ class SmtpAlerts(_Strict):
 
     @field_validator("sender")
     @classmethod
-    def _sender(cls, value: str) -> str:
-        return _check_email(value)
+    def _sender(cls, value: str | None) -> str | None:
+        return value if value is None else _check_email(value)
 
     @field_validator("to")
     @classmethod
     def _recipients(cls, value: list[str]) -> list[str]:
         return [_check_email(address) for address in value]
+
+    @model_validator(mode="after")
+    def _relay_or_connection(self) -> SmtpAlerts:
+        if self.conn_id is None:
+            missing = [name for name, value in (("host", self.host), ("from", self.sender))
+                       if value is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+                                 " required unless conn_id names an Airflow SMTP connection")
+            return self
+        # The connection holds these: a value here would be silently ignored, so refuse it.
+        relay_only = {"host": None, "port": 25, "use_tls": False, "timeout_seconds": 10.0,
+                      "username_env": None, "password_env": None}
+        given = [name for name, default in relay_only.items() if getattr(self, name) != default]
+        if given:
+            raise ValueError(f"conn_id {self.conn_id!r} sends through that Airflow connection, "
+                             f"which holds the relay's settings and credentials: remove "
+                             f"{', '.join(given)}")
+        return self
 
 
 class WebhookAlerts(_Strict):
@@ -163,7 +235,11 @@ class WebhookAlerts(_Strict):
 
 
 class AlertsConfig(_Strict):
-    """Where a pipeline's alerts go (either channel or both) and which events are sent."""
+    """Where a pipeline's alerts go (either channel or both) and which events are sent.
+
+    ``AlertsConfig.model_validate(config.model_dump(by_alias=True, mode="json"))`` is ``config``
+    again: a deploy saves it as JSON for the serving supervisor.
+    """
 
     events: list[AlertEvent] = Field(default_factory=lambda: list(EVENTS), min_length=1)
     smtp: SmtpAlerts | None = None
@@ -176,6 +252,10 @@ class AlertsConfig(_Strict):
             raise ValueError(f"duplicated entries in {value}")
         return value
 
+    def sends(self, event: str) -> bool:
+        """Whether ``event`` goes anywhere: a channel is configured and the event subscribed."""
+        return (self.smtp is not None or self.webhook is not None) and event in self.events
+
 
 def _secret(name: str | None, what: str) -> str | None:
     if name is None:
@@ -186,13 +266,14 @@ def _secret(name: str | None, what: str) -> str | None:
     return value
 
 
-def _one_line(text: str, limit: int = 200) -> str:
+def one_line(text: object, limit: int = 200) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space, cut to ``limit``."""
     return " ".join(str(text).split())[:limit]
 
 
 def render_subject(pipeline: str, event: str, message: str) -> str:
     """``[airmlops] churn: retraining_decision: <first line of the message>`` (one line)."""
-    return _one_line(f"{SUBJECT_PREFIX} {pipeline}: {event}: {message}")
+    return one_line(f"{SUBJECT_PREFIX} {pipeline}: {event}: {message}")
 
 
 def render_body(pipeline: str, event: str, message: str, details: Mapping[str, Any]) -> str:
@@ -201,7 +282,14 @@ def render_body(pipeline: str, event: str, message: str, details: Mapping[str, A
 
 
 def send_email(config: SmtpAlerts, subject: str, body: str) -> None:
-    """Send one plain-text e-mail through the relay (STARTTLS and login when configured)."""
+    """Send one plain-text e-mail: straight to the relay (STARTTLS and login when configured),
+    or through the Airflow connection ``conn_id`` names."""
+    if config.conn_id is not None:
+        from airmlops.notifiers import send_email_through_connection
+
+        send_email_through_connection(config, subject, body)
+        return
+
     import smtplib
     import ssl
     from email.message import EmailMessage
@@ -234,34 +322,40 @@ def post_webhook(config: WebhookAlerts, payload: Mapping[str, Any]) -> int:
     return response.status_code
 
 
-def notify(spec: PipelineSpec, event: AlertEvent, message: str,
-           details: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Send ``event`` of ``spec``'s pipeline to every configured channel; never raises.
-
-    Returns ``{"event", "sent": [channels], "errors": {channel: message}, "skipped": why}``:
-    skipped when the spec has no ``alerts`` or does not subscribe to the event.
-    """
+def _check_event(event: str) -> None:
     if event not in EVENTS:
         raise ValueError(f"unknown alert event {event!r}; expected one of {list(EVENTS)}")
-    result: dict[str, Any] = {"event": event, "sent": [], "errors": {}, "skipped": None}
-    config: AlertsConfig | None = getattr(spec, "alerts", None)
+
+
+def _result(event: str, skipped: str | None = None) -> dict[str, Any]:
+    return {"event": event, "sent": [], "errors": {}, "skipped": skipped}
+
+
+def notify_config(pipeline: str, config: AlertsConfig | None, event: AlertEvent, message: str,
+                  details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Send ``event`` of ``pipeline`` to every channel of ``config``; never raises (but for an
+    unknown event, a bug of the caller).
+
+    Returns ``{"event", "sent": [channels], "errors": {channel: message}, "skipped": why}``:
+    skipped when there is no config or channel, or the event is not subscribed.
+    """
+    _check_event(event)
     if config is None or (config.smtp is None and config.webhook is None):
-        result["skipped"] = "no alerts configured"
-        return result
+        return _result(event, "no alerts configured")
     if event not in config.events:
-        result["skipped"] = f"event {event} not subscribed"
-        return result
+        return _result(event, f"event {event} not subscribed")
+    result = _result(event)
     details = dict(details or {})
     message = str(message)[:MAX_MESSAGE_CHARS]
     if config.smtp is not None:
         try:
-            send_email(config.smtp, render_subject(spec.name, event, message),
-                       render_body(spec.name, event, message, details))
+            send_email(config.smtp, render_subject(pipeline, event, message),
+                       render_body(pipeline, event, message, details))
             result["sent"].append("smtp")
         except Exception as error:  # an alert must never fail the step that raised it
             result["errors"]["smtp"] = f"{type(error).__name__}: {error}"
     if config.webhook is not None:
-        payload = {"source": "airmlops", "pipeline": spec.name, "event": event,
+        payload = {"source": "airmlops", "pipeline": pipeline, "event": event,
                    "message": message, "details": json.loads(json.dumps(details, default=str))}
         try:
             post_webhook(config.webhook, payload)
@@ -269,8 +363,70 @@ def notify(spec: PipelineSpec, event: AlertEvent, message: str,
         except Exception as error:
             result["errors"]["webhook"] = f"{type(error).__name__}: {error}"
     for channel, error in result["errors"].items():
-        log.warning("alert %s of %s could not be sent by %s: %s", event, spec.name, channel,
+        log.warning("alert %s of %s could not be sent by %s: %s", event, pipeline, channel,
                     error)
     if result["sent"]:
-        log.info("alert %s of %s sent by %s", event, spec.name, ", ".join(result["sent"]))
+        log.info("alert %s of %s sent by %s", event, pipeline, ", ".join(result["sent"]))
     return result
+
+
+def notify(spec: PipelineSpec, event: AlertEvent, message: str,
+           details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Send ``event`` of ``spec``'s pipeline to every configured channel; never raises.
+
+    :func:`notify_config` with the spec's name and ``alerts`` section.
+    """
+    return notify_config(spec.name, getattr(spec, "alerts", None), event, message, details)
+
+
+class AlertThrottle:
+    """At most one alert per ``(pipeline, event)`` every ``interval_seconds``, for a long-lived
+    sender (the serving supervisor: a slot in a crash loop dies every few seconds).
+
+    The alerts held back are counted, and the next one that goes out carries the count in its
+    details (``held_back_since_last``). Thread-safe; ``clock`` is monotonic seconds.
+    """
+
+    def __init__(self, interval_seconds: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if interval_seconds < 0:
+            raise ValueError(f"interval_seconds must be >= 0, got {interval_seconds}")
+        self.interval_seconds = interval_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_sent: dict[tuple[str, str], float] = {}
+        self._held_back: dict[tuple[str, str], int] = {}
+
+    def admit(self, pipeline: str, event: str) -> int | None:
+        """None when this alert is to be held back (and counted); else how many were held back
+        since the last one admitted (the count starts again from 0)."""
+        key = (pipeline, event)
+        with self._lock:
+            now = self._clock()
+            last = self._last_sent.get(key)
+            if last is not None and now - last < self.interval_seconds:
+                self._held_back[key] = self._held_back.get(key, 0) + 1
+                return None
+            self._last_sent[key] = now
+            return self._held_back.pop(key, 0)
+
+    def held_back(self, pipeline: str, event: str) -> int:
+        """How many alerts of this kind are held back now, not yet reported."""
+        with self._lock:
+            return self._held_back.get((pipeline, event), 0)
+
+    def notify_config(self, pipeline: str, config: AlertsConfig | None, event: AlertEvent,
+                      message: str, details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """:func:`notify_config` unless held back (then ``skipped`` says so and nothing is
+        sent); never raises. Events nobody receives are not counted."""
+        _check_event(event)
+        if config is None or not config.sends(event):
+            return notify_config(pipeline, config, event, message, details)
+        held_back = self.admit(pipeline, event)
+        if held_back is None:
+            return _result(event, f"throttled: at most one {event} alert of {pipeline} every "
+                                  f"{self.interval_seconds:g}s")
+        details = dict(details or {})
+        if held_back:
+            details[HELD_BACK_KEY] = held_back
+        return notify_config(pipeline, config, event, message, details)

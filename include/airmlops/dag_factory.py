@@ -17,6 +17,7 @@ from typing import Any, get_args
 
 from airflow.sdk import DAG, Asset, Param, dag, get_current_context, task
 
+from airmlops.notifiers import PipelineFailureNotifier
 from airmlops.settings import get_settings
 from airmlops.spec import (
     NAME_PATTERN,
@@ -63,14 +64,22 @@ Spec: `{path}` (hash `{spec_hash}`). Task: {task}. Schedule: `{schedule}`.
 
 def pipeline_dag_args(spec: PipelineSpec, kind: str) -> dict[str, Any]:
     """What every DAG of a pipeline shares: start, no catchup, one run at a time, retries,
-    owner and tags."""
+    owner, tags and, in every task, the failure alert (:func:`failure_callbacks`)."""
     return {
         "start_date": dt.datetime.combine(spec.start_date, dt.time(), tzinfo=dt.UTC),
         "catchup": False,
         "max_active_runs": 1,
-        "default_args": {**DEFAULT_ARGS, "owner": spec.owner},
+        "default_args": {**DEFAULT_ARGS, "owner": spec.owner, **failure_callbacks(spec)},
         "tags": ["mlops", kind, spec.name, *spec.tags],
     }
+
+
+def failure_callbacks(spec: PipelineSpec) -> dict[str, Any]:
+    """``on_failure_callback``: a ``task_failed`` alert when a task fails for good, if the spec's
+    alerts have a channel and take that event; else nothing (no callback at all)."""
+    if spec.alerts is None or not spec.alerts.sends("task_failed"):
+        return {}
+    return {"on_failure_callback": PipelineFailureNotifier(spec.name, spec.alerts)}
 
 
 def _run_context(spec: PipelineSpec):

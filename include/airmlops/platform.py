@@ -8,7 +8,8 @@
   triggerer, plus a task-log server bound to loopback,
 
 each in its own process group with a pidfile and a log under the run directory (``.run`` by
-default), and returns while they keep running. ``down`` stops them, ``status`` shows them.
+default), plus a watchdog (:mod:`airmlops.watchdog`) that starts any of them again when it dies,
+and returns while they keep running. ``down`` stops them, ``status`` shows them.
 ``up`` is idempotent: components found alive (pidfile + process start time) are reused.
 
 Airflow is configured only through the environment of its processes (:func:`airflow_env`),
@@ -40,8 +41,8 @@ from typing import Any
 from urllib.parse import quote
 
 from airmlops.embedded_pg import PgHandle, running_postgres, start_postgres, stop_postgres
+from airmlops.processes import file_tail, port_free, process_alive, reap, spawn_detached
 from airmlops.processes import free_port as free_port  # re-exported: tests pick ports with it
-from airmlops.processes import port_free, spawn_detached
 
 HOST = "127.0.0.1"
 DEFAULT_AIRFLOW_PORT = 8080
@@ -58,6 +59,8 @@ API_SERVER, SCHEDULER, DAG_PROCESSOR, TRIGGERER = (
     "triggerer",
 )
 LOG_SERVER, MLFLOW, POSTGRES = "log-server", "mlflow", "postgres"
+WATCHDOG = "watchdog"
+"""The process restarting the others when they die (:mod:`airmlops.watchdog`)."""
 AIRFLOW_COMPONENTS = (API_SERVER, SCHEDULER, DAG_PROCESSOR, TRIGGERER, LOG_SERVER)
 HEALTH_KEYS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 """Components that ``/api/v2/monitor/health`` must report healthy."""
@@ -475,20 +478,7 @@ def read_record(run_dir: Path, name: str) -> ProcessRecord | None:
 
 def is_alive(record: ProcessRecord | None) -> bool:
     """True if the recorded process still runs (same pid and start time, not a zombie)."""
-    import psutil
-
-    if record is None:
-        return False
-    try:
-        proc = psutil.Process(record.pid)
-        if abs(proc.create_time() - record.create_time) > 0.01:
-            return False
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            _reap(record.pid)
-            return False
-    except psutil.NoSuchProcess:
-        return False
-    return True
+    return record is not None and process_alive(record.pid, record.create_time)
 
 
 def spawn(
@@ -509,11 +499,6 @@ def spawn(
     record = ProcessRecord(name=name, pid=proc.pid, create_time=proc.create_time())
     _write_atomic(pidfile(run_dir, name), f"{record.pid}\n{record.create_time}\n")
     return record
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -565,7 +550,7 @@ def stop_components(
     while pending and time.monotonic() < deadline:
         time.sleep(0.2)
         for record in pending:
-            _reap(record.pid)
+            reap(record.pid)
         pending = [r for r in pending if _group_members(r.pid)]
     for record in pending:
         if progress:
@@ -575,7 +560,7 @@ def stop_components(
     while pending and time.monotonic() < deadline:
         time.sleep(0.1)
         for record in pending:
-            _reap(record.pid)
+            reap(record.pid)
         pending = [r for r in pending if _group_members(r.pid)]
     if pending:
         raise PlatformError(f"could not stop {', '.join(r.name for r in pending)}")
@@ -592,7 +577,7 @@ def stop_all(run_dir: Path, timeout: float = 10.0, progress: Progress | None = N
     run_dir = Path(run_dir).resolve()
     if not run_dir.is_dir():
         return []
-    names = [MLFLOW, *AIRFLOW_COMPONENTS]
+    names = [WATCHDOG, MLFLOW, *AIRFLOW_COMPONENTS]  # the watchdog would restart the others
     with _platform_lock(run_dir, progress):
         stopped = stop_components(run_dir, names, timeout=timeout, progress=progress)
         if stop_postgres(run_dir):
@@ -626,7 +611,7 @@ def component_status(run_dir: Path) -> dict[str, dict[str, Any]]:
     }
     recorded = load_recorded_config(run_dir)
     names = recorded.components() if recorded else (MLFLOW, *AIRFLOW_COMPONENTS)
-    for name in names:
+    for name in (*names, WATCHDOG):
         record = read_record(run_dir, name)
         status[name] = {"alive": is_alive(record), "pid": record.pid if record else None}
     return status
@@ -651,15 +636,9 @@ def _http_client(timeout: float = 10.0):  # -> httpx.Client
 def log_tail(run_dir: Path, name: str, lines: int = 30) -> str:
     """The last ``lines`` lines of a component's log (for error messages)."""
     path = Path(run_dir) / "logs" / f"{name}.log"
-    try:
-        with open(path, "rb") as log:
-            log.seek(0, os.SEEK_END)
-            log.seek(max(0, log.tell() - 64_000))
-            text = log.read().decode("utf-8", "replace")
-    except FileNotFoundError:
+    if not path.exists():
         return f"(no log at {path})"
-    tail = "\n".join(text.splitlines()[-lines:])
-    return f"--- last lines of {path} ---\n{tail}"
+    return f"--- last lines of {path} ---\n{file_tail(path, lines)}"
 
 
 def airflow_health(base_url: str) -> dict[str, str] | None:
@@ -902,6 +881,14 @@ def start_platform(
         remaining = max(30.0, timeout - (time.monotonic() - t0))
         wait_airflow_healthy(config, remaining, progress)
         timings["airflow healthy"] = time.monotonic() - t0
+        from airmlops.watchdog import start_watchdog
+
+        watchdog_alive = is_alive(read_record(run_dir, WATCHDOG))
+        record = start_watchdog(run_dir, base_env)
+        if not watchdog_alive:
+            started.append(WATCHDOG)
+        progress(f"watchdog: {'already running' if watchdog_alive else 'started'} "
+                 f"(pid {record.pid}; restarts what dies)")
     return Platform(
         config=config,
         pg=pg,

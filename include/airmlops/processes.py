@@ -13,9 +13,11 @@ unless the kind lists them as its own (the model service's bearer token, its Red
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import signal
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -50,6 +52,7 @@ class ChildKind:
     names: frozenset[str] = frozenset()
     prefixes: tuple[str, ...] = ()
     own_secrets: frozenset[str] = frozenset()
+    own_secret_prefixes: tuple[str, ...] = ()
     fixed: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def allows(self, name: str) -> bool:
@@ -58,7 +61,8 @@ class ChildKind:
             return True
         if name not in self.names and not name.startswith(self.prefixes):
             return False
-        return not looks_secret(name) or name in self.own_secrets
+        return (not looks_secret(name) or name in self.own_secrets
+                or name.startswith(self.own_secret_prefixes))
 
 
 MODEL_SERVICE = ChildKind(
@@ -89,6 +93,18 @@ PROXY = ChildKind(
     fixed={"PYTHONUNBUFFERED": "1"},
 )
 """The stable-address proxy: its admin token is a file in its state folder, not a variable."""
+
+SERVING_SUPERVISOR = ChildKind(
+    name="serving supervisor",
+    names=MODEL_SERVICE.names,
+    prefixes=(*MODEL_SERVICE.prefixes, "MLOPS_ALERT_"),
+    own_secrets=MODEL_SERVICE.own_secrets,
+    own_secret_prefixes=("MLOPS_ALERT_",),
+    fixed=MODEL_SERVICE.fixed,
+)
+"""The supervisor of a deployment (:mod:`airmlops.serving.deploy.supervisor`): what the model
+services it restarts need (it hands them :data:`MODEL_SERVICE`'s share only) plus the alert
+channels' credentials (``MLOPS_ALERT_*``), which no model service ever gets."""
 
 BENTO_BUILD = ChildKind(
     name="bento build",
@@ -188,3 +204,119 @@ def spawn_detached(
         )
     proc.returncode = 0  # not ours to wait for: silence Popen's ResourceWarning
     return psutil.Process(proc.pid)
+
+
+# --------------------------------------------------------------------------------------------
+# Watching and stopping started processes (the platform's components, deployments' slots)
+# --------------------------------------------------------------------------------------------
+
+
+class StopFailed(RuntimeError):
+    """A process survived SIGKILL (the message names the pids)."""
+
+
+def reap(pid: int) -> None:
+    """Collect ``pid``'s exit status if it is our exited child (no zombie left behind)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def process_alive(pid: int | None, create_time: float | None) -> bool:
+    """True if ``pid`` still runs and is the process we started (same start time, no zombie)."""
+    import psutil
+
+    if pid is None or create_time is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - create_time) > 0.01:
+            return False
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            reap(pid)
+            return False
+    except psutil.NoSuchProcess:
+        return False
+    return True
+
+
+def marked_processes(name: str, value: str) -> list[Any]:
+    """Live processes whose environment has ``name=value`` (a deployment or instance marker).
+
+    BentoML's arbiter starts each worker in a session of its own, so a process group does not
+    hold a slot's processes; the inherited environment marker does.
+    """
+    import psutil
+
+    needle = f"{name}={value}"
+    found = []
+    for proc in psutil.process_iter(["status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        try:
+            environ = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if f"{name}={environ.get(name)}" == needle:
+            found.append(proc)
+    return found
+
+
+def terminate(procs: Sequence[Any], timeout: float) -> list[Any]:
+    """SIGTERM ``procs``, wait up to ``timeout`` s, SIGKILL the rest; return those still alive."""
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGTERM)
+    _gone, alive = psutil.wait_procs(list(procs), timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGKILL)
+    _gone, alive = psutil.wait_procs(alive, timeout=5.0)
+    return alive
+
+
+def stop_process(
+    pid: int | None, create_time: float | None, marker: tuple[str, str] | None, timeout: float
+) -> bool:
+    """Stop a started process (and its children) and every process carrying ``marker`` (an
+    environment ``(name, value)``): SIGTERM, SIGKILL after ``timeout`` s. True if anything ran;
+    :class:`StopFailed` if something survived."""
+    import psutil
+
+    procs = []
+    if process_alive(pid, create_time):
+        with contextlib.suppress(psutil.Error):
+            leader = psutil.Process(pid)
+            procs.append(leader)
+            procs.extend(leader.children(recursive=True))
+    if marker is not None:
+        known = {p.pid for p in procs}
+        procs.extend(p for p in marked_processes(*marker) if p.pid not in known)
+    if not procs:
+        return False
+    # The leader first (BentoML's arbiter stops its workers itself), then anything left.
+    leaders = procs[:1] if pid is not None and procs[0].pid == pid else []
+    survivors = terminate(leaders, timeout) if leaders else []
+    rest = [p for p in procs[len(leaders) :] if p.is_running()] + survivors
+    if rest:
+        still = terminate(rest, timeout)
+        if still:
+            raise StopFailed(f"could not stop processes {[p.pid for p in still]}")
+    if pid is not None:
+        reap(pid)
+    return True
+
+
+def file_tail(path: str | Path | None, lines: int = 100) -> str:
+    """The last ``lines`` lines of a log file (at most its last 64 KiB); "" if unreadable."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 65536))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

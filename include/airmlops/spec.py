@@ -255,6 +255,15 @@ class DeployConfig(_Strict):
     port: int = Field(default=8600, ge=1024, le=65535,
                       description="The stable address http://127.0.0.1:<port> clients call.")
     ready_timeout_seconds: float = Field(default=120.0, gt=0, le=1800)
+    replicas: int = Field(
+        default=2, ge=1, le=8,
+        description="Model servers of the live version behind the stable address; with two or "
+        "more, one dying costs no request (the address retries and routes around it) while it "
+        "is restarted.")
+    workers: int = Field(
+        default=2, ge=1, le=16,
+        description="Worker processes of each model server; a worker that dies is restarted "
+        "while the others answer.")
     smoke_requests: int = Field(default=5, ge=1, le=100)
     latency_budget_ms: float = Field(default=500.0, gt=0)
     bake_seconds: float = Field(default=30.0, ge=0, le=86400,

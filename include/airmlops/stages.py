@@ -381,9 +381,11 @@ def containerize(spec: PipelineSpec, spec_path: str, registered: dict[str, Any],
     return result
 
 
-def _service_env(settings: Settings) -> dict[str, str]:
+def _service_env(settings: Settings, spec: PipelineSpec | None = None) -> dict[str, str]:
     # What the model service needs, nothing more: it never talks to MLflow.
     env = {"MLOPS_DATA_ROOT": str(settings.data_root)}
+    if spec is not None:
+        env["MLOPS_SERVING_WORKERS"] = str(spec.deploy.workers)
     if settings.redis_url:
         env["MLOPS_REDIS_URL"] = settings.redis_url
     if settings.serving_token.get_secret_value():
@@ -443,9 +445,11 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
         spec.name, version, artifact, target, golden, root=settings.data_root,
         proxy_port=spec.deploy.port, ready_timeout=spec.deploy.ready_timeout_seconds,
         latency_budget_ms=spec.deploy.latency_budget_ms, now=run.as_of, validate=valid,
-        env=_service_env(settings), bentoml_home=settings.bentoml_store,
+        env=_service_env(settings, spec), bentoml_home=settings.bentoml_store,
         headers=_auth_headers(settings),
         resources=ContainerResources(**spec.deploy.resources.model_dump()),
+        replicas=spec.deploy.replicas,
+        alerts=spec.alerts.model_dump(by_alias=True, mode="json") if spec.alerts else {},
     )
     log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "
              "rollback; timings %s", spec.name, version, result.stable_url, result.slot,
@@ -456,7 +460,8 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
 
 
 def _probe(url: str, golden: list[dict[str, Any]], seconds: float, interval: float,
-           token: str) -> tuple[int, int, list[float]]:
+           token: str) -> tuple[int, int]:
+    """POST the golden requests to the stable address for ``seconds``; (server errors, sent)."""
     import itertools
     import time
 
@@ -464,49 +469,48 @@ def _probe(url: str, golden: list[dict[str, Any]], seconds: float, interval: flo
 
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     errors = total = 0
-    latencies: list[float] = []
     deadline = time.monotonic() + seconds
-    with httpx.Client(timeout=10.0, headers=headers) as client:
+    with httpx.Client(timeout=10.0, headers=headers, trust_env=False) as client:
         for request in itertools.cycle(golden):
             if time.monotonic() >= deadline:
                 break
-            started = time.perf_counter()
             try:
-                response = client.post(f"{url}/predict", json=request)
-                ok = response.status_code < 500
+                ok = client.post(f"{url}/predict", json=request).status_code < 500
             except httpx.HTTPError:
                 ok = False
-            latencies.append((time.perf_counter() - started) * 1000)
             total += 1
             errors += 0 if ok else 1
             time.sleep(interval)
-    return errors, total, latencies
+    return errors, total
 
 
 def monitor(spec: PipelineSpec, deployed: dict[str, Any], trained: dict[str, Any],
             run: RunContext, settings: Settings) -> dict[str, Any]:
     """Bake the new version on live traffic plus probes; a breach rolls back. Then promote it
-    to ``champion`` and record its reference data for drift monitoring."""
-    import numpy as np
+    to ``champion`` and record its reference data for drift monitoring.
 
+    The judgement uses what the stable address saw of the new slot during the bake window:
+    every request clients sent it and the probes, their server errors and latency."""
     from airmlops.serving import deploy as deployer
+    from airmlops.serving import proxy
     from airmlops.training import registry
 
     version = deployed["version"]
     golden = golden_requests(spec, trained["test_path"], spec.deploy.smoke_requests)
-    errors, total, latencies = _probe(deployed["stable_url"], golden, spec.deploy.bake_seconds,
-                                      spec.deploy.bake_probe_interval_seconds,
-                                      settings.serving_token.get_secret_value())
-    error_rate = errors / total if total else 1.0
-    p99 = float(np.percentile(latencies, 99)) if latencies else float("inf")
-    bake = {"requests": total, "errors": errors, "error_rate": error_rate, "p99_ms": p99}
-    breached = error_rate > spec.deploy.max_error_rate or p99 > spec.deploy.max_p99_ms
+    before = proxy.slot_stats(spec.deploy.port, deployed["slot"])
+    probe_errors, probes = _probe(
+        deployed["stable_url"], golden, spec.deploy.bake_seconds,
+        spec.deploy.bake_probe_interval_seconds, settings.serving_token.get_secret_value())
+    after = proxy.slot_stats(spec.deploy.port, deployed["slot"])
+    bake = {**proxy.bake_window(before, after), "probes": probes, "probe_errors": probe_errors}
+    breached = (bake["requests"] == 0 or bake["error_rate"] > spec.deploy.max_error_rate
+                or bake["p99_ms"] > spec.deploy.max_p99_ms)
     uri = settings.mlflow_tracking_uri
     if breached:
         log.error("monitor %s: version %s breached its bake limits %s; rolling back", spec.name,
                   version, bake)
         deployer.rollback(spec.name, settings.data_root, now=run.as_of,
-                          env=_service_env(settings))
+                          env=_service_env(settings, spec))
         _alert(spec, "rollback", f"version {version} rolled back after its bake period",
                {"bake": bake})
         raise BakeFailed(f"version {version} was rolled back after its bake period: {bake}")
@@ -552,7 +556,7 @@ def rollback(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[st
     from airmlops.training import registry
 
     result = deployer.rollback(spec.name, settings.data_root, now=run.as_of,
-                               env=_service_env(settings))
+                               env=_service_env(settings, spec))
     registry.set_alias(spec.registered_model_name, "champion", result.version,
                        settings.mlflow_tracking_uri)
     _alert(spec, "rollback", f"rolled back to version {result.version}",

@@ -171,3 +171,45 @@ def test_two_specs_with_one_name_keep_the_first(tmp_path):
     dags = build_all(tmp_path)
     assert "churn_training" in dags
     assert "already defines" in dags["b_copy_invalid_spec"].doc_md
+
+
+def _build_with_alerts(tmp_path: Path, alerts: dict | None) -> dict:
+    import yaml
+
+    from airmlops.dag_factory import build_all
+
+    data = yaml.safe_load((PIPELINES_DIR / "churn.yaml").read_text())
+    if alerts is not None:
+        data["alerts"] = alerts
+    (tmp_path / "churn.yaml").write_text(yaml.safe_dump(data))
+    return build_all(tmp_path)
+
+
+def test_every_task_of_a_spec_with_alerts_alerts_its_failure(tmp_path):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from airmlops.alerts import AlertsConfig
+    from airmlops.notifiers import PipelineFailureNotifier
+
+    alerts = {"webhook": {"url": "http://127.0.0.1:9/hooks"}}
+    dags = _build_with_alerts(tmp_path, alerts)
+    assert {"churn_training", "churn_features", "churn_rollback", "churn_monitoring"} <= set(dags)
+    for dag_id, dag in dags.items():
+        assert dag.tasks, dag_id
+        for task in dag.tasks:
+            [notifier] = task.on_failure_callback
+            assert isinstance(notifier, PipelineFailureNotifier), f"{dag_id}.{task.task_id}"
+            assert notifier.pipeline == "churn"
+            assert notifier.config == AlertsConfig.model_validate(alerts)
+        # What the scheduler and the DAG processor see: the task has a failure callback.
+        serialized = DagSerialization.deserialize_dag(DagSerialization.serialize_dag(dag))
+        assert all(task.has_on_failure_callback for task in serialized.tasks), dag_id
+
+
+def test_no_task_has_a_failure_callback_without_alerts_that_take_it(dagbag, tmp_path):
+    assert all(not task.on_failure_callback for dag in dagbag.dags.values()
+               for task in dag.tasks), "the demo spec has no alerts"
+    no_failures = _build_with_alerts(tmp_path, {"events": ["rollback", "quarantine"],
+                                                "webhook": {"url": "http://127.0.0.1:9/x"}})
+    assert all(not task.on_failure_callback for dag in no_failures.values()
+               for task in dag.tasks)

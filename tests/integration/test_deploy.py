@@ -176,7 +176,7 @@ def proxy(tmp_path: Path) -> Iterator[deploy_mod.ProxyHandle]:
     handle = ensure_proxy("proxytest", free_port(), tmp_path)
     yield handle
     undeploy("proxytest", tmp_path)
-    assert not deploy_mod._process_alive(handle.pid, handle.create_time)
+    assert not deploy_mod.process_alive(handle.pid, handle.create_time)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,13 +476,13 @@ def port_closed(port: int) -> bool:
 def assert_all_stopped(state: dict[str, Any]) -> None:
     """Every process a deployment recorded is gone and none of its ports answers."""
     for pid, create_time in recorded_processes(state):
-        assert not deploy_mod._process_alive(pid, create_time), pid
+        assert not deploy_mod.process_alive(pid, create_time), pid
     ports = [r["port"] for r in state["slots"].values() if r]
     if state.get("proxy"):
         ports.append(state["proxy"]["port"])
     for port in ports:
         assert port_closed(port), port
-    assert deploy_mod._marked_processes(deploy_mod.DEPLOYMENT_MARKER, state["deployment_id"]) == []
+    assert deploy_mod.marked_processes(deploy_mod.DEPLOYMENT_MARKER, state["deployment_id"]) == []
     artifacts = {r["artifact"] for r in state["slots"].values() if r}
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
@@ -660,7 +660,7 @@ def test_failed_smoke_and_rollback_to_a_stopped_version(tmp_path: Path, bentoml_
         blue = before["slots"]["blue"]
         os.killpg(blue["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while deploy_mod._process_alive(blue["pid"], blue["create_time"]):
+        while deploy_mod.process_alive(blue["pid"], blue["create_time"]):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         rolled = rollback(pipeline, root, now=LATER)

@@ -365,12 +365,14 @@ def test_metrics_count_requests_latency_errors_and_model(model, server):
                    model_version=model.version) == 1
     assert metric(text, "airmlops_predictions_total") >= 1
     for name in ("airmlops_prediction_log_logged_total", "airmlops_prediction_log_buffered",
-                 "airmlops_prediction_log_failed_writes_total",
+                 "airmlops_prediction_log_spilled", "airmlops_prediction_log_failed_writes_total",
                  "airmlops_prediction_log_dropped_total", "airmlops_prediction_log_backend_up"):
         assert f"\n{name}" in text, name
     assert "bentoml_service_request_total" in text  # BentoML's own metrics are still there
     for probe in ("/livez", "/readyz"):
         assert httpx.get(f"{server.url}{probe}").status_code == 200
+    ready = httpx.get(f"{server.url}/readyz").json()
+    assert ready["status"] == "ready" and ready["prediction_log"]["state"] == "ok"
 
 
 def test_prediction_log_has_one_row_per_answered_request_under_load(model, server):
@@ -530,22 +532,41 @@ def test_redis_log_outage_fails_no_request_and_loses_nothing(model, serve, priva
     during = predict(30)
     assert time.monotonic() - started < 15  # no request waited for the log backend
     deadline = time.monotonic() + 20
-    while True:
+    while True:  # the entries leave memory for the worker's spill file
         text = httpx.get(f"{server.url}/metrics").text
-        if metric(text, "airmlops_prediction_log_failed_writes_total") >= 1 or \
+        if metric(text, "airmlops_prediction_log_spilled") == 30 or \
                 time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert metric(text, "airmlops_prediction_log_failed_writes_total") >= 1
-    assert metric(text, "airmlops_prediction_log_buffered") == 30
+    assert metric(text, "airmlops_prediction_log_spilled") == 30
+    assert metric(text, "airmlops_prediction_log_buffered") == 0
     assert metric(text, "airmlops_prediction_log_backend_up") == 0
     assert metric(text, "airmlops_prediction_log_dropped_total") == 0
     assert metric(text, "airmlops_requests_total", endpoint="/predict", status="200") == 50
-    assert httpx.get(f"{server.url}/readyz").status_code == 200  # the log is not a dependency
+    spill_dir = model.data_root / "prediction-log" / "spill" / "churn"
+    assert list(spill_dir.glob("*.jsonl"))  # the worker's spill file (one worker here)
+    ready = httpx.get(f"{server.url}/readyz")
+    assert ready.status_code == 200  # the log is not a dependency: the model still answers
+    assert ready.json()["status"] == "degraded"
+    assert ready.json()["prediction_log"]["state"] == "spilling"
+    assert ready.json()["prediction_log"]["spilled"] == 30
+    refused = httpx.post(f"{server.url}/feedback", timeout=15, json={
+        "request_id": during[0], "labels": [{"entity": model.known[0], "label": 1}]})
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"] == "5"
+    assert refused.json()["error"] == "unavailable"
+    assert "labels were not recorded" in refused.json()["message"]
 
     private_redis.start()
     text = _wait_logged(server, 50, timeout=30)
     assert metric(text, "airmlops_prediction_log_backend_up") == 1
+    deadline = time.monotonic() + 10
+    while metric(text, "airmlops_prediction_log_spilled") != 0:  # the replay's last step
+        assert time.monotonic() < deadline, "the spill was not replayed"
+        time.sleep(0.2)
+        text = httpx.get(f"{server.url}/metrics").text
+    assert httpx.get(f"{server.url}/readyz").json()["status"] == "ready"
     logged = read_predictions("churn", *WINDOW, settings=model.settings,
                               log_settings=log_settings)
     assert sorted(logged["request_id"]) == sorted(before + during)

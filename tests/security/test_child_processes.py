@@ -81,7 +81,7 @@ def _tree(pid: int, marker: tuple[str, str] | None = None) -> list[psutil.Proces
     leader = psutil.Process(pid)
     procs = {p.pid: p for p in [leader, *leader.children(recursive=True)]}
     if marker is not None:
-        procs.update({p.pid: p for p in deploy_mod._marked_processes(*marker)})
+        procs.update({p.pid: p for p in deploy_mod.marked_processes(*marker)})
     return list(procs.values())
 
 
@@ -102,6 +102,8 @@ class Deployment:
         if kind == "model-service slot":
             marker = (deploy_mod.INSTANCE_MARKER, self.slot["instance"])
             return _tree(self.slot["pid"], marker)
+        if kind == "supervisor":
+            return _tree(self.state["supervisor"]["pid"])
         return _tree(self.proxy["pid"])
 
 
@@ -111,7 +113,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     home = tmp_path_factory.mktemp("bentoml-home")
     root = tmp_path_factory.mktemp("deploy-root")
     _build_v1(home)
-    planted = {name: _planted_value(name) for name in PLANTED_NAMES}
+    planted = {name: _planted_value(name) for name in (*PLANTED_NAMES, ALERT_SECRET)}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in planted.items():
             patch.setenv(name, value)
@@ -128,7 +130,10 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             deploy_mod.undeploy(PIPELINE, root)
 
 
-KINDS = ("model-service slot", "proxy")
+KINDS = ("model-service slot", "proxy", "supervisor")
+SERVERS = ("model-service slot", "proxy")
+ALERT_SECRET = "MLOPS_ALERT_WEBHOOK_AUTH"
+"""An alert channel's credential: the supervisor sends alerts, no server may hold it."""
 
 
 def test_every_process_of_each_tree_is_read(deployment: Deployment) -> None:
@@ -143,6 +148,17 @@ def test_every_process_of_each_tree_is_read(deployment: Deployment) -> None:
     for proc in deployment.processes("proxy"):
         environ = _environ(proc)
         assert marker in environ and SERVING_TOKEN.encode() not in environ
+    for proc in deployment.processes("supervisor"):  # it restarts slots: it holds their env
+        environ = _environ(proc)
+        assert marker in environ and f"MLOPS_SERVING_TOKEN={SERVING_TOKEN}".encode() in environ
+
+
+def test_only_the_supervisor_holds_the_alert_credentials(deployment: Deployment) -> None:
+    value = deployment.planted[ALERT_SECRET].encode()
+    assert all(value in _environ(p) for p in deployment.processes("supervisor"))
+    for kind in SERVERS:
+        for proc in deployment.processes(kind):
+            assert value not in _environ(proc), (kind, proc.cmdline())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -196,7 +212,14 @@ def _inet_sockets(procs: list[psutil.Process], kind: str) -> list[Any]:
     return [c for c in psutil.net_connections(kind=kind) if c.pid in pids]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def test_the_supervisor_listens_on_nothing(deployment: Deployment) -> None:
+    procs = deployment.processes("supervisor")
+    assert procs
+    assert [c for c in _inet_sockets(procs, "tcp") if c.status == psutil.CONN_LISTEN] == []
+    assert _inet_sockets(procs, "udp") == []
+
+
+@pytest.mark.parametrize("kind", SERVERS)
 def test_the_only_listening_tcp_socket_is_the_http_port(deployment: Deployment, kind: str) -> None:
     record = deployment.slot if kind == "model-service slot" else deployment.proxy
     listening = {
@@ -212,7 +235,7 @@ def test_no_udp_socket_is_bound(deployment: Deployment, kind: str) -> None:
     assert _inet_sockets(deployment.processes(kind), "udp") == []
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", SERVERS)
 def test_no_other_local_port_of_the_tree_accepts_a_connection(
     deployment: Deployment, kind: str
 ) -> None:

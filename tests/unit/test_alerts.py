@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 import yaml
 
-from airmlops.alerts import AlertsConfig, WebhookAlerts, notify, render_subject
+from airmlops.alerts import (
+    EVENTS,
+    AlertsConfig,
+    SmtpAlerts,
+    WebhookAlerts,
+    notify,
+    notify_config,
+    render_subject,
+)
 from airmlops.spec import SpecError, parse_spec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +123,7 @@ class HttpSink(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}/hooks/mlops"
 
 
-def _serve(server: socketserver.BaseServer) -> Iterator[Any]:
+def serve_in_thread(server: socketserver.BaseServer) -> Iterator[Any]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -128,12 +136,12 @@ def _serve(server: socketserver.BaseServer) -> Iterator[Any]:
 
 @pytest.fixture
 def smtp_sink() -> Iterator[SmtpSink]:
-    yield from _serve(SmtpSink())
+    yield from serve_in_thread(SmtpSink())
 
 
 @pytest.fixture
 def http_sink() -> Iterator[HttpSink]:
-    yield from _serve(HttpSink())
+    yield from serve_in_thread(HttpSink())
 
 
 def _spec(alerts: dict[str, Any] | None):
@@ -273,7 +281,7 @@ def test_spec_errors_name_the_alerts_field():
     config = AlertsConfig.model_validate({"smtp": {"host": "relay.example.com",
                                                    "from": "a@example.com", "to": ["b@x.io"]}})
     assert config.smtp.sender == "a@example.com" and config.smtp.port == 25
-    assert config.events == ["quarantine", "not_blessed", "rollback", "retraining_decision"]
+    assert config.events == list(EVENTS)
 
 
 @pytest.mark.parametrize("env_name", [
@@ -298,3 +306,108 @@ def test_the_alert_prefix_is_no_setting_of_the_platform():
     assert not [name for name in Settings.model_fields if name.startswith("alert_")]
     with pytest.raises(ValueError, match="MLOPS_ALERT_<NAME>"):
         alert_secret("AIRFLOW__CORE__FERNET_KEY")
+
+
+def test_every_event_exists_and_a_spec_takes_them_all_by_default():
+    assert EVENTS == ("quarantine", "not_blessed", "rollback", "retraining_decision",
+                      "task_failed", "slot_died", "proxy_died", "failover",
+                      "serving_unavailable", "log_dropped")
+    assert _spec({"webhook": {"url": "https://h.example.com"}}).alerts.events == list(EVENTS)
+    spec = _spec({"events": ["task_failed", "slot_died", "log_dropped"],
+                  "webhook": {"url": "https://h.example.com"}})
+    assert spec.alerts.events == ["task_failed", "slot_died", "log_dropped"]
+    assert spec.alerts.sends("slot_died") and not spec.alerts.sends("quarantine")
+    assert not AlertsConfig().sends("task_failed"), "no channel: nothing is sent"
+
+
+@pytest.mark.parametrize("event", ["slot_died", "proxy_died", "failover", "serving_unavailable",
+                                   "log_dropped", "task_failed"])
+def test_notify_config_sends_from_a_pipeline_name_and_a_config(http_sink, smtp_sink, event):
+    config = AlertsConfig.model_validate({"smtp": _smtp(smtp_sink),
+                                          "webhook": {"url": http_sink.url}})
+    result = notify_config("churn", config, event, "blue died\nrestarted",
+                           {"slot": "blue", "restarts": 2})
+    assert result == {"event": event, "sent": ["smtp", "webhook"], "errors": {},
+                      "skipped": None}
+    [request] = http_sink.requests
+    assert request["body"] == {"source": "airmlops", "pipeline": "churn", "event": event,
+                               "message": "blue died\nrestarted",
+                               "details": {"slot": "blue", "restarts": 2}}
+    [mail] = smtp_sink.messages
+    assert mail["message"]["Subject"] == f"[airmlops] churn: {event}: blue died restarted"
+
+
+def test_notify_config_skips_without_config_channel_or_subscription(http_sink):
+    assert notify_config("churn", None, "slot_died", "x")["skipped"] == "no alerts configured"
+    assert notify_config("churn", AlertsConfig(), "slot_died", "x")["skipped"] == (
+        "no alerts configured")
+    config = AlertsConfig(events=["task_failed"], webhook={"url": http_sink.url})
+    assert notify_config("churn", config, "failover", "x")["skipped"] == (
+        "event failover not subscribed")
+    assert http_sink.requests == []
+    with pytest.raises(ValueError, match="unknown alert event"):
+        notify_config("churn", config, "deployed", "x")
+
+
+def test_notify_of_a_spec_is_notify_config_of_its_name_and_alerts(http_sink):
+    spec = _spec({"webhook": {"url": http_sink.url}})
+    assert notify(spec, "quarantine", "q", {"rows": 3}) == notify_config(
+        spec.name, spec.alerts, "quarantine", "q", {"rows": 3})
+    first, second = (request["body"] for request in http_sink.requests)
+    assert first == second and first["pipeline"] == "churn"
+
+
+@pytest.mark.parametrize("alerts", [
+    {"webhook": {"url": "http://127.0.0.1:9/x"}},
+    {"events": ["slot_died", "failover"],
+     "smtp": {"host": "relay.example.com", "port": 587, "use_tls": True,
+              "from": "mlops@example.com", "to": ["a@example.com", "b@example.com"],
+              "username_env": "MLOPS_ALERT_U", "password_env": "MLOPS_ALERT_P",
+              "timeout_seconds": 3},
+     "webhook": {"url": "https://hooks.example.com/x",
+                 "headers_from_env": {"Authorization": "MLOPS_ALERT_HOOK"}}},
+    {"smtp": {"conn_id": "smtp_alerts", "to": ["a@example.com"]}},
+    {"smtp": {"conn_id": "smtp_alerts", "from": "mlops@example.com", "to": ["a@example.com"]}},
+])
+def test_the_config_a_deploy_saves_as_json_validates_back_to_itself(alerts):
+    config = _spec(alerts).alerts
+    saved = json.loads(json.dumps(config.model_dump(by_alias=True, mode="json")))
+    assert AlertsConfig.model_validate(saved) == config
+    assert AlertsConfig.model_validate(config.model_dump()) == config
+
+
+def test_smtp_through_an_airflow_connection_needs_no_host():
+    smtp = SmtpAlerts.model_validate({"conn_id": "smtp_alerts", "to": ["a@example.com"]})
+    assert smtp.host is None and smtp.sender is None and smtp.conn_id == "smtp_alerts"
+    direct = SmtpAlerts.model_validate({"host": "relay", "from": "a@example.com",
+                                        "to": ["b@example.com"]})
+    assert direct.conn_id is None
+
+
+@pytest.mark.parametrize("smtp, error", [
+    ({"to": ["a@example.com"]},
+     "host and from are required unless conn_id names an Airflow SMTP connection"),
+    ({"from": "a@example.com", "to": ["a@example.com"]}, "host is required unless conn_id"),
+    ({"host": "relay", "to": ["a@example.com"]}, "from is required unless conn_id"),
+    ({"conn_id": "smtp_alerts", "host": "relay", "to": ["a@example.com"]},
+     "conn_id 'smtp_alerts' sends through that Airflow connection, which holds the relay's "
+     "settings and credentials: remove host"),
+    ({"conn_id": "smtp_alerts", "port": 587, "use_tls": True, "to": ["a@example.com"]},
+     "remove port, use_tls"),
+    ({"conn_id": "smtp_alerts", "username_env": "MLOPS_ALERT_U",
+      "password_env": "MLOPS_ALERT_P", "to": ["a@example.com"]},
+     "remove username_env, password_env"),
+    ({"conn_id": "smtp_alerts", "timeout_seconds": 3, "to": ["a@example.com"]},
+     "remove timeout_seconds"),
+    ({"conn_id": "smtp alerts", "to": ["a@example.com"]}, "is not an Airflow connection id"),
+    ({"conn_id": "../etc/passwd", "to": ["a@example.com"]}, "is not an Airflow connection id"),
+    ({"conn_id": "", "to": ["a@example.com"]}, "is not an Airflow connection id"),
+    ({"conn_id": "smtp_alerts", "to": []}, "alerts.smtp.to"),
+    ({"conn_id": "smtp_alerts", "from": "not-an-address", "to": ["a@example.com"]},
+     "is not an e-mail address"),
+])
+def test_smtp_is_either_a_relay_or_a_connection(smtp, error):
+    with pytest.raises(SpecError) as raised:
+        _spec({"smtp": smtp})
+    assert "alerts.smtp" in str(raised.value)
+    assert error in str(raised.value)

@@ -26,9 +26,14 @@ Endpoints:
   body says ``"overwrite": true``). A label that follows its prediction at once is accepted:
   the service flushes its own log buffer and waits up to ``feedback_wait_s`` for another
   worker's (:meth:`ServingRuntime.claim_labels`).
-- ``/livez``, ``/readyz`` (the model is loaded and the online store answers) and Prometheus
-  ``/metrics`` (requests, latency, errors by kind, model info, prediction-log counters) stay
-  open when authentication is on; everything else needs ``Authorization: Bearer <token>``.
+  When the prediction log's store is down, ``/feedback`` answers 503 with ``Retry-After``.
+- ``/livez``, ``/readyz`` and Prometheus ``/metrics`` (requests, latency, errors by kind, model
+  info, prediction-log counters) stay open when authentication is on; everything else needs
+  ``Authorization: Bearer <token>``. ``/readyz`` is 200 when the model is loaded and the online
+  store answers (503 otherwise), whatever the prediction log's state: the stable-address proxy
+  routes by that code, and a log outage must not take a model that can answer out of service.
+  Its body says how the log is: ``{"status": "ready" | "degraded" | "not_ready",
+  "prediction_log": {...}}`` (:func:`readiness_body`).
 
 Client mistakes never reach BentoML's handler, which would log them at ERROR with a traceback:
 :class:`RequestGate`, an ASGI middleware, answers them itself with a 4xx whose ``message``
@@ -87,7 +92,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from airmlops.serving.fast_predict import FastScorer
-    from airmlops.serving.prediction_log import LogBackend, PredictionLog
+    from airmlops.serving.prediction_log import LogBackend, LogStats, PredictionLog
     from airmlops.settings import Settings
     from airmlops.spec import PipelineSpec
 
@@ -101,6 +106,10 @@ PICKLE_MEDIA_TYPES = frozenset({
     "application/x-python-pickle", "application/vnd.bentoml+pickle",
 })
 ENTITY_MAX_LENGTH = 256
+RECENT_DROP_S = 60.0
+"""For this long after the prediction log dropped an entry, ``/readyz`` says ``degraded``."""
+FEEDBACK_RETRY_AFTER_S = 5
+"""``Retry-After`` of a /feedback refused because the prediction log's store is down."""
 LATENCY_BUCKETS = (0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
                    0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -481,7 +490,9 @@ class ServingRuntime:
         return probabilities[:, self._positive]
 
     def check_ready(self) -> bool:
-        """The online store answers a read (one round trip)."""
+        """The online store answers a read (one round trip). The prediction log is not
+        checked: its outage makes ``/readyz`` say ``degraded``, not 503
+        (:func:`readiness_body`)."""
         if self.views:
             self.online_store.read(self.views, ["__readyz__"])
         return True
@@ -682,6 +693,20 @@ def error_body(kind: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": kind, "message": message, **extra}
 
 
+def readiness_body(ready: bool, log_stats: LogStats | None) -> dict[str, Any]:
+    """The body of ``/readyz``. ``status``: ``not_ready`` when BentoML's check failed (the
+    model or the online store), else ``degraded`` while the prediction log spills to disk, its
+    backend fails, or it dropped entries in the last ``RECENT_DROP_S`` seconds, else ``ready``;
+    ``prediction_log``: its :class:`~airmlops.serving.prediction_log.LogStats`."""
+    if log_stats is None:  # the service instance is not set up yet
+        return {"status": "ready" if ready else "not_ready"}
+    recent_drop = log_stats.seconds_since_drop is not None and \
+        log_stats.seconds_since_drop < RECENT_DROP_S
+    degraded = log_stats.state != "ok" or not log_stats.backend_up or recent_drop
+    status = "not_ready" if not ready else "degraded" if degraded else "ready"
+    return {"status": status, "prediction_log": log_stats.to_dict()}
+
+
 class ServiceMetrics:
     """The service's Prometheus metrics (created in the worker, after BentoML has set up
     prometheus_client's multiprocess mode; once per process)."""
@@ -715,11 +740,16 @@ class ServiceMetrics:
                 ("logged", "Prediction rows written to the prediction log."),
                 ("labels_logged", "Labels written to the prediction log."),
                 ("failed_writes", "Failed prediction-log writes (each retried)."),
-                ("dropped", "Log entries dropped because the buffer was full."),
+                ("dropped", "Log entries dropped: the memory buffer or the spill directory "
+                 "was full, or the spill file could not be written."),
             )
         }
         self.log_buffered = prom.Gauge(
-            "airmlops_prediction_log_buffered", "Log entries waiting to be written.",
+            "airmlops_prediction_log_buffered", "Log entries in memory waiting to be written.",
+            multiprocess_mode="livesum")
+        self.log_spilled = prom.Gauge(
+            "airmlops_prediction_log_spilled", "Log entries in spill files on disk, waiting "
+            "for the backend (replayed in order once it answers).",
             multiprocess_mode="livesum")
         self.log_backend_up = prom.Gauge(
             "airmlops_prediction_log_backend_up", "1 when the last log write succeeded.",
@@ -737,6 +767,8 @@ class ServiceMetrics:
             self.log_counters[event].inc(amount)
         elif event == "buffered":
             self.log_buffered.set(amount)
+        elif event == "spilled":
+            self.log_spilled.set(amount)
         elif event == "backend_up":
             self.log_backend_up.set(amount)
 
@@ -767,14 +799,17 @@ class RequestGate:
     body a second time and cost more than the whole prediction); other valid requests reach
     BentoML, which is handed the same bytes. BentoML's middlewares (its metrics, access log,
     timeout and concurrency limit) wrap this one, so they apply to both. It also times and
-    counts every request to those endpoints.
+    counts every request to those endpoints, and gives ``GET /readyz`` its JSON body
+    (:meth:`_readyz`).
     """
 
     def __init__(self, app: Any, *, token: str, max_body_bytes: int, model_version: str,
                  validators: Mapping[str, type[BaseModel]],
                  metrics: Callable[[], ServiceMetrics | None],
-                 predict: Callable[[], PredictHandler | None] = lambda: None) -> None:
+                 predict: Callable[[], PredictHandler | None] = lambda: None,
+                 log_stats: Callable[[], LogStats | None] = lambda: None) -> None:
         self.app = app
+        self.log_stats = log_stats
         self.token = token.encode("utf-8") if token else b""
         self.max_body_bytes = max_body_bytes
         self.validators = dict(validators)
@@ -804,6 +839,8 @@ class RequestGate:
                 status, answer, headers = await self._direct(handler, parsed)
                 outcome["kind"] = _KIND_BY_STATUS.get(status, "error") if status >= 400 else None
                 await _send_json(send_with_version, status, answer, headers)
+            elif refusal is None and path == "/readyz" and scope["method"] == "GET":
+                await self._readyz(scope, receive, send_with_version)
             elif refusal is None:
                 downstream = receive if body is None else _replay(body, receive)
                 await self.app(scope, downstream, send_with_version)
@@ -820,6 +857,19 @@ class RequestGate:
             if endpoint is not None and metrics is not None:
                 metrics.record(endpoint, outcome["status"], time.perf_counter() - started,
                                outcome["kind"])
+
+    async def _readyz(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """BentoML's own readiness check (the service's ``__is_ready__``) gives the status
+        code; its plain-text body is replaced by :func:`readiness_body`."""
+        answered = {"status": 503}
+
+        async def keep_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answered["status"] = message["status"]
+
+        await self.app(scope, receive, keep_status)
+        status = answered["status"]
+        await _send_json(send, status, readiness_body(status == 200, self.log_stats()))
 
     @staticmethod
     async def _direct(handler: PredictHandler, parsed: Any
@@ -984,11 +1034,14 @@ def install_http_limits(serving: ServingSettings) -> None:
 
 async def claim_labels_waiting(runtime: ServingRuntime, request_id: str,
                                labels: Sequence[Mapping[str, Any]], *, overwrite: bool,
-                               wait_s: float) -> tuple[int, dict[str, Any]]:
+                               wait_s: float
+                               ) -> tuple[int, dict[str, Any], dict[str, str]]:
     """:meth:`ServingRuntime.claim_labels`, in a thread, waiting for a request id not yet
     found: predictions reach the log store asynchronously, so the first miss flushes this
     worker's buffer and later ones poll (another worker's buffer is written within its
-    linger) until ``wait_s`` has passed; then 404. A log store that fails answers 503."""
+    linger) until ``wait_s`` has passed; then 404. A log store that is down (unreachable,
+    read-only, out of memory, an unusable file) answers 503 with ``Retry-After``: the labels
+    were not stored. Returns (HTTP status, JSON body, extra headers)."""
     import anyio.to_thread
 
     ts_us = _now_us(runtime.clock)
@@ -1000,15 +1053,16 @@ async def claim_labels_waiting(runtime: ServingRuntime, request_id: str,
                 runtime.claim_labels, request_id, labels, ts_us, overwrite=overwrite,
                 flush=attempt == 1))
         except Exception as error:
-            if not _is_connection_error(error):
+            if not _log_store_unavailable(error):
                 raise
             log.warning("prediction log unavailable for labels: %s: %s",
                         type(error).__name__, error)
-            return 503, error_body("unavailable", "the prediction log is unavailable; the "
-                                   "labels were not recorded, retry later",
-                                   request_id=request_id)
+            return 503, error_body(
+                "unavailable", "the prediction log is unavailable; the labels were not "
+                f"recorded, retry in {FEEDBACK_RETRY_AFTER_S} seconds",
+                request_id=request_id), {"Retry-After": str(FEEDBACK_RETRY_AFTER_S)}
         if status != 404 or (attempt > 0 and time.monotonic() >= deadline):
-            return status, body
+            return status, body, {}
         attempt += 1
         if attempt > 1:
             await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
@@ -1040,7 +1094,7 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
     install_log_filter()
     install_http_limits(serving)
 
-    state: dict[str, Any] = {"metrics": None, "predict": None}
+    state: dict[str, Any] = {"metrics": None, "predict": None, "log": None}
 
     class ModelService:
         """Predictions of one registered model version, with online and on-demand features."""
@@ -1056,6 +1110,7 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
             model = load_model(root, config)
             store = make_online_store(settings, spec.name)
             prediction_log = open_log(spec.name, settings, observer=metrics.observe_log)
+            state["log"] = prediction_log
             self.runtime = ServingRuntime(config, spec, model, store, prediction_log,
                                           fast_path=serving.fast_path,
                                           label_backend=open_backend(spec.name, settings))
@@ -1089,12 +1144,12 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
                            overwrite: bool = False) -> Any:
             """Record labels that arrived later for the entities of an earlier request (see
             :meth:`ServingRuntime.claim_labels`): at most one per (request id, entity)."""
-            status, body = await claim_labels_waiting(
+            status, body, headers = await claim_labels_waiting(
                 self.runtime, request_id, [item.model_dump() for item in labels],
                 overwrite=overwrite, wait_s=serving.feedback_wait_s)
             if status == 202:
                 self.metrics.observe_log("labels_logged", body["accepted"])
-            return _json_response(status, body)
+            return _json_response(status, body, headers)
 
         async def __is_ready__(self) -> bool:
             import anyio.to_thread
@@ -1126,6 +1181,7 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
         validators={"/predict": predict_model, "/feedback": feedback_model},
         metrics=lambda: state["metrics"],
         predict=lambda: state["predict"],
+        log_stats=lambda: state["log"].stats() if state["log"] is not None else None,
     )
     return service
 
@@ -1141,3 +1197,18 @@ def _is_connection_error(error: BaseException) -> bool:
     import sqlite3
 
     return isinstance(error, sqlite3.OperationalError)
+
+
+def _log_store_unavailable(error: BaseException) -> bool:
+    """The prediction log's store cannot take a write now (not a bug): unreachable or timing
+    out, loading, read-only, out of memory, failing over; a SQLite file or folder that cannot
+    be opened or written."""
+    if _is_connection_error(error) or isinstance(error, OSError):
+        return True
+    try:
+        import redis.exceptions as redis_errors
+    except ImportError:  # pragma: no cover - redis is a requirement of the service
+        return False
+    return isinstance(error, (redis_errors.ReadOnlyError, redis_errors.OutOfMemoryError,
+                              redis_errors.MasterDownError, redis_errors.TryAgainError,
+                              redis_errors.ClusterDownError))

@@ -8,6 +8,11 @@ local process (stop, add a watcher with any command line, change its environment
 endpoints are ``ipc://`` sockets in a fresh folder only this user can enter (0700), removed when
 the server exits; the only TCP socket left is the HTTP port. Everything else is ``bentoml serve``
 unchanged (same arguments, same workers, same supervision).
+
+Each server also gets a Prometheus multiprocess folder of its own (BentoML's default is one
+folder under ``BENTOML_HOME``, shared by every service of the machine and emptied whenever one
+starts: a deploy erased the live slot's counters, and one pipeline's ``/metrics`` could report
+another's model). The folder is fresh, private (0700) and removed when the server exits.
 """
 
 from __future__ import annotations
@@ -62,9 +67,22 @@ def install_private_endpoints() -> Path:
     return socket_dir
 
 
+def install_private_metrics_dir() -> Path:
+    """Give this server's workers a Prometheus multiprocess folder of their own (removed at
+    exit) instead of BentoML's one folder under ``BENTOML_HOME``."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    metrics_dir = Path(tempfile.mkdtemp(prefix="airmlops-metrics-"))
+    atexit.register(shutil.rmtree, metrics_dir, ignore_errors=True)
+    BentoMLContainer.prometheus_multiproc_dir.set(str(metrics_dir))
+    return metrics_dir
+
+
 def main(argv: Sequence[str]) -> None:
-    """Run BentoML's command line (``argv`` as after ``bentoml``) with private endpoints."""
+    """Run BentoML's command line (``argv`` as after ``bentoml``) with private endpoints and
+    a private metrics folder."""
     install_private_endpoints()
+    install_private_metrics_dir()
     from bentoml_cli.cli import cli
 
     cli(args=list(argv), prog_name="bentoml")

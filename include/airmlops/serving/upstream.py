@@ -4,7 +4,8 @@ upstreams, responses parsed by httptools (llhttp, the C parser uvicorn uses).
 The proxy sends one small request and reads one small answer per client request; aiohttp's
 client spent ~65 % of the proxy's CPU doing that (py-spy, benchmarks/README.md). This client does
 only what the proxy needs: the request is written as one buffer, the answer is read whole
-(Content-Length, chunked, or until close) with one timer for the whole exchange.
+(Content-Length, chunked, or until close) with one timer for the whole exchange. Health checks
+use :func:`probe`: one GET on a fresh connection, closed afterwards.
 
 Errors say how far the request got, which is what the proxy's retry rule needs:
 
@@ -250,6 +251,27 @@ class UpstreamPool:
             while idle:
                 idle.pop()._close()
         self._idle.clear()
+
+
+async def probe(host: str, port: int, target: str, *, timeout: float) -> int:
+    """The status of one ``GET target`` on a fresh connection, closed afterwards.
+
+    For health checks: a new connection shows that the upstream still accepts connections,
+    which an idle pooled one (it may outlive the upstream's listener) would not. Raises the
+    errors of :meth:`UpstreamPool.request`.
+    """
+    request = _encode(host, port, "GET", target, (("Connection", "close"),), None)
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout):
+        try:
+            _, connection = await loop.create_connection(_Connection, host, port)
+        except OSError as exc:
+            raise UpstreamConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+        try:
+            response = await connection.start(request, head=False, reused=False)
+        finally:
+            connection._close()
+    return response.status
 
 
 def _encode(host: str, port: int, method: str, target: str,

@@ -1,0 +1,32 @@
+"""What a deployment operation raises: one base error and what each failure means."""
+
+from __future__ import annotations
+
+
+class DeployError(RuntimeError):
+    """A deployment operation could not be done; the message says what and why."""
+
+
+class DeployFailed(DeployError):
+    """A new version was not switched to. The old version still serves and the state is unchanged.
+
+    ``stage`` is where it failed: ``proxy``, ``start``, ``readiness``, ``smoke``, ``switch`` or
+    ``record``; ``reason`` says why; ``log_tail`` is the end of the new version's log, if any.
+    """
+
+    def __init__(self, stage: str, reason: str, log_tail: str = "") -> None:
+        message = f"deploy failed at {stage}: {reason}"
+        if log_tail:
+            message += f"\n--- log tail of the new version ---\n{log_tail}"
+        super().__init__(message)
+        self.stage, self.reason, self.log_tail = stage, reason, log_tail
+
+
+class NotReady(DeployError):
+    """A slot did not answer ``/readyz`` with 200 in time, or died while starting."""
+
+
+class RollbackFailed(DeployError):
+    """There is no previous version to roll back to, or it could not be made to serve again."""
+
+
