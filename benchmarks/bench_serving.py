@@ -285,7 +285,7 @@ def stage_timings(bento_src: Path, settings: Any, bodies: Path, count: int = 400
 
     config = ServingConfig.read(bento_src / "serving.json")
     spec = load_spec(bento_src / config.spec_file)
-    model = load_model(bento_src / config.model_dir)
+    model = load_model(bento_src, config)
     store = RedisOnlineStore(settings.redis_url, spec.name)
     prediction_log = open_log(spec.name, settings)
     runtime = ServingRuntime(config, spec, model, store, prediction_log)
@@ -615,6 +615,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="shorter load runs")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    parser.add_argument("--replicas", type=int, help="model servers (default: the spec's)")
+    parser.add_argument("--spares", type=int, help="hot spares (default: the spec's)")
+    parser.add_argument("--workers", type=int, help="workers per server (default: the spec's)")
     args = parser.parse_args()
 
     from airmlops.serving import deploy as deployer
@@ -642,17 +645,22 @@ def main() -> int:
             # As the platform deploys (the demo spec's defaults): two servers of two workers,
             # health-checked by the stable address, supervised, prediction log with its spill.
             env = {"MLOPS_DATA_ROOT": str(settings.data_root), "MLOPS_REDIS_URL": redis_url,
-                   "MLOPS_SERVING_WORKERS": str(spec.deploy.workers)}
+                   "MLOPS_SERVING_WORKERS": str(args.workers or spec.deploy.workers)}
             deployed_root = settings.data_root
             began = time.perf_counter()
             deployed = deployer.deploy(
                 spec.name, setup["version"], ref.tag, "process", golden,
                 root=settings.data_root, proxy_port=common.free_port(), ready_timeout=180,
                 latency_budget_ms=1000, now=AS_OF, env=env, bentoml_home=home,
-                replicas=spec.deploy.replicas)
+                replicas=args.replicas or spec.deploy.replicas,
+                spares=spec.deploy.spares if args.spares is None else args.spares)
             setup["timings"]["deploy_s"] = time.perf_counter() - began
             results["setup"] = {"model_version": setup["version"], "bento": ref.tag,
-                                "timings": setup["timings"], "deploy_timings": deployed.timings}
+                                "timings": setup["timings"], "deploy_timings": deployed.timings,
+                                "replicas": args.replicas or spec.deploy.replicas,
+                                "spares": spec.deploy.spares if args.spares is None
+                                else args.spares,
+                                "workers": args.workers or spec.deploy.workers}
             common.log(f"deployed {ref.tag} at {deployed.stable_url} (slot {deployed.upstream})")
             proxy = proxy_pid(int(deployed.stable_url.rsplit(":", 1)[1]))
             worker = worker_pid(settings.data_root, spec.name)

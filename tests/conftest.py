@@ -22,8 +22,9 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Session services (embedded PostgreSQL, MLflow, Airflow) shared by integration and e2e tests, and
-# the model service (a registered model, its bento, `serve`) of test_service and tests/security.
-pytest_plugins = ["platform_fixtures", "model_service_fixtures"]
+# the model service (a registered model, its bento, `serve`) of test_service and tests/security,
+# and the versioned service's images (docker deploys and container faults).
+pytest_plugins = ["platform_fixtures", "model_service_fixtures", "versioned_service_fixtures"]
 
 
 def pytest_unconfigure(config) -> None:

@@ -108,8 +108,16 @@ def running_postgres(run_dir: Path) -> PgHandle | None:
     return PgHandle(pgdata=pgdata, socket_dir=Path(socket_dir), pid=int(lines[0]))
 
 
+IDLE_IN_TRANSACTION_TIMEOUT = "60s"
+"""A session idle inside a transaction this long is ended by the server. A process killed with
+``kill -9`` in the middle of a transaction whose socket lives on in its forked children (the
+Airflow scheduler's LocalExecutor workers) would otherwise hold its row locks for good, and the
+next scheduler would wait on them forever."""
+
+
 def ensure_database(handle: PgHandle, name: str) -> bool:
-    """Create database ``name`` if it is missing. Returns True when it was created."""
+    """Create database ``name`` if it is missing (either way its sessions get
+    :data:`IDLE_IN_TRANSACTION_TIMEOUT`). Returns True when it was created."""
     from psycopg2 import errors, sql
 
     _check_database_name(name)
@@ -118,13 +126,16 @@ def ensure_database(handle: PgHandle, name: str) -> bool:
         conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
         with conn.cursor() as cur:
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is not None:
-                return False
-            try:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-            except errors.DuplicateDatabase:  # created concurrently by another caller
-                return False
-            return True
+            created = False
+            if cur.fetchone() is None:
+                try:
+                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                    created = True
+                except errors.DuplicateDatabase:  # created concurrently by another caller
+                    pass
+            cur.execute(sql.SQL("ALTER DATABASE {} SET idle_in_transaction_session_timeout = {}")
+                        .format(sql.Identifier(name), sql.Literal(IDLE_IN_TRANSACTION_TIMEOUT)))
+            return created
     finally:
         conn.close()
 

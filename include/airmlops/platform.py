@@ -580,6 +580,10 @@ def stop_all(run_dir: Path, timeout: float = 10.0, progress: Progress | None = N
     names = [WATCHDOG, MLFLOW, *AIRFLOW_COMPONENTS]  # the watchdog would restart the others
     with _platform_lock(run_dir, progress):
         stopped = stop_components(run_dir, names, timeout=timeout, progress=progress)
+        from airmlops.watchdog import stop_idle_orphans
+
+        if stop_idle_orphans(run_dir, everything=True):  # what killed components left behind
+            stopped.append("leftovers of restarted components")
         if stop_postgres(run_dir):
             stopped.append(POSTGRES)
     return stopped

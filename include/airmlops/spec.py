@@ -256,10 +256,14 @@ class DeployConfig(_Strict):
                       description="The stable address http://127.0.0.1:<port> clients call.")
     ready_timeout_seconds: float = Field(default=120.0, gt=0, le=1800)
     replicas: int = Field(
-        default=2, ge=1, le=8,
-        description="Model servers of the live version behind the stable address; with two or "
-        "more, one dying costs no request (the address retries and routes around it) while it "
-        "is restarted.")
+        default=1, ge=1, le=8,
+        description="Model servers of the live version sharing its traffic behind the stable "
+        "address (more than one pays on machines with cores to spare).")
+    spares: int = Field(
+        default=1, ge=0, le=4,
+        description="Hot spares of the live version: started, health-checked and idle, they "
+        "take the traffic the moment no serving server is healthy, so a server dying costs "
+        "no request (the address retries on a spare) while it is restarted.")
     workers: int = Field(
         default=2, ge=1, le=16,
         description="Worker processes of each model server; a worker that dies is restarted "

@@ -448,7 +448,7 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
         env=_service_env(settings, spec), bentoml_home=settings.bentoml_store,
         headers=_auth_headers(settings),
         resources=ContainerResources(**spec.deploy.resources.model_dump()),
-        replicas=spec.deploy.replicas,
+        replicas=spec.deploy.replicas, spares=spec.deploy.spares,
         alerts=spec.alerts.model_dump(by_alias=True, mode="json") if spec.alerts else {},
     )
     log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "

@@ -10,14 +10,24 @@ Restarts back off (1 s doubling up to 60 s while a component keeps dying within 
 start). Work a killed scheduler left behind is Airflow's to recover: its executor's task
 processes finish and report through the API server, and tasks it had only queued are reset by
 the next scheduler; a task that lost its process is retried (the DAGs' retries).
+
+What a killed component leaves behind in its process group (the scheduler's LocalExecutor
+workers, forked with its database connection) is recorded in ``pids/orphans.json``: each look
+stops the members that are idle (a busy one finishes its task first), so the inherited
+connection closes and the transaction it held ends; ``down`` stops whatever is left. The
+embedded PostgreSQL also ends any session idle inside a transaction for a minute
+(:data:`airmlops.embedded_pg.IDLE_IN_TRANSACTION_TIMEOUT`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -32,6 +42,10 @@ INTERVAL = 1.0
 BACKOFF_INITIAL = 1.0
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 60.0
+ORPHANS_FILE = "orphans.json"
+"""Under ``<run_dir>/pids``: process groups of components that died, with what they left."""
+IDLE_MARK = "<idle>"
+"""What an Airflow executor worker's process title says while it runs no task."""
 
 
 @dataclasses.dataclass
@@ -74,6 +88,7 @@ class Watchdog:
                 and self._due(name)]
         if dead:
             self._restart(config, dead)
+        stop_idle_orphans(self.run_dir)
         return True
 
     def _due(self, name: str) -> bool:
@@ -99,6 +114,9 @@ class Watchdog:
                 return
             for name in dead:
                 self._started(name)
+                record = platform.read_record(self.run_dir, name)
+                if record is not None:
+                    _record_orphans(self.run_dir, record.pid)
             logger.warning("%s died; starting %s again", ", ".join(dead),
                            "it" if len(dead) == 1 else "them")
             try:
@@ -115,6 +133,58 @@ class Watchdog:
                 return
             self.restarted.extend(dead)
             logger.info("started %s again", ", ".join(dead))
+
+
+def _orphans_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "pids" / ORPHANS_FILE
+
+
+def _load_orphans(run_dir: Path) -> list[int]:
+    try:
+        groups = json.loads(_orphans_path(run_dir).read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [g for g in groups if isinstance(g, int) and g > 1] if isinstance(groups, list) else []
+
+
+def _save_orphans(run_dir: Path, groups: list[int]) -> None:
+    from airmlops.paths import atomic_write_json
+
+    path = _orphans_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, sorted(set(groups)))
+
+
+def _record_orphans(run_dir: Path, pgid: int) -> None:
+    """Remember the process group of a dead component if anything of it still runs."""
+    if platform._group_members(pgid):
+        _save_orphans(run_dir, [*_load_orphans(run_dir), pgid])
+
+
+def stop_idle_orphans(run_dir: Path, *, everything: bool = False) -> int:
+    """SIGKILL the idle members (all with ``everything``) of recorded orphan groups; forget the
+    groups that are empty. Returns how many processes were signalled."""
+    import psutil
+
+    groups = _load_orphans(run_dir)
+    if not groups:
+        return 0
+    signalled, left = 0, []
+    for pgid in groups:
+        members = platform._group_members(pgid)
+        if not members:
+            continue
+        left.append(pgid)
+        for pid in members:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if everything or IDLE_MARK in " ".join(psutil.Process(pid).cmdline()):
+                    os.kill(pid, signal.SIGKILL)  # idle: nothing to lose; SIGTERM waits
+                    signalled += 1
+    if left != groups:
+        _save_orphans(run_dir, left)
+    if everything:
+        _orphans_path(run_dir).unlink(missing_ok=True)
+    return signalled
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 back, an alert receiver, and the results table (fixtures in conftest.py).
 
 ``deployment`` deploys the test model's bento (:mod:`model_service_fixtures`) through
-:func:`airmlops.serving.deploy.deploy` as the platform does: process target, two replicas of
+:func:`airmlops.serving.deploy.deploy` as the platform does: process target, two servers of
 two workers each, the supervisor watching, alerts to a loopback webhook, the prediction log on a
 Redis server this suite owns (append-only file, fsync always, so a ``kill -9`` of Redis loses
 nothing Redis acknowledged). ``LoadGenerator`` sends /predict at a steady rate through the
@@ -63,7 +63,8 @@ def write_results(rows: list[FaultResult]) -> None:
         "# Fault injection (`make chaos`, tests/chaos)",
         "",
         f"Steady load of {RATE:g} req/s through the stable address (client timeout "
-        f"{CLIENT_TIMEOUT:g} s); process target, 2 replicas x 2 workers, supervisor on. "
+        f"{CLIENT_TIMEOUT:g} s); process target, one server and one hot spare of 2 workers "
+        "each (the demo spec's defaults), supervisor on. "
         f"Written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC.",
         "",
         "| fault | requests | failed | longest failure streak (s) | time to recover (s) | "
@@ -100,8 +101,10 @@ class Answer:
 class LoadGenerator:
     """POSTs /predict at :data:`RATE` per second from one thread until stopped."""
 
-    def __init__(self, url: str, entities: list[str], rate: float = RATE) -> None:
+    def __init__(self, url: str, entities: list[str], rate: float = RATE,
+                 body: dict[str, Any] | None = None) -> None:
         self.url, self.entities, self.interval = url, entities, 1.0 / rate
+        self.body = body  # a fixed body instead of the demo model's instances
         self.answers: list[Answer] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chaos-load", daemon=True)
@@ -119,14 +122,15 @@ class LoadGenerator:
         next_at = time.monotonic()
         with httpx.Client(timeout=CLIENT_TIMEOUT, trust_env=False) as client:
             while not self._stop.is_set():
-                entity = self.entities[index % len(self.entities)]
                 index += 1
-                body = {"instances": [{"customer_id": entity, "tenure_days": 100 + index % 50}]}
+                body = self.body or {"instances": [{
+                    "customer_id": self.entities[index % len(self.entities)],
+                    "tenure_days": 100 + index % 50}]}
                 started = time.monotonic()
                 try:
                     response = client.post(f"{self.url}/predict", json=body)
                     request_id = None
-                    if response.status_code == 200:
+                    if response.status_code == 200 and self.body is None:
                         request_id = response.json().get("request_id")
                     answer = Answer(started, response.status_code, request_id,
                                     "" if response.status_code == 200 else response.text[:200])

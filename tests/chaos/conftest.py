@@ -1,10 +1,10 @@
 """Fixtures of the fault-injection suite: a real deployment under test and the results table.
 
 ``deployment`` deploys the test model's bento (:mod:`model_service_fixtures`) through
-:func:`airmlops.serving.deploy.deploy` as the platform does: process target, two replicas of
-two workers each, the supervisor watching, alerts to a loopback webhook, the prediction log on a
-Redis server this suite owns (append-only file, fsync always, so a ``kill -9`` of Redis loses
-nothing Redis acknowledged).
+:func:`airmlops.serving.deploy.deploy` with the demo spec's defaults: process target, one
+serving server and one hot spare of two workers each, the supervisor watching, alerts to a
+loopback webhook, the prediction log on a Redis server this suite owns (append-only file, fsync
+always, so a ``kill -9`` of Redis loses nothing Redis acknowledged).
 """
 
 from __future__ import annotations
@@ -71,7 +71,8 @@ def deployment(model, bento, tmp_path_factory: pytest.TempPathFactory,
     try:
         deploy(model.spec.name, model.version, ref.tag, "process", golden, root=root,
                proxy_port=port, ready_timeout=180, latency_budget_ms=2000, now=NOW, env=env,
-               bentoml_home=home, replicas=2, alerts={"webhook": {"url": alerts.url}})
+               bentoml_home=home, replicas=model.spec.deploy.replicas,
+               spares=model.spec.deploy.spares, alerts={"webhook": {"url": alerts.url}})
         yield Deployment(model.spec.name, root, f"http://127.0.0.1:{port}", port,
                          redis_server, alerts, model.known)
     finally:

@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from versioned_service_fixtures import BROKEN, FIXTURE, V1, V2
 
 from airmlops.serving import deploy as deploy_mod
 from airmlops.serving import proxy as proxy_mod
@@ -49,10 +50,6 @@ from airmlops.serving.deploy import (
 
 pytestmark = pytest.mark.integration
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "versioned_service"
-V1 = "versioned_service:v1-ok"
-V2 = "versioned_service:v2-ok"
-BROKEN = "versioned_service:v3-init-fails"
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 LATER = dt.datetime(2026, 3, 2, 12, 0, tzinfo=dt.UTC)
 GOLDEN = [{"x": 1.0}, {"x": -2.5}, {"x": 0.0}]
@@ -726,61 +723,6 @@ def test_deploy_refuses_invalid_inputs_before_starting_anything(
 # --------------------------------------------------------------------------------------------
 # The docker target: the same flow on real images
 # --------------------------------------------------------------------------------------------
-
-BASE_IMAGE = os.environ.get("MLOPS_BASE_IMAGE", "airmlops/python:3.11-bookworm")
-IMAGE_REPO = "airmlops-test/versioned-service"
-
-
-@pytest.fixture(scope="module")
-def versioned_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Images of the v1, v2 and broken builds (engine and base image set up by the scripts)."""
-    from airmlops.serving.container import build_image
-    from airmlops.serving.docker_engine import engine_available
-    from airmlops.settings import PROJECT_ROOT
-
-    for script in ("ensure-docker.sh", "ensure-base-image.sh"):
-        result = subprocess.run(
-            ["bash", str(PROJECT_ROOT / "scripts" / script)],
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        assert result.returncode == 0, f"scripts/{script}:\n{result.stdout}\n{result.stderr}"
-    assert engine_available()
-
-    home = tmp_path_factory.mktemp("bentoml-home-images")
-    exported = tmp_path_factory.mktemp("exported-bentos")
-    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
-    built = subprocess.run(
-        [
-            sys.executable,
-            str(FIXTURE / "build_bento.py"),
-            "--export",
-            str(exported),
-            "1:ok",
-            "2:ok",
-            "3:init_fails",
-        ],
-        env=env,
-        cwd=str(home),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert built.returncode == 0, built.stdout + built.stderr
-    images: dict[str, str] = {}
-    started = time.monotonic()
-    for line in built.stdout.splitlines():
-        tag, archive = line.split()
-        image_tag = f"{IMAGE_REPO}:{tag.split(':')[1]}"
-        # The wheelhouse is the cache the container tests share (.data/wheelhouse).
-        build_image(Path(archive), image_tag, BASE_IMAGE, PROJECT_ROOT / ".data" / "wheelhouse")
-        images[tag] = image_tag
-    print(f"\n[deploy] images built in {time.monotonic() - started:.1f} s")
-    return images
-
 
 def test_blue_green_deploy_of_containers(tmp_path: Path, versioned_images: dict[str, str]) -> None:
     from airmlops.serving.docker_engine import docker_client

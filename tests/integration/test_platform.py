@@ -30,6 +30,7 @@ from airmlops.platform import (
     airflow_health,
     api_token,
     component_status,
+    is_alive,
     pidfile,
     read_record,
     trigger_dag,
@@ -157,6 +158,56 @@ def test_every_listening_socket_is_loopback(paused_platform):
     config = paused_platform.config
     assert {config.airflow_port, config.log_server_port} <= ports
     assert all(ip == "127.0.0.1" for _, ip, _ in listening), listening
+
+
+def test_the_watchdog_restarts_a_killed_scheduler_and_stops_what_it_left(paused_platform):
+    import signal
+
+    from airmlops.watchdog import _load_orphans
+
+    run_dir: Path = paused_platform.run_dir
+    killed = read_record(run_dir, SCHEDULER)
+    leftovers = psutil.Process(killed.pid).children(recursive=True)
+    assert leftovers, "the scheduler has no executor workers to leave behind"
+    os.kill(killed.pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        record = read_record(run_dir, SCHEDULER)
+        return record is not None and record.pid != killed.pid and is_alive(record)
+
+    deadline = time.monotonic() + 60
+    while not restarted():
+        assert time.monotonic() < deadline, "the watchdog did not restart the scheduler"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 60  # its idle executor workers are stopped next
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in leftovers):
+        assert time.monotonic() < deadline, [p.cmdline() for p in leftovers if p.is_running()]
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while _load_orphans(run_dir):
+        assert time.monotonic() < deadline, _load_orphans(run_dir)
+        time.sleep(0.5)
+    health = httpx.get(f"{paused_platform.base_url}/api/v2/monitor/health", timeout=10).json()
+    deadline = time.monotonic() + 120
+    while health["scheduler"]["status"] != "healthy":
+        assert time.monotonic() < deadline, health
+        time.sleep(2)
+        health = httpx.get(f"{paused_platform.base_url}/api/v2/monitor/health",
+                           timeout=10).json()
+
+
+def test_sessions_idle_in_a_transaction_are_ended_by_the_database(paused_platform):
+    from airmlops.embedded_pg import running_postgres
+
+    handle = running_postgres(paused_platform.run_dir)
+    assert handle is not None
+    conn = handle.connect("airflow")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW idle_in_transaction_session_timeout")
+            assert cur.fetchone()[0] == "1min"
+    finally:
+        conn.close()
 
 
 def test_up_again_reuses_every_component(paused_platform):

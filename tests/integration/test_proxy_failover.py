@@ -305,11 +305,49 @@ def test_round_robin_over_the_upstreams_of_the_active_slot(proxy, upstream) -> N
     state = proxy.state()
     assert (state["active"], state["slot"], state["version"]) == ("green", "green", "7")
     assert state["upstream"] == a.url and state["routing"] == "ok"
-    assert state["slots"] == {"green": {"version": "7", "active": True, "upstreams": [
+    assert state["slots"] == {"green": {"version": "7", "active": True, "spares": 0, "upstreams": [
         {"url": url, "healthy": True, "consecutive_failures": 0, "last_error": None}
         for url in (a.url, b.url)]}}
     assert state["stats"]["green"]["requests"] == 20
     assert proxy_mod.healthz(proxy.port) and proxy_mod.livez(proxy.port)
+
+
+def test_a_hot_spare_is_idle_until_no_replica_is_healthy(proxy, upstream) -> None:
+    a, spare = upstream("a"), upstream("spare")
+    proxy_mod.switch(proxy.port, proxy.token, [a.url, spare.url], "green", version="7",
+                     spares=1)
+    assert proxy.state()["slots"]["green"]["spares"] == 1
+    assert {proxy.predict().json()["name"] for _ in range(10)} == {"a"}
+    with Load(proxy.url) as load:
+        load.wait_for(20)
+        a.kill()
+        load.wait_for(50)
+    assert load.failures == []
+    assert load.names["spare"] > 0
+    state = proxy.state()
+    assert state["routing"] == "failover" and state["failovers"] > 0
+    a.start()  # back: the spare is idle again
+    wait_until(lambda: proxy.state()["routing"] == "ok", "the replica to be healthy again")
+    assert {proxy.predict().json()["name"] for _ in range(10)} == {"a"}
+
+
+def test_a_request_whose_only_replica_died_is_retried_on_the_spare(proxy, upstream) -> None:
+    a, spare = upstream("a"), upstream("spare")
+    proxy_mod.switch(proxy.port, proxy.token, [a.url, spare.url], "green", version="7",
+                     spares=1)
+    answer = proxy.predict(die="a")  # the replica's process exits with the request
+    assert answer.status_code == 200 and answer.json()["name"] == "spare"
+    assert proxy.state()["retries"] == 1
+
+
+@pytest.mark.parametrize("spares", [-1, 2, True, "1"])
+def test_spares_must_leave_a_serving_upstream(proxy, upstream, spares) -> None:
+    a, b = upstream("a"), upstream("b")
+    body = {"slot": "green", "upstreams": [a.url, b.url], "spares": spares}
+    refused = proxy.admin("switch", body)
+    assert refused.status_code == 400 and "spares" in refused.json()["message"]
+    refused = proxy.admin("register", {**body, "slot": "blue"})
+    assert refused.status_code == 400 and "spares" in refused.json()["message"]
 
 
 def test_the_old_switch_body_and_call_still_work(proxy, upstream) -> None:

@@ -8,16 +8,18 @@ Traefik: uvicorn (httptools, uvloop) serves it and a lean keep-alive client
 than aiohttp's, which spent ~65 % of the proxy's CPU per request (benchmarks/README.md), or
 httpx's AsyncClient, slower still.
 
-Routing. The proxy holds a table of slots, ``{slot: {"version": v, "upstreams": [url, ...]}}``,
-one of them active; a slot's upstreams are replicas of one model version.
+Routing. The proxy holds a table of slots, ``{slot: {"version": v, "upstreams": [url, ...],
+"spares": n}}``, one of them active; a slot's upstreams are servers of one model version, the
+last ``spares`` of them hot spares (started and checked, but idle while another serves: on a
+small machine a second server sharing the traffic costs more in CPU contention than it brings).
 
-* Each request goes to the next healthy upstream of the active slot (round robin), chosen from
-  the routing read when the request arrives: a switch changes where NEW requests go, while
-  requests in flight finish where they started, so a switch fails no request.
-* If the active slot has no healthy upstream, requests go to the healthy upstreams of another
-  slot serving the same (non-null) version: a *failover*, counted per request and logged once
-  per episode. If there is none, the answer is a JSON 503 ``no_healthy_upstream`` with
-  ``Retry-After: 1`` (``no_upstream`` when nothing is deployed at all).
+* Each request goes to the next healthy serving upstream of the active slot (round robin),
+  chosen from the routing read when the request arrives: a switch changes where NEW requests
+  go, while requests in flight finish where they started, so a switch fails no request.
+* If the active slot has no healthy serving upstream, requests go to its healthy spares, then
+  to the healthy upstreams of another slot serving the same (non-null) version: a *failover*,
+  counted per request and logged once per episode. If there is none, the answer is a JSON 503
+  ``no_healthy_upstream`` with ``Retry-After: 1`` (``no_upstream`` when nothing is deployed).
 * The answer carries ``X-Upstream-Slot`` (the slot that served it). An upstream that cannot be
   reached gives a JSON 502 (504 when it does not answer within ``--read-timeout``).
 
@@ -147,8 +149,8 @@ _REPLACED = frozenset({"x-forwarded-host", "x-forwarded-proto"})  # set by the p
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _BOUNDS_MS = tuple(float(bound) for bound in LATENCY_BUCKETS_MS)
 _RETRY_AFTER = ((b"retry-after", b"1"),)
-_SWITCH_KEYS = frozenset({"slot", "version", "upstreams", "upstream", "verify"})
-_REGISTER_KEYS = frozenset({"slot", "version", "upstreams"})
+_SWITCH_KEYS = frozenset({"slot", "version", "upstreams", "upstream", "verify", "spares"})
+_REGISTER_KEYS = frozenset({"slot", "version", "upstreams", "spares"})
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -265,13 +267,28 @@ def ensure_admin_token(state_dir: Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class SlotSpec:
-    """One slot as configured: the model version it serves (None: unknown) and its upstreams."""
+    """One slot as configured: the model version it serves (None: unknown) and its upstreams,
+    the last ``spares`` of them hot spares (checked, sent requests only when no other upstream
+    of the slot is healthy, or as a retry)."""
 
     version: str | None
     upstreams: tuple[str, ...]
+    spares: int = 0
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.spares, bool) or not isinstance(self.spares, int)
+                or not 0 <= self.spares < max(1, len(self.upstreams))):
+            raise ValueError(f"'spares' must be an int from 0 to the number of upstreams - 1, "
+                             f"got {self.spares!r}")
+
+    @property
+    def serving(self) -> int:
+        """How many upstreams share the traffic (the first ones)."""
+        return len(self.upstreams) - self.spares
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "upstreams": list(self.upstreams)}
+        return {"version": self.version, "upstreams": list(self.upstreams),
+                "spares": self.spares}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +338,8 @@ class RoutingTable:
             if not isinstance(spec, dict):
                 raise ValueError(f"slot {name!r} must be an object")
             table[validate_slot(name)] = SlotSpec(validate_version(spec.get("version")),
-                                                  validate_upstreams(spec.get("upstreams")))
+                                                  validate_upstreams(spec.get("upstreams")),
+                                                  spec.get("spares", 0))
         active = data.get("active")
         return cls(table, validate_slot(active) if active is not None else None)
 
@@ -409,15 +427,17 @@ class Backend:
 
 class _Route:
     """Where new requests go now, recomputed whenever the table or an upstream's health
-    changes and read once per request: the candidates (round robin), the stats charged when
-    there is none, and whether the candidates are a failover."""
+    changes and read once per request: the candidates (round robin), the fallbacks a retry may
+    use when no other candidate is left (healthy spares and same-version slots), the stats
+    charged when there is none, and whether the candidates are a failover."""
 
-    __slots__ = ("candidates", "failover", "message", "mode", "owner")
+    __slots__ = ("candidates", "failover", "fallbacks", "message", "mode", "owner")
 
     def __init__(self, mode: str, candidates: tuple[Backend, ...], owner: SlotStats,
-                 message: str = "") -> None:
+                 message: str = "", fallbacks: tuple[Backend, ...] = ()) -> None:
         self.mode = mode  # "ok", "failover", "unavailable" or "empty"
         self.candidates = candidates
+        self.fallbacks = fallbacks
         self.failover = mode == "failover"
         self.owner = owner
         self.message = message
@@ -577,16 +597,20 @@ class ReverseProxy:
                            "no model version is deployed behind this address")
         else:
             owner = self._stats_for(active)
-            ready = tuple(backend for backend in self._backends[active] if backend.healthy)
-            spare = () if ready or version is None else tuple(
-                backend
-                for name, spec in table.slots.items()
-                if name != active and spec.version == version
-                for backend in self._backends[name]
-                if backend.healthy
-            )
+            serving = table.slots[active].serving
+            own = self._backends[active]
+            ready = tuple(backend for backend in own[:serving] if backend.healthy)
+            spare = tuple(backend for backend in own[serving:] if backend.healthy)
+            if version is not None:
+                spare += tuple(
+                    backend
+                    for name, spec in table.slots.items()
+                    if name != active and spec.version == version
+                    for backend in self._backends[name]
+                    if backend.healthy
+                )
             if ready:
-                route = _Route("ok", ready, owner)
+                route = _Route("ok", ready, owner, fallbacks=spare)
             elif spare:
                 route = _Route("failover", spare, owner)
             else:
@@ -720,14 +744,14 @@ class ReverseProxy:
                 # Nothing reached it: it is down (passively), and another may take the request.
                 self._mark(backend, f"{type(exc).__name__}: {exc}", fall=1)
                 error: Exception = exc
-                alternative = None if moved else self._pick(self._route.candidates, backend)
+                alternative = None if moved else self._alternative(backend)
             except UpstreamClosedError as exc:
                 # Closed before any answer: the worker died with the request, or an idle
                 # keep-alive connection was closed as the request went out. In that second
                 # case the same upstream may take it on a fresh connection (once) when no
                 # other can; if it turns out to be gone, the connect error still moves on.
                 error = exc
-                alternative = None if moved else self._pick(self._route.candidates, backend)
+                alternative = None if moved else self._alternative(backend)
                 if alternative is None and exc.reused and not refreshed:
                     alternative, refreshed = backend, True
             except TimeoutError:
@@ -755,9 +779,19 @@ class ReverseProxy:
             self.counters["retries"] += 1
             if alternative is not backend:
                 moved = True
-                if self._route.failover:
+                if self._route.failover or alternative.slot != backend.slot or (
+                        alternative in self._route.fallbacks):
                     self.counters["failovers"] += 1
             backend = alternative
+
+    def _alternative(self, backend: Backend) -> Backend | None:
+        """Another upstream for a retry: the next healthy candidate, else a fallback (a spare,
+        or a slot of the same version)."""
+        route = self._route
+        alternative = self._pick(route.candidates, backend)
+        if alternative is None:
+            alternative = next((b for b in route.fallbacks if b is not backend), None)
+        return alternative
 
     # -- admin --------------------------------------------------------------------------------
 
@@ -806,6 +840,7 @@ class ReverseProxy:
             **self.counters,
             "slots": {
                 name: {"version": slot.version, "active": name == table.active,
+                       "spares": slot.spares,
                        "upstreams": [backend.describe() for backend in self._backends[name]]}
                 for name, slot in table.slots.items()
             },
@@ -879,7 +914,8 @@ class ReverseProxy:
                 urls = validate_upstreams(request["upstreams"])
             else:
                 urls = (validate_upstream(request.get("upstream")),)
-            spec = SlotSpec(validate_version(request.get("version")), urls)
+            spec = SlotSpec(validate_version(request.get("version")), urls,
+                            request.get("spares", 0))
             verify = request.get("verify", True)
             if not isinstance(verify, bool):
                 raise ValueError("'verify' must be a boolean")
@@ -919,6 +955,9 @@ class ReverseProxy:
             slot = validate_slot(request.get("slot"))
             urls = validate_upstreams(request.get("upstreams"), allow_empty=True)
             version = validate_version(request.get("version"))
+            spares = request.get("spares", 0)
+            if urls:
+                SlotSpec(version, urls, spares)  # checks spares against the upstreams
         except (ValueError, UnicodeDecodeError) as exc:
             raise _ClientError(400, "bad_request", f"invalid register request: {exc}") from None
         async with self._switch_lock:
@@ -929,7 +968,7 @@ class ReverseProxy:
                     f"slot {slot} is active: switch to another slot before "
                     + ("removing it" if not urls else "changing it (or switch to it again)"))
             if urls:
-                table = self._change(previous.with_slot(slot, SlotSpec(version, urls),
+                table = self._change(previous.with_slot(slot, SlotSpec(version, urls, spares),
                                                         activate=False))
             elif slot in previous.slots:
                 table = self._change(previous.without_slot(slot))
@@ -1217,10 +1256,12 @@ def switch(
     *,
     version: str | None = None,
     verify: bool = True,
+    spares: int = 0,
     timeout: float = 10.0,
 ) -> dict[str, Any]:
-    """Make ``slot`` (serving ``version`` from ``upstream``, one URL or several replicas) the
-    active slot of the proxy on ``port``; return its answer.
+    """Make ``slot`` (serving ``version`` from ``upstream``, one URL or several replicas, the
+    last ``spares`` of them hot spares) the active slot of the proxy on ``port``; return its
+    answer.
 
     With ``verify`` the proxy first checks each upstream's ``/readyz`` and refuses (409) if
     none is ready; those not ready start as unhealthy. Raises :class:`ProxyAdminError` on any
@@ -1232,6 +1273,7 @@ def switch(
         "version": validate_version(version),
         "upstreams": list(validate_upstreams(urls)),
         "verify": verify,
+        "spares": spares,
     }
     return _admin_post(port, token, "switch", payload, timeout)
 
@@ -1243,9 +1285,11 @@ def register(
     upstreams: Sequence[str],
     version: str | None,
     *,
+    spares: int = 0,
     timeout: float = 10.0,
 ) -> dict[str, Any]:
-    """Record ``slot`` (serving ``version`` from ``upstreams``) on the proxy on ``port``
+    """Record ``slot`` (serving ``version`` from ``upstreams``, the last ``spares`` of them hot
+    spares) on the proxy on ``port``
     without routing to it: a rollback target, and a failover candidate if it serves the active
     version. Empty ``upstreams`` removes the slot. The active slot is refused (409)."""
     payload = {
@@ -1253,6 +1297,7 @@ def register(
         "version": validate_version(version),
         "upstreams": list(validate_upstreams(
             upstreams if isinstance(upstreams, str) else list(upstreams), allow_empty=True)),
+        "spares": spares,
     }
     return _admin_post(port, token, "register", payload, timeout)
 
@@ -1302,6 +1347,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "without it the persisted table is used as it is")
     parser.add_argument("--slot", default=None, help="slot name of --upstream (default: initial)")
     parser.add_argument("--version", default=None, help="model version served by --upstream")
+    parser.add_argument("--spares", type=int, default=0,
+                        help="how many of the last --upstream are hot spares")
     parser.add_argument("--health-interval", type=float, default=DEFAULT_HEALTH_INTERVAL,
                         help="seconds between health checks of every upstream")
     parser.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT)
@@ -1342,12 +1389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--health-interval {args.health_interval:g} is not in 0.05..3600 s")
         table = load_persisted_table(args.state_dir)
         if args.upstream:
-            spec = SlotSpec(validate_version(args.version), validate_upstreams(args.upstream))
+            spec = SlotSpec(validate_version(args.version), validate_upstreams(args.upstream),
+                            args.spares)
             table = table.with_slot(validate_slot(args.slot or "initial"), spec, activate=True)
             if len(table.slots) > MAX_SLOTS:
                 raise ValueError(f"the persisted table already holds {MAX_SLOTS} slots")
-        elif args.slot is not None or args.version is not None:
-            raise ValueError("--slot and --version describe --upstream, which is missing")
+        elif args.slot is not None or args.version is not None or args.spares:
+            raise ValueError("--slot, --version and --spares describe --upstream, which is "
+                             "missing")
     except ValueError as exc:
         print(f"proxy: {exc}", file=sys.stderr)
         return 2

@@ -123,15 +123,17 @@ def deploy(
     headers: Mapping[str, str] | None = None,
     resources: ContainerResources | None = None,
     replicas: int = 1,
+    spares: int = 0,
     alerts: Mapping[str, Any] | None = None,
     supervise: bool = True,
 ) -> DeployResult:
     """Blue/green deploy of ``version`` (a bento tag for ``process``, an image for ``docker``).
 
-    Starts ``replicas`` model servers of it in the idle slot (each on a free port), waits until
-    every one is ready, smoke-tests each with ``golden`` and switches the stable address
-    (``proxy_port``) to them. The previous version keeps running in the other slot (the
-    rollback target, registered with the address as standby). Any failure raises
+    Starts ``replicas`` model servers of it in the idle slot, plus ``spares`` hot spares (each
+    on a free port), waits until every one is ready, smoke-tests each with ``golden`` and
+    switches the stable address (``proxy_port``) to them: the replicas share the traffic, the
+    spares take it when no replica is healthy. The previous version keeps running in the other
+    slot (the rollback target, registered with the address as standby). Any failure raises
     :class:`DeployFailed`, with the new version stopped, the old one serving and the state file
     untouched. ``resources`` limits a ``docker`` version's containers (spec
     ``deploy.resources``). With ``supervise`` the deployment's supervisor is (re)started
@@ -145,8 +147,9 @@ def deploy(
     validate_port(proxy_port)
     validate_path(path)
     validate_env(env)
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 8:
-        raise ValueError(f"invalid replicas {replicas!r}: expected an int in 1..8")
+    for name, value, low in (("replicas", replicas, 1), ("spares", spares, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 8:
+            raise ValueError(f"invalid {name} {value!r}: expected an int in {low}..8")
     started_at = iso(now)
     root = Path(root)
     directory = deployment_dir(pipeline, root)
@@ -170,7 +173,7 @@ def deploy(
         handles: list[SlotHandle] = []
         switched = False
         try:
-            for _ in range(replicas):
+            for _ in range(replicas + spares):
                 handles.append(_start(pipeline, slot, target, artifact, env, directory,
                                       bentoml_home, state["deployment_id"], docker_client,
                                       resources))
@@ -187,14 +190,15 @@ def deploy(
 
             upstream_urls = [handle.upstream for handle in handles]
             try:
-                proxy_mod.switch(proxy.port, proxy.token, upstream_urls, slot, version=version)
+                proxy_mod.switch(proxy.port, proxy.token, upstream_urls, slot, version=version,
+                                 spares=spares)
             except (proxy_mod.ProxyAdminError, ValueError) as exc:
                 raise DeployFailed("switch", str(exc)) from None
             switched = True
             timings.lap("switch_s")
 
             replaced = state["slots"].get(slot)
-            state["slots"][slot] = slot_record(handles, version, started_at)
+            state["slots"][slot] = slot_record(handles, version, started_at, spares)
             state["active"] = slot
             state["switched_at"] = started_at
             try:
@@ -283,7 +287,7 @@ def _register_standby(proxy: ProxyHandle, slot: str, record: Mapping[str, Any]) 
     of the live version, never to another version)."""
     try:
         proxy_mod.register(proxy.port, proxy.token, slot, upstreams(record),
-                           record.get("model_version"))
+                           record.get("model_version"), spares=record.get("spares", 0))
     except proxy_mod.ProxyAdminError as exc:
         logger.warning("could not register %s as standby with the proxy: %s", slot, exc)
 
@@ -314,7 +318,8 @@ def _switch_back(
         return
     try:
         proxy_mod.switch(proxy.port, proxy.token, upstreams(active_record), active,
-                         version=active_record.get("model_version"), verify=False)
+                         version=active_record.get("model_version"), verify=False,
+                         spares=active_record.get("spares", 0))
     except proxy_mod.ProxyAdminError as exc:
         logger.error("could not switch %s back to %s: %s", proxy.pipeline, active, exc)
 
@@ -371,10 +376,11 @@ def rollback(
             handles.append(handle)
         if restarted:
             record = slot_record(handles, record["model_version"],
-                                 restarted_at or record.get("started_at"))
+                                 restarted_at or record.get("started_at"),
+                                 record.get("spares", 0))
         try:
             proxy_mod.switch(proxy.port, proxy.token, upstreams(record), slot,
-                             version=record["model_version"])
+                             version=record["model_version"], spares=record.get("spares", 0))
         except (proxy_mod.ProxyAdminError, ValueError) as exc:
             if restarted:
                 for handle in handles:

@@ -109,7 +109,8 @@ def ensure_proxy_locked(
     if active_record:
         for url in upstreams(active_record):
             argv += ["--upstream", url]
-        argv += ["--slot", active, "--version", str(active_record["model_version"])]
+        argv += ["--slot", active, "--version", str(active_record["model_version"]),
+                 "--spares", str(active_record.get("spares", 0))]
     env = {**child_env(PROXY), DEPLOYMENT_MARKER: state["deployment_id"]}
     proc = spawn_detached(argv, env, directory / "logs" / "proxy.log", cwd=directory)
     create_time = proc.create_time()
@@ -158,10 +159,11 @@ def _reconcile_proxy(handle: ProxyHandle, state: Mapping[str, Any]) -> None:
                 if current.get("active") == slot and known == urls:
                     continue
                 proxy_mod.switch(handle.port, handle.token, urls, slot,
-                                 version=record.get("model_version"), verify=False)
+                                 version=record.get("model_version"), verify=False,
+                                 spares=record.get("spares", 0))
             else:
                 proxy_mod.register(handle.port, handle.token, slot, urls,
-                                   record.get("model_version"))
+                                   record.get("model_version"), spares=record.get("spares", 0))
         except proxy_mod.ProxyAdminError as exc:
             logger.warning("proxy of %s could not be told about slot %s: %s", handle.pipeline,
                            slot, exc)

@@ -229,9 +229,11 @@ def instance_record(handle: SlotHandle) -> dict[str, Any]:
 
 
 def slot_record(
-    handles: SlotHandle | Sequence[SlotHandle], version: str, started_at: str | None
+    handles: SlotHandle | Sequence[SlotHandle], version: str, started_at: str | None,
+    spares: int = 0,
 ) -> dict[str, Any]:
-    """The record of a slot serving ``version`` from ``handles`` (the first is the primary)."""
+    """The record of a slot serving ``version`` from ``handles`` (the first is the primary; the
+    last ``spares`` are hot spares)."""
     handles = [handles] if isinstance(handles, SlotHandle) else list(handles)
     primary = handles[0]
     return {
@@ -243,6 +245,7 @@ def slot_record(
         "resources": dict(primary.resources) if primary.resources else None,
         "started_at": started_at,
         "replicas": [instance_record(handle) for handle in handles[1:]],
+        "spares": spares,
     }
 
 

@@ -47,6 +47,7 @@ from airmlops.paths import atomic_write_json
 from airmlops.processes import (
     SERVING_SUPERVISOR,
     child_env,
+    port_free,
     process_alive,
     spawn_detached,
     stop_process,
@@ -66,7 +67,7 @@ from airmlops.serving.deploy.state import deployment_dir as _deployment_dir
 
 logger = logging.getLogger("airmlops.serving.supervisor")
 
-INTERVAL = 0.2
+INTERVAL = 0.5
 """Seconds between two looks at what runs."""
 COUNTERS_INTERVAL = 1.0
 """Seconds between two reads of the stable address's counters."""
@@ -76,6 +77,8 @@ BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 30.0
 STABLE_AFTER = 60.0
 """A server alive this long since its last start is healthy again: its backoff starts over."""
+PORT_WAIT = 3.0
+"""Longest wait for a dead server's port to be released before it is started there again."""
 ALERT_EVERY = 60.0
 """At most one alert of each kind per this many seconds."""
 ALERTS_FILE = "alerts.json"
@@ -217,6 +220,7 @@ class Supervisor:
         self._started("proxy")
         logger.warning("the proxy of %s (pid %s) died; starting it again on port %s",
                        self.pipeline, record.get("pid"), record.get("port"))
+        _wait_port_free(int(record["port"]), PORT_WAIT)
         try:
             handle = ensure_proxy_locked(self.pipeline, int(record["port"]), self.root, state,
                                          timeout=20.0)
@@ -256,6 +260,7 @@ class Supervisor:
                        one.get("pid"), dead.port)
         with contextlib.suppress(Exception):
             stop_slot(dead, timeout=2.0)  # workers it left behind hold its port
+        _wait_port_free(dead.port, PORT_WAIT)
         home = record.get("bentoml_home")
         details = {"slot": slot, "live": live, "version": record["model_version"],
                    "port": dead.port, "old_pid": one.get("pid"),
@@ -344,6 +349,17 @@ class Supervisor:
 
     def close(self, timeout: float = 10.0) -> None:
         self._alerting.shutdown(wait=True, cancel_futures=False)
+
+
+def _wait_port_free(port: int, timeout: float) -> bool:
+    """Wait until nothing holds ``port`` (a killed server's sockets close as its processes are
+    reaped, a moment after they die)."""
+    deadline = time.monotonic() + timeout
+    while not port_free(port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _prediction_log_stats(upstream: str) -> dict[str, Any] | None:
