@@ -63,8 +63,7 @@ def start_watchdog(run_dir: Path, base_env: Mapping[str, str] | None = None
         assert record is not None
         return record
     argv = [sys.executable, "-m", "airmlops.watchdog", "--run-dir", str(Path(run_dir).resolve())]
-    env = dict(os.environ if base_env is None else base_env)
-    return platform.spawn(run_dir, WATCHDOG, argv, env)
+    return platform.spawn(run_dir, WATCHDOG, argv, platform._base_env(base_env))
 
 
 class Watchdog:

@@ -347,7 +347,8 @@ class Supervisor:
         except Exception:  # an alert never stops the supervision
             logger.exception("alert %s could not be sent", event)
 
-    def close(self, timeout: float = 10.0) -> None:
+    def close(self) -> None:
+        """Wait for the alerts still being sent."""
         self._alerting.shutdown(wait=True, cancel_futures=False)
 
 
