@@ -653,7 +653,14 @@ def test_failed_smoke_and_rollback_to_a_stopped_version(tmp_path: Path, bentoml_
             deploy(pipeline, "3", V1, "process", [], now=LATER, **common)
         assert load_state(pipeline, root) == before
 
-        # The previous version died: rollback starts it again from its recorded bento.
+        # The previous version died with the supervisor that would have restarted it:
+        # rollback starts it again from its recorded bento, and the supervisor too.
+        supervisor = load_state(pipeline, root)["supervisor"]
+        os.kill(supervisor["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while deploy_mod.process_alive(supervisor["pid"], supervisor["create_time"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         blue = before["slots"]["blue"]
         os.killpg(blue["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 10
@@ -665,6 +672,8 @@ def test_failed_smoke_and_rollback_to_a_stopped_version(tmp_path: Path, bentoml_
         after = load_state(pipeline, root)
         assert after["slots"]["blue"]["pid"] != blue["pid"]
         assert after["slots"]["blue"]["started_at"] == LATER.isoformat()
+        assert after["supervisor"]["pid"] != supervisor["pid"]
+        assert deploy_mod.process_alive(after["supervisor"]["pid"], after["supervisor"]["create_time"])
         assert predict(second.stable_url).json()["version"] == "1"
         # ... and a second rollback rolls forward to version 2, still running in green.
         forward = rollback(pipeline, root)
