@@ -672,8 +672,9 @@ def test_failed_smoke_and_rollback_to_a_stopped_version(tmp_path: Path, bentoml_
         after = load_state(pipeline, root)
         assert after["slots"]["blue"]["pid"] != blue["pid"]
         assert after["slots"]["blue"]["started_at"] == LATER.isoformat()
-        assert after["supervisor"]["pid"] != supervisor["pid"]
-        assert deploy_mod.process_alive(after["supervisor"]["pid"], after["supervisor"]["create_time"])
+        revived = after["supervisor"]
+        assert revived["pid"] != supervisor["pid"]
+        assert deploy_mod.process_alive(revived["pid"], revived["create_time"])
         assert predict(second.stable_url).json()["version"] == "1"
         # ... and a second rollback rolls forward to version 2, still running in green.
         forward = rollback(pipeline, root)
