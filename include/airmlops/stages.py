@@ -461,13 +461,19 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
 
 def _probe(url: str, golden: list[dict[str, Any]], seconds: float, interval: float,
            token: str) -> tuple[int, int]:
-    """POST the golden requests to the stable address for ``seconds``; (server errors, sent)."""
+    """POST the golden requests to the stable address for ``seconds``; (server errors, sent).
+
+    Probes are marked synthetic: the service answers them but keeps them out of the
+    prediction log (monitoring windows, performance, label matching)."""
     import itertools
     import time
 
     import httpx
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    from airmlops.serving.synthetic import synthetic_headers
+
+    headers = {**synthetic_headers("probe"),
+               **({"Authorization": f"Bearer {token}"} if token else {})}
     errors = total = 0
     deadline = time.monotonic() + seconds
     with httpx.Client(timeout=10.0, headers=headers, trust_env=False) as client:

@@ -108,6 +108,9 @@ def test_train_deploy_redeploy_under_load_broken_deploy_and_rollback(e2e_env):
     assert first.status_code == 200, first.text
     body = first.json()
     assert body["model_version"] == "1" and body["request_id"]
+    # The deploy's smoke requests and the bake's probes were synthetic: the client's request
+    # is the only prediction in the log.
+    assert logged_request_ids(env, wait_for=body["request_id"]) == {body["request_id"]}
     assert 0.0 <= body["predictions"][0]["probability"] <= 1.0
     assert champion(env) == "1"
 
@@ -147,6 +150,25 @@ def test_train_deploy_redeploy_under_load_broken_deploy_and_rollback(e2e_env):
     back = predict(port)
     assert back.status_code == 200 and back.json()["model_version"] == "1"
     assert champion(env) == "1"
+
+
+def logged_request_ids(env, wait_for: str, timeout: float = 20.0) -> set[str]:
+    """Request ids in the pipeline's prediction log (today), once ``wait_for`` is written."""
+    import datetime as dt
+
+    from airmlops.serving.prediction_log import read_predictions
+    from airmlops.settings import Settings
+
+    settings = Settings(data_root=Path(env["MLOPS_DATA_ROOT"]),
+                        mlflow_tracking_uri=env["MLOPS_MLFLOW_TRACKING_URI"])
+    now = dt.datetime.now(dt.UTC)
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = set(read_predictions(PIPELINE, now - dt.timedelta(days=1),
+                                   now + dt.timedelta(days=1), settings=settings)["request_id"])
+        if wait_for in ids or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.2)
 
 
 def _aware(day: str):

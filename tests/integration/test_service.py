@@ -427,6 +427,51 @@ def test_feedback_is_recorded_by_request_id(model, server):
     assert set(predictions[predictions["request_id"] == request_id]["entity_id"]) == set(entities)
 
 
+def _synthetic_kept_out(model, server) -> None:
+    """Synthetic requests of every kind are answered but never logged, counted by kind, and a
+    label for one finds no request (404); a mark that names no kind is a 400."""
+    from airmlops.serving.synthetic import SYNTHETIC_HEADER, SYNTHETIC_KINDS
+
+    entity = model.known[20]
+    before = httpx.get(f"{server.url}/metrics").text
+    marked = {}
+    for kind in SYNTHETIC_KINDS:
+        answer = httpx.post(f"{server.url}/predict", headers={SYNTHETIC_HEADER: kind},
+                            json={"instances": [_instance(entity)]})
+        assert answer.status_code == 200, answer.text
+        marked[kind] = answer.json()["request_id"]
+    plain = httpx.post(f"{server.url}/predict", json={"instances": [_instance(entity)]})
+    assert plain.status_code == 200, plain.text
+    text = _wait_logged(server, metric(before, "airmlops_prediction_log_logged_total") + 1)
+    for kind in SYNTHETIC_KINDS:
+        assert metric(text, "airmlops_synthetic_requests_total", kind=kind) == metric(
+            before, "airmlops_synthetic_requests_total", kind=kind) + 1
+    logged = read_predictions("churn", *WINDOW, settings=model.settings)
+    assert plain.json()["request_id"] in set(logged["request_id"])
+    assert not set(marked.values()) & set(logged["request_id"])
+    assert metric(text, "airmlops_prediction_log_logged_total") == metric(
+        before, "airmlops_prediction_log_logged_total") + 1
+
+    label = httpx.post(f"{server.url}/feedback", json={
+        "request_id": marked["smoke"], "labels": [{"entity": entity, "label": 1}]})
+    assert label.status_code == 404, label.text
+
+    refused = httpx.post(f"{server.url}/predict", headers={SYNTHETIC_HEADER: "load-test"},
+                         json={"instances": [_instance(entity)]})
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_header"
+    assert SYNTHETIC_HEADER in refused.json()["message"]
+
+
+def test_synthetic_requests_are_answered_but_never_logged(model, server):
+    _synthetic_kept_out(model, server)
+
+
+def test_synthetic_requests_are_kept_out_on_bentomls_own_lane(model, serve):
+    """The same without the request gate's direct lane (BentoML's API method answers)."""
+    _synthetic_kept_out(model, serve("bentoml-lane", MLOPS_SERVING_DIRECT="false"))
+
+
 # --- authentication ---------------------------------------------------------------------------
 
 

@@ -498,8 +498,9 @@ class ServingRuntime:
         return True
 
     def answer(self, instances: Sequence[Mapping[str, Any]], scored: Scored, request_id: str,
-               ts_us: int) -> dict[str, Any]:
-        """The response body of a scored request; hands its rows to the prediction log."""
+               ts_us: int, *, log: bool = True) -> dict[str, Any]:
+        """The response body of a scored request; hands its rows to the prediction log unless
+        ``log`` is False (synthetic traffic, :mod:`airmlops.serving.synthetic`)."""
         from airmlops.serving.prediction_log import PredictionRecord
         from airmlops.training.model import DECISION_THRESHOLD
 
@@ -521,7 +522,8 @@ class ServingRuntime:
                 entity_id=str(entity), inputs=instance, features=features,
                 prediction=float(item["prediction"]), probability=item.get("probability"),
             ))
-        self.prediction_log.log(records)
+        if log:
+            self.prediction_log.log(records)
         return {"predictions": predictions, "model_name": self.config.model_name,
                 "model_version": version, "request_id": request_id}
 
@@ -643,8 +645,9 @@ class PredictHandler:
         self.metrics = metrics
         self.entity_key = runtime.spec.entity_key
 
-    async def __call__(self, rows: list[dict[str, Any]]
+    async def __call__(self, rows: list[dict[str, Any]], synthetic: str | None = None
                        ) -> tuple[int, dict[str, Any], dict[str, str]]:
+        """Answer ``rows``; a ``synthetic`` request (its kind) is answered but not logged."""
         import anyio.to_thread
 
         runtime = self.runtime
@@ -672,9 +675,11 @@ class PredictHandler:
                     "unknown_entity", f"unknown {key} (no features in the online store): "
                     f"{shown}", unknown_entities=list(dict.fromkeys(unknown)),
                     request_id=request_id), headers
-        body = runtime.answer(rows, scored, request_id, ts_us)
+        body = runtime.answer(rows, scored, request_id, ts_us, log=synthetic is None)
         if self.metrics is not None:
             self.metrics.predictions.inc(len(rows))
+            if synthetic is not None:
+                self.metrics.synthetic.labels(synthetic).inc()
         return 200, body, headers
 
 
@@ -726,6 +731,9 @@ class ServiceMetrics:
             "airmlops_request_errors", "Requests refused or failed, by endpoint and kind.",
             ["endpoint", "kind"])
         self.predictions = prom.Counter("airmlops_predictions", "Rows predicted.")
+        self.synthetic = prom.Counter(
+            "airmlops_synthetic_requests", "Synthetic /predict requests (answered, not logged), "
+            "by kind (smoke, probe, replay-dry-run).", ["kind"])
         self.batch_requests = prom.Histogram(
             "airmlops_coalesced_requests", "Requests scored together in one model call.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
@@ -834,9 +842,12 @@ class RequestGate:
 
         try:
             refusal, body, parsed = await self._check(scope, receive, path, endpoint)
+            synthetic = None
+            if refusal is None and endpoint == "/predict":
+                synthetic, refusal = synthetic_kind(scope)
             handler = self.predict() if endpoint == "/predict" and parsed is not None else None
             if refusal is None and handler is not None:
-                status, answer, headers = await self._direct(handler, parsed)
+                status, answer, headers = await self._direct(handler, parsed, synthetic)
                 outcome["kind"] = _KIND_BY_STATUS.get(status, "error") if status >= 400 else None
                 await _send_json(send_with_version, status, answer, headers)
             elif refusal is None and path == "/readyz" and scope["method"] == "GET":
@@ -872,12 +883,12 @@ class RequestGate:
         await _send_json(send, status, readiness_body(status == 200, self.log_stats()))
 
     @staticmethod
-    async def _direct(handler: PredictHandler, parsed: Any
+    async def _direct(handler: PredictHandler, parsed: Any, synthetic: str | None
                       ) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Answer a validated ``/predict``; an unexpected failure is a logged 500."""
         rows = [instance.model_dump(by_alias=True) for instance in parsed.instances]
         try:
-            return await handler(rows)
+            return await handler(rows, synthetic)
         except Exception:
             log.exception("Exception on /predict [POST]")
             return 500, error_body("internal", "an unexpected error occurred; see the service "
@@ -950,6 +961,23 @@ class RequestGate:
             return (422, "invalid_request", describe_errors(error), {"detail": detail}), None, \
                 None
         return None, body, parsed
+
+
+def synthetic_kind(scope: Mapping[str, Any]) -> tuple[str | None, Refusal | None]:
+    """(the kind of a request marked synthetic or None, None), or (None, a 400 refusal) when
+    the mark names no known kind (:mod:`airmlops.serving.synthetic`)."""
+    from airmlops.serving.synthetic import SYNTHETIC_HEADER, SYNTHETIC_KINDS
+
+    name = SYNTHETIC_HEADER.lower().encode("latin-1")
+    for header, value in scope.get("headers", []):
+        if header.lower() == name:
+            kind = value.decode("latin-1").strip()
+            if kind in SYNTHETIC_KINDS:
+                return kind, None
+            return None, (400, "invalid_header",
+                          f"{SYNTHETIC_HEADER}: {kind[:40]!r} is not a synthetic traffic kind; "
+                          f"expected one of {list(SYNTHETIC_KINDS)}", {})
+    return None, None
 
 
 async def _send_json(send: Any, status: int, body: Mapping[str, Any],
@@ -1130,12 +1158,17 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
             freeze_startup_objects()
 
         @bentoml.api(route="/predict", input_spec=predict_model, output_spec=PredictResponse)
-        async def predict(self, instances: list[Any]) -> Any:
+        async def predict(self, instances: list[Any], ctx) -> Any:
             """Predict for 1..N entities: online + on-demand features, the model, the log.
 
-            (Normally answered by the request gate's direct lane with the same handler.)"""
+            (Normally answered by the request gate's direct lane with the same handler; the
+            gate has checked the synthetic mark. ``ctx`` is BentoML's request context, which
+            BentoML recognises by the name of an unannotated parameter.)"""
+            from airmlops.serving.synthetic import SYNTHETIC_HEADER
+
             rows = [instance.model_dump(by_alias=True) for instance in instances]
-            status, body, headers = await self.handler(rows)
+            status, body, headers = await self.handler(
+                rows, ctx.request.headers.get(SYNTHETIC_HEADER))
             return _json_response(status, body, headers)
 
         @bentoml.api(route="/feedback", input_spec=feedback_model,

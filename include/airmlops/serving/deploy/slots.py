@@ -319,11 +319,14 @@ def smoke(
 
     Each must get a 2xx with a JSON body, pass ``validate(request, body)`` (False or an
     exception fails it; the default accepts any JSON object) and answer within
-    ``latency_budget_ms``. ``warmup`` requests (the first golden one, repeated, not judged) go
+    ``latency_budget_ms``. Every request is marked synthetic (``smoke``), so the service does
+    not log it as a prediction. ``warmup`` requests (the first golden one, repeated, not judged) go
     first, so lazy first-call costs do not count against the budget. No golden requests at
     all is a failure: a smoke test that checks nothing proves nothing.
     """
     import httpx
+
+    from airmlops.serving.synthetic import synthetic_headers
 
     upstream = proxy_mod.validate_upstream(url)
     validate_path(path)
@@ -332,7 +335,7 @@ def smoke(
     failures: list[str] = []
     latencies: list[float] = []
     with httpx.Client(base_url=upstream, timeout=timeout, trust_env=False,
-                      headers=dict(headers or {})) as client:
+                      headers={**synthetic_headers("smoke"), **(headers or {})}) as client:
         for _ in range(max(0, warmup)):
             with contextlib.suppress(httpx.HTTPError):
                 client.post(path, json=dict(golden_requests[0]))
