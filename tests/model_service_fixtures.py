@@ -90,7 +90,7 @@ def bento(model: Model, tmp_path_factory: pytest.TempPathFactory) -> tuple[Bento
     return ref, home
 
 
-def _wait_ready(server: Server, timeout: float = 120.0) -> None:
+def wait_ready(server: Server, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -105,7 +105,7 @@ def _wait_ready(server: Server, timeout: float = 120.0) -> None:
     pytest.fail(f"{server.url} not ready in {timeout} s:\n{server.log_text()[-4000:]}")
 
 
-def _stop(server: Server) -> None:
+def stop(server: Server) -> None:
     if server.process.poll() is None:
         os.killpg(server.process.pid, signal.SIGTERM)
         try:
@@ -136,12 +136,12 @@ def serve(model: Model, bento: tuple[BentoRef, Path], tmp_path_factory: pytest.T
                                        start_new_session=True)
         server = Server(f"http://127.0.0.1:{port}", process, log_path)
         started.append(server)
-        _wait_ready(server)
+        wait_ready(server)
         return server
 
     yield start
     for server in started:
-        _stop(server)
+        stop(server)
 
 
 def metric(text: str, name: str, **labels: str) -> float:

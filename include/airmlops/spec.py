@@ -138,18 +138,48 @@ Source = Annotated[SimulatorSource | FileSource | SqlSource, Field(discriminator
 
 
 class FeatureColumn(_Strict):
-    """One model input column and what valid values look like."""
+    """One model input column and what valid values look like.
+
+    A ``boolean`` feature is a categorical one whose categories are always "true" and "false"
+    (:mod:`airmlops.data.categories`): True/False, "true"/"false" in any case and 1/0 all count.
+    Declared ``values`` are kept in that canonical text, so ``["True", "False"]`` means
+    "true"/"false" and ``[1, 2]`` means "1"/"2".
+    """
 
     name: Column
-    type: Literal["numeric", "categorical"]
+    type: Literal["numeric", "categorical", "boolean"]
     min: float | None = None
     max: float | None = None
     values: list[str] | None = Field(default=None, description="Allowed categories.")
     max_null_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
 
+    @field_validator("min", "max")
+    @classmethod
+    def _no_bounds_on_booleans(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and info.data.get("type") == "boolean":
+            raise ValueError("a boolean feature takes no min/max (it is true or false)")
+        return value
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _canonical_values(cls, value: Any, info: ValidationInfo) -> Any:
+        """Categories as their canonical text; strings, integers and booleans are accepted."""
+        if value is None:
+            return None
+        if info.data.get("type") == "boolean":
+            raise ValueError("a boolean feature takes no values (they are always true and false)")
+        if not isinstance(value, list):
+            return value  # pydantic reports that a list was expected
+        from airmlops.data.categories import category
+
+        texts = [category(item) if isinstance(item, str | int) else item for item in value]
+        if all(isinstance(text, str) for text in texts):
+            return list(dict.fromkeys(texts))  # "True" and "true" are one category
+        return texts  # pydantic names the item that is not a category
+
     @model_validator(mode="after")
     def _bounds_fit_type(self) -> FeatureColumn:
-        if self.type == "categorical" and (self.min is not None or self.max is not None):
+        if self.type != "numeric" and (self.min is not None or self.max is not None):
             raise ValueError("min/max apply to numeric features only")
         if self.type == "numeric" and self.values is not None:
             raise ValueError("values apply to categorical features only")
@@ -165,6 +195,15 @@ class TrainingConfig(_Strict):
     gap_days: int = Field(default=0, ge=0, le=365,
                           description="Embargo between train and test (the label horizon).")
     min_rows: int = Field(default=200, ge=10)
+    refit: bool | None = Field(
+        default=None,
+        description="After the gates bless the challenger on the held-out (most recent) rows, "
+        "fit the same estimator again on every labelled row of the batch (train, embargoed and "
+        "held-out) and register that fit; the gate numbers stay those of the held-out fit. "
+        "Unset: only in retraining runs triggered by the monitoring policy (Airflow run id "
+        "retrain__<window_id>). true: every run. false: never (the deployed model is exactly "
+        "the one the gates measured; use it when the newest labels are not final yet).",
+    )
 
 
 class EstimatorConfig(_Strict):
@@ -398,10 +437,22 @@ class PipelineSpec(_Strict):
 
     @property
     def input_types(self) -> dict[str, str]:
-        """The model's input columns, in order, with their type (numeric or categorical)."""
+        """The model's input columns, in order, with their type (numeric or categorical).
+
+        A boolean feature is categorical here: the model one-hot encodes it and drift tests it
+        like any category (:attr:`boolean_features` says which ones are boolean).
+        """
         everything = self._input_types_of_everything()
         names = self.model_inputs if self.model_inputs is not None else list(everything)
-        return {name: everything[name] for name in names}
+        return {name: "categorical" if everything[name] == "boolean" else everything[name]
+                for name in names}
+
+    @property
+    def boolean_features(self) -> list[str]:
+        """The model inputs declared ``type: boolean`` (their categories are "true"/"false")."""
+        everything = self._input_types_of_everything()
+        names = self.model_inputs if self.model_inputs is not None else list(everything)
+        return [name for name in names if everything[name] == "boolean"]
 
     @property
     def input_names(self) -> list[str]:
@@ -522,6 +573,16 @@ class _SpecLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+
+# YAML 1.2's booleans only: ``yes``/``no``/``on``/``off`` stay text, so a category
+# ``values: [yes, no]`` means the strings a CSV holds, not true/false.
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _read_spec_text(path: Path) -> str:

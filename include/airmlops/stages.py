@@ -12,10 +12,13 @@ import datetime as dt
 import logging
 import subprocess
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airmlops.settings import PROJECT_ROOT, Settings
 from airmlops.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from airmlops.training.refit import RefitResult
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +144,7 @@ def ingest(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str,
         described += (f" ({world.source.scenario} from "
                       f"{world.source.scenario_start or 'the start'})")
     log.info("ingest %s: reading %s source for [%s, %s)", spec.name, described, start, end)
-    frame = sources.load_batch(world, start, end)
+    frame = sources.load_batch(world, start, end, data_root=settings.data_root)
     if frame.empty:
         raise ValueError(f"source: no rows for {spec.name} in [{start}, {end})")
     frame = snapshots.canonicalize(frame, spec)
@@ -203,9 +206,10 @@ def preprocess(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings)
     frame = snapshots.read_snapshot(ref)
     if spec.feature_store is not None:
         frame = _with_store_features(spec, frame, ref, settings, snapshot.get("world"))
-    train, test, split = dataset.time_split(frame, spec)
+    train, embargoed, test, split = dataset.time_partition(frame, spec)
     key = f"{spec.name}/{ref.digest[:16]}-{spec.spec_hash()[:12]}"
-    paths = dataset.write_training_set(train, test, settings.training_sets_dir, key, split=split)
+    paths = dataset.write_training_set(train, test, settings.training_sets_dir, key, split=split,
+                                       embargoed=embargoed)  # kept for a refit (register)
     split_info = split.to_dict()
     log.info("preprocess %s: %s", spec.name, split_info)
     return {"train_path": paths["train"], "test_path": paths["test"], "split": split_info,
@@ -282,7 +286,8 @@ def train(spec: PipelineSpec, training_set: dict[str, Any], run: RunContext,
     )
     log.info("train %s: run %s, metrics %s", spec.name, result.run_id, result.metrics)
     return {"run_id": result.run_id, "model_uri": result.model_uri, "metrics": result.metrics,
-            "test_path": training_set["test_path"], "lineage": lineage}
+            "train_path": training_set["train_path"], "test_path": training_set["test_path"],
+            "lineage": lineage}
 
 
 def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settings) -> dict:
@@ -297,8 +302,11 @@ def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settin
     if champion is not None:
         from airmlops.model_files import ModelLoadError
 
-        test = pd.read_parquet(trained["test_path"])
-        champion_uri = f"models:/{spec.registered_model_name}/{champion.version}"
+        champion_uri, test, basis = gates.unseen_by_champion(
+            spec, pd.read_parquet(trained["test_path"]),
+            f"models:/{spec.registered_model_name}/{champion.version}", champion.tags or {})
+        if basis:
+            log.info("validate_model %s: %s", spec.name, basis)
         try:
             comparison = gates.evaluate_against_champion(
                 spec, test, trained["model_uri"], champion_uri, tracking_uri=uri
@@ -321,16 +329,49 @@ def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settin
 
 
 def register(spec: PipelineSpec, trained: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Register the blessed model as a new version with alias ``challenger``."""
+    """Register the blessed model as a new version with alias ``challenger``.
+
+    When ``training.refit`` applies (:func:`refit_blessed`), the version is the blessed model
+    refit on every labelled row of its batch, not the held-out fit the gates measured; the
+    run's metrics and gate numbers stay those of the held-out fit, and tags say which is which.
+    """
     from airmlops.training import registry, tracking
 
-    result = tracking.TrainResult(run_id=trained["run_id"], model_uri=trained["model_uri"],
+    refit = refit_blessed(spec, trained, settings)
+    result = tracking.TrainResult(run_id=trained["run_id"],
+                                  model_uri=refit.model_uri if refit else trained["model_uri"],
                                   metrics=trained["metrics"], experiment_id="")
-    tags = {**trained["lineage"], "mlflow_run_id": trained["run_id"]}
-    version = registry.register_challenger(spec, result, settings.mlflow_tracking_uri, tags)
-    log.info("register %s: version %s is now 'challenger'", spec.name, version.version)
+    tags = {**trained["lineage"], "mlflow_run_id": trained["run_id"],
+            **(refit.tags() if refit else {})}
+    version = registry.register_challenger(spec, result, settings.mlflow_tracking_uri, tags,
+                                           digests=refit.digests if refit else None)
+    log.info("register %s: version %s is now 'challenger'%s", spec.name, version.version,
+             f" (refit on {refit.rows} labelled rows: {refit.reason})" if refit else "")
     return {"name": version.name, "version": str(version.version),
-            "model_uri": version.model_uri}
+            "model_uri": version.model_uri, "refit": bool(refit)}
+
+
+def refit_blessed(spec: PipelineSpec, trained: dict[str, Any],
+                  settings: Settings) -> RefitResult | None:
+    """The run's blessed model refit on every labelled row of its batch, or None when refit
+    does not apply (``training.refit`` false, or unset and not a retraining run) or the gates
+    did not bless it.
+
+    It runs in ``register`` because the training DAG logs the model in ``train`` and gates it
+    in ``validate_model`` before that: see :mod:`airmlops.training.refit` for what is logged
+    where. A retry reuses the refit already logged in the run.
+    """
+    from pathlib import Path
+
+    from airmlops.training import refit
+
+    reason = refit.refit_reason(spec, trained["lineage"].get("airflow_run_id"))
+    if reason is None:
+        return None
+    train_path = trained.get("train_path") or str(
+        Path(trained["test_path"]).with_name("train.parquet"))  # an XCom from before refits
+    return refit.refit_run(spec, trained["run_id"], train_path, reason=reason,
+                           tracking_uri=settings.mlflow_tracking_uri)
 
 
 # --- serving: containerize, deploy, monitor --------------------------------------------------

@@ -155,3 +155,26 @@ def test_write_training_set_refuses_unsafe_keys(tmp_path, key):
     with pytest.raises(ValueError, match="not valid"):
         write_training_set(frame, frame, tmp_path / "root", key)
     assert not (tmp_path / "root").exists() or not any((tmp_path / "root").iterdir())
+
+
+def test_ingest_reads_a_file_source_under_the_runs_data_root(tmp_path, monkeypatch):
+    """The file source is read under the data root of the settings the stage is given, not
+    under the process's default one."""
+    import datetime as dt
+
+    from airmlops import stages
+    from airmlops.settings import Settings
+
+    elsewhere = tmp_path / "process-default"
+    monkeypatch.setenv("MLOPS_DATA_ROOT", str(elsewhere))
+    root = tmp_path / "run-root"
+    root.mkdir()
+    frame = _frame(days=20)
+    frame.to_parquet(root / "toy.parquet")
+    spec = parse_spec(_spec().model_dump(mode="json"), data_roots=[root])
+    run = stages.RunContext(dag_id="toy_training", run_id="manual__1",
+                            as_of=dt.datetime(2026, 2, 1, tzinfo=dt.UTC), git_commit="0" * 40,
+                            trigger_reason="test", full_history=True)
+    snapshot = stages.ingest(spec, run, Settings(data_root=root))
+    assert snapshot["rows"] == len(frame)
+    assert not elsewhere.exists()

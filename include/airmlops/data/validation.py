@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.data.categories import BOOLEAN_VALUES, category_series
 from airmlops.paths import atomic_write_json, atomic_write_text
 from airmlops.spec import FeatureColumn, PipelineSpec
 
@@ -103,7 +104,9 @@ def build_expectations(spec: PipelineSpec, reference: pd.DataFrame | None) -> li
 
     Every required column gets its own existence check so a renamed or missing column is named
     in the report. The reference (the last validated snapshot) supplies allowed categories and a
-    wide numeric band only where the spec gives none.
+    wide numeric band only where the spec gives none. A boolean feature must be "true"/"false";
+    categories are compared in their canonical text (:func:`canonical_categories` of the batch,
+    :mod:`airmlops.data.categories`), and the reference's categories are taken in that text too.
     """
     gx = _import_gx()
     gxe = gx.expectations
@@ -128,9 +131,27 @@ def build_expectations(spec: PipelineSpec, reference: pd.DataFrame | None) -> li
                                                                    mostly=mostly))
         if feature.type == "numeric":
             expectations.extend(_numeric_expectations(gxe, feature, reference_values))
+        elif feature.type == "boolean":
+            expectations.append(gxe.ExpectColumnValuesToBeInSet(
+                column=feature.name, value_set=list(BOOLEAN_VALUES), mostly=1.0))
         else:
+            if reference_values is not None:
+                reference_values = category_series(reference_values)
             expectations.extend(_categorical_expectations(gxe, feature, reference_values))
     return expectations
+
+
+def canonical_categories(spec: PipelineSpec, df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its categorical and boolean feature columns in canonical text, so the in-set
+    checks compare like with like: a CSV's ``True`` is read as a boolean, the spec says
+    "true". A new frame sharing the other columns; ``df`` itself is left as it is (the stored
+    snapshot keeps the data as it came)."""
+    frame = df.copy(deep=False)
+    for feature in spec.features:
+        if feature.type != "numeric" and feature.name in frame.columns:
+            frame[feature.name] = category_series(df[feature.name],
+                                                  boolean=feature.type == "boolean")
+    return frame
 
 
 def _numeric_expectations(gxe: Any, feature: FeatureColumn,
@@ -202,11 +223,13 @@ def validate_frame(
     raise: GE records them as failed expectations. With ``docs_dir``, the HTML report and the
     JSON result are written there atomically (``validation.html``, ``validation.json``).
     ``run_time`` (the run's logical date) stamps the result; without it GE uses the clock.
+    Categorical and boolean columns are checked in their canonical text
+    (:func:`canonical_categories`); ``df`` is not changed.
     """
     gx = _import_gx()
     expectations = build_expectations(spec, reference)
     with _quiet_gx_logging():
-        result = _run_suite(gx, spec, df, expectations, run_time)
+        result = _run_suite(gx, spec, canonical_categories(spec, df), expectations, run_time)
         report = result.to_json_dict()
     results = sorted(report["results"], key=_result_order(spec))
     failures = [_readable(item) for item in results if not item["success"]]

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.data.categories import BOOLEAN_VALUES
 from airmlops.monitoring.policy import check_window_id
 from airmlops.monitoring.reference import (
     PREDICTION_COLUMN,
@@ -182,11 +183,12 @@ def _quality(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSp
     import pandas as pd
 
     declared = {f.name: f for f in spec.features}
+    booleans = set(spec.boolean_features)
     quality: dict[str, dict[str, float]] = {}
     breaches: list[str] = []
     rows = len(window)
     for name, kind in spec.input_types.items():
-        values = prepare_column(window, name, kind)
+        values = prepare_column(window, name, kind, boolean=name in booleans)
         present = ~pd.isna(values)
         count = int(present.sum())
         missing_share = 1.0 - count / rows if rows else 0.0
@@ -217,6 +219,8 @@ def _quality(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSp
             known = set(profile.categories) if profile is not None else set()
             if feature is not None and feature.values:
                 known |= set(feature.values)
+            if name in booleans:  # "false" is no new category of a reference of all "true"
+                known |= set(BOOLEAN_VALUES)
             new = (~pd.Series(values[present]).isin(known).to_numpy() if known
                    else np.zeros(count, dtype=bool))
             share = float(new.sum() / count) if count else 0.0
@@ -303,6 +307,7 @@ def _drift(reference: ReferenceProfile, sample: pd.DataFrame, spec: PipelineSpec
         metrics.append(ValueDrift(column=PREDICTION_COLUMN, method=prediction.method,
                                   threshold=prediction.threshold))
     declared = {f.name: f for f in spec.features}
+    booleans = set(spec.boolean_features)
     for name, kind in types.items():
         metrics.append(MissingValueCount(column=name))
         feature, profile = declared.get(name), reference.columns[name]
@@ -314,6 +319,8 @@ def _drift(reference: ReferenceProfile, sample: pd.DataFrame, spec: PipelineSpec
                     right=math.inf if high is None else high))
         else:
             allowed = set(feature.values or []) if feature is not None else set()
+            if name in booleans:
+                allowed |= set(BOOLEAN_VALUES)
             known = sorted(set(profile.categories) | allowed)
             if known:
                 metrics.append(OutListValueCount(column=name, values=known))
@@ -520,7 +527,8 @@ def compute_window_report(reference: ReferenceProfile, window: pd.DataFrame,
     else:
         if prediction_column != PREDICTION_COLUMN:
             sample_rows = sample_rows.rename(columns={prediction_column: PREDICTION_COLUMN})
-        sample = prepare_inputs(sample_rows, spec.input_types, (PREDICTION_COLUMN,))
+        sample = prepare_inputs(sample_rows, spec.input_types, (PREDICTION_COLUMN,),
+                                boolean=spec.boolean_features)
         columns, prediction_result, snapshot = _drift(reference, sample, spec, config, notes)
         snapshots.append(snapshot)
         assessed = [r for r in columns.values() if r.drifted is not None]

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,35 +93,44 @@ class ReferenceProfile:
 
 
 def prepare_inputs(frame: pd.DataFrame, input_types: dict[str, str],
-                   extra_numeric: tuple[str, ...] = ()) -> pd.DataFrame:
+                   extra_numeric: tuple[str, ...] = (), *,
+                   boolean: Collection[str] = ()) -> pd.DataFrame:
     """The model inputs of ``frame`` with uniform dtypes: float64 numerics, str-or-None categories.
 
     A column absent from ``frame`` becomes all-null (a schema break shows up as missing values);
-    a numeric cell that is not a number becomes NaN. ``extra_numeric`` columns (the prediction)
-    are kept, coerced to float, when present.
+    a numeric cell that is not a number becomes NaN. Categories are in their canonical text
+    (:mod:`airmlops.data.categories`), so raw training rows (``True``, ``1.0``) and the
+    prediction log ("true", "1") count alike; ``boolean`` names the boolean features
+    (``spec.boolean_features``), whose 1/0 are "true"/"false". ``extra_numeric`` columns (the
+    prediction) are kept, coerced to float, when present.
     """
     import pandas as pd
 
-    columns = {name: prepare_column(frame, name, kind) for name, kind in input_types.items()}
+    flags = set(boolean)
+    columns = {name: prepare_column(frame, name, kind, boolean=name in flags)
+               for name, kind in input_types.items()}
     for name in extra_numeric:
         if name in frame.columns:
             columns[name] = prepare_column(frame, name, "numeric")
     return pd.DataFrame(columns, index=pd.RangeIndex(len(frame)))
 
 
-def prepare_column(frame: pd.DataFrame, name: str, kind: str) -> Any:
+def prepare_column(frame: pd.DataFrame, name: str, kind: str, *,
+                   boolean: bool = False) -> Any:
     """One column of :func:`prepare_inputs` as a NumPy array (float64, or objects for
-    categories)."""
+    categories: canonical text, None where missing)."""
     import numpy as np
     import pandas as pd
+
+    from airmlops.data.categories import category_series
 
     if name not in frame.columns:
         return np.full(len(frame), np.nan) if kind == "numeric" else np.full(len(frame), None)
     if kind == "numeric":
         numbers = pd.to_numeric(frame[name], errors="coerce")
         return numbers.to_numpy(dtype="float64", na_value=np.nan)
-    values = frame[name].astype(object)
-    text = values.astype(str).to_numpy(dtype=object)
+    values = category_series(frame[name], boolean=boolean)
+    text = values.to_numpy(dtype=object)
     text[values.isna().to_numpy()] = None
     return text
 
@@ -165,7 +175,7 @@ def summarize_reference(frame: pd.DataFrame, spec: PipelineSpec, config: Monitor
     if missing:
         raise ReferenceError(f"the reference frame lacks model inputs {missing}")
     extra = (PREDICTION_COLUMN,) if PREDICTION_COLUMN in frame.columns else ()
-    prepared = prepare_inputs(frame, types, extra)
+    prepared = prepare_inputs(frame, types, extra, boolean=spec.boolean_features)
     if spec.timestamp in frame.columns:
         prepared[spec.timestamp] = frame[spec.timestamp].to_numpy()
         sample = stratified_sample(prepared, spec.timestamp, config.reference_sample_size,

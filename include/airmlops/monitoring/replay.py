@@ -32,17 +32,22 @@ world changed (from ``scenario_start`` when that is recent, else the last two da
 re-materializes the online store. With an explicit ``scenario`` it rebuilds the last two days in
 that world instead: this rewrites those offline days (use it on a demo, not on a store that
 matters).
+
+The sending loop, :func:`send_and_label` (pacing, label delay, seeded label share, time bound),
+is shared with :mod:`airmlops.monitoring.file_replay`, which replays a CSV or Parquet file of
+one's own history instead of simulator rows.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -62,10 +67,11 @@ MAX_RATE = 1000.0
 MAX_SECONDS = 3600.0
 MAX_BATCH = 1000
 ERROR_SAMPLES = 5
+DRY_RUN_FIELDS = ("dry_run", "rows_checked", "invalid_rows", "problems", "live_check")
 
 
 class ReplayError(ValueError):
-    """The replay cannot start (a bad URL, a non-simulator source, bad bounds)."""
+    """The replay cannot start (a bad URL, a non-simulator source, bad bounds, a bad file)."""
 
 
 @dataclasses.dataclass
@@ -86,11 +92,21 @@ class ReplayResult:
     stopped_by_time: bool = False
     request_ids: list[str] = dataclasses.field(default_factory=list)
     model_versions: dict[str, int] = dataclasses.field(default_factory=dict)
+    # A dry run (file replays only: see airmlops.monitoring.file_replay).
+    dry_run: bool = False
+    rows_checked: int = 0
+    invalid_rows: int = 0
+    problems: list[str] = dataclasses.field(default_factory=list)
+    live_check: str | None = None
 
     def to_dict(self, with_ids: bool = False) -> dict[str, Any]:
+        """The result as JSON-ready data; the dry-run fields only for a dry run."""
         data = dataclasses.asdict(self)
         if not with_ids:
             data.pop("request_ids")
+        if not self.dry_run:
+            for name in DRY_RUN_FIELDS:
+                data.pop(name)
         return data
 
     def _error(self, text: str) -> None:
@@ -263,6 +279,213 @@ def refresh_features(spec: PipelineSpec, scenario: str | None, day: dt.date,
             "world": describe_world(spec, scenario)}
 
 
+# --- sending: the loop every replay shares ---------------------------------------------------
+
+PROGRESS_STEP = 0.5
+"""Longest sleep between two progress reports while the replay waits (seconds)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+    """Where a running replay stands, for a progress report: the counts so far, the rows it
+    sends in all, the seconds since it started and an estimate of the seconds left."""
+
+    result: ReplayResult
+    rows_total: int
+    elapsed: float
+    eta: float
+    final: bool = False
+
+
+Report = Callable[[Progress], None]
+
+
+@contextlib.contextmanager
+def http_client(client: httpx.Client | None) -> Iterator[httpx.Client]:
+    """``client`` as given, or a new one closed on exit (no redirects: a replay talks to one
+    address)."""
+    import httpx
+
+    if client is not None:
+        yield client
+        return
+    with httpx.Client(timeout=10.0, follow_redirects=False) as own:
+        yield own
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The bearer token header of the model service, when it has one."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def predict_once(http: httpx.Client, base: str, headers: dict[str, str],
+                 batch: list[dict[str, Any]], result: ReplayResult) -> str | None:
+    """POST one batch to ``/predict`` and count it in ``result``; the request id if answered."""
+    import httpx
+
+    result.requests += 1
+    result.rows_sent += len(batch)
+    try:
+        answer = http.post(f"{base}/predict", headers=headers, json={"instances": batch})
+    except httpx.HTTPError as error:
+        result._error(f"/predict: {type(error).__name__}: {error}")
+        return None
+    if answer.status_code != 200:
+        result._error(f"/predict {answer.status_code}: {answer.text}")
+        return None
+    try:
+        body = answer.json()
+        request_id = str(body["request_id"])
+    except (ValueError, KeyError, TypeError):
+        result._error(f"/predict 200 without a request id: {answer.text}")
+        return None
+    version = str(body.get("model_version"))
+    result.rows_answered += len(batch)
+    result.request_ids.append(request_id)
+    result.model_versions[version] = result.model_versions.get(version, 0) + len(batch)
+    return request_id
+
+
+def _post_labels(http: httpx.Client, base: str, headers: dict[str, str], request_id: str,
+                 items: list[dict[str, Any]], result: ReplayResult) -> None:
+    import httpx
+
+    try:
+        answer = http.post(f"{base}/feedback", headers=headers,
+                           json={"request_id": request_id, "labels": items})
+    except httpx.HTTPError as error:
+        result.label_errors += 1
+        result._error(f"/feedback: {type(error).__name__}: {error}")
+        return
+    if answer.status_code == 202:
+        result.labels_posted += len(items)
+    else:
+        result.label_errors += 1
+        result._error(f"/feedback {answer.status_code}: {answer.text}")
+
+
+def label_items(entities: list[Any], labels: list[Any], start: int,
+                stop: int) -> list[dict[str, Any]]:
+    """The ``/feedback`` items of rows ``start..stop-1``: one per entity, with the label of the
+    entity's last row (the service takes one label per request and entity), none for a row
+    whose label is None (not known)."""
+    by_entity = {entities[i]: labels[i] for i in range(start, stop)}
+    return [{"entity": entity, "label": label} for entity, label in by_entity.items()
+            if label is not None]
+
+
+def labelled_requests(requests: int, label_share: float, seed: int) -> Any:
+    """Which of ``requests`` requests get their labels posted: a seeded ``label_share``."""
+    import numpy as np
+
+    return np.random.default_rng([seed, 0x4C41_4245]).random(requests) < label_share
+
+
+def send_and_label(base: str, instances: list[dict[str, Any]], entities: list[Any],
+                   labels: list[Any], result: ReplayResult, *, http: httpx.Client,
+                   headers: dict[str, str], rate: float, batch_size: int, label_delay: float,
+                   label_share: float, max_seconds: float, seed: int,
+                   clock: Callable[[], float], sleep: Callable[[float], None],
+                   report: Report | None = None) -> ReplayResult:
+    """Send ``instances`` in their order to ``base``/predict, ``batch_size`` rows a request at
+    ``rate`` requests per second, and post the labels of a seeded ``label_share`` of the
+    answered requests to ``/feedback`` ``label_delay`` seconds after their answer (``labels[i]``
+    is row i's, None when unknown: not posted); stop after ``max_seconds`` whatever is left,
+    counting the labels still waiting as dropped. Counts go to ``result``, which is returned.
+
+    ``report`` (optional) gets a :class:`Progress` after every request, at most every
+    :data:`PROGRESS_STEP` seconds while waiting, and once at the end (``final``)."""
+    rows = len(instances)
+    requests_total = math.ceil(rows / batch_size)
+    labelled = labelled_requests(requests_total, label_share, seed)
+    pending: collections.deque[tuple[float, str, list[dict[str, Any]]]] = collections.deque()
+    started = clock()
+    deadline = started + max_seconds
+    interval = 1.0 / rate
+
+    def eta(now: float) -> float:
+        left = requests_total - result.requests
+        if left:
+            pace = max(interval, (now - started) / result.requests if result.requests else 0)
+            seconds = left * pace + (label_delay if label_share > 0 else 0.0)
+        else:
+            seconds = pending[-1][0] - now if pending else 0.0
+        return max(0.0, min(seconds, deadline - now))
+
+    def tick(final: bool = False) -> None:
+        if report is not None:
+            now = clock()
+            report(Progress(result, rows, now - started, eta(now), final))
+
+    def wait_until(moment: float) -> None:
+        if report is None:
+            if (left := moment - clock()) > 0:
+                sleep(left)
+            return
+        while (left := moment - clock()) > 0:
+            step = min(left, PROGRESS_STEP)
+            sleep(step)
+            if step == left:
+                return
+            tick()
+
+    def post_due_labels(now: float) -> None:
+        while pending and pending[0][0] <= now:
+            _, request_id, items = pending.popleft()
+            _post_labels(http, base, headers, request_id, items, result)
+
+    next_send = started
+    for number, offset in enumerate(range(0, rows, batch_size)):
+        now = clock()
+        if now >= deadline:
+            result.stopped_by_time = True
+            break
+        post_due_labels(now)
+        if next_send > now:
+            wait_until(min(next_send, deadline))
+            if clock() >= deadline:
+                result.stopped_by_time = True
+                break
+        next_send += interval
+        stop = min(offset + batch_size, rows)
+        request_id = predict_once(http, base, headers, instances[offset:stop], result)
+        if request_id is not None and labelled[number]:
+            items = label_items(entities, labels, offset, stop)
+            if items:
+                pending.append((clock() + label_delay, request_id, items))
+        tick()
+    while pending:
+        now = clock()
+        if now >= deadline:
+            result.stopped_by_time = True
+            break
+        if pending[0][0] > now:
+            wait_until(min(pending[0][0], deadline))
+            continue
+        post_due_labels(now)
+        tick()
+    result.labels_dropped = sum(len(items) for _, _, items in pending)
+    result.seconds = round(clock() - started, 3)
+    tick(final=True)
+    return result
+
+
+def _every_100_requests(progress: Callable[[str], None]) -> Report:
+    """The simulator replay's report: one line every 100 requests."""
+    said = 0
+
+    def report(state: Progress) -> None:
+        nonlocal said
+        result = state.result
+        if state.final or result.requests % 100 or result.requests == said:
+            return
+        said = result.requests
+        progress(f"{result.requests} requests, {result.rows_answered} rows answered, "
+                 f"{result.errors} errors, {result.labels_posted} labels posted")
+
+    return report
+
+
 def replay(url: str, spec: PipelineSpec, scenario: str | None, *, rows: int, rate: float,
            day: dt.date, days: int = 7, batch_size: int = 1, label_delay: float = 5.0,
            label_share: float = 1.0, max_seconds: float = 120.0, seed: int = 0,
@@ -274,99 +497,21 @@ def replay(url: str, spec: PipelineSpec, scenario: str | None, *, rows: int, rat
     days ending on ``day`` to ``url`` at ``rate`` requests per second, ``batch_size`` rows a
     request, and post each answered request's labels ``label_delay`` seconds later; stop after
     ``max_seconds`` whatever is left. See the module docstring."""
-    import httpx
-    import numpy as np
-
     base = check_url(url, allow_remote)
     _check_bounds(rows, rate, batch_size, max_seconds, label_delay, label_share)
     frame = replay_rows(spec, scenario, day=day, rows=rows, days=days, seed=seed)
     instances = request_instances(spec, frame)
     labels = [_plain(v) for v in frame[spec.label].tolist()]
     entities = [str(v) for v in frame[spec.entity_key].tolist()]
-    labelled = np.random.default_rng([seed, 0x4C41_4245]).random(
-        math.ceil(rows / batch_size)) < label_share
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    own_client = client is None
-    http = client or httpx.Client(timeout=10.0, headers=headers, follow_redirects=False)
     result = ReplayResult(scenario=describe_world(spec, scenario),
                           world_warning=world_warning(spec, scenario, day=day, days=days))
     if result.world_warning:
         log.warning("replay %s: %s", spec.name, result.world_warning)
-    pending: collections.deque[tuple[float, str, list[dict[str, Any]]]] = collections.deque()
-    started = clock()
-    deadline = started + max_seconds
-    interval = 1.0 / rate
-
-    def post_due_labels(now: float) -> None:
-        while pending and pending[0][0] <= now:
-            _, request_id, items = pending.popleft()
-            try:
-                answer = http.post(f"{base}/feedback", headers=headers,
-                                   json={"request_id": request_id, "labels": items})
-            except httpx.HTTPError as error:
-                result.label_errors += 1
-                result._error(f"/feedback: {type(error).__name__}: {error}")
-                continue
-            if answer.status_code == 202:
-                result.labels_posted += len(items)
-            else:
-                result.label_errors += 1
-                result._error(f"/feedback {answer.status_code}: {answer.text}")
-
-    try:
-        next_send = started
-        for number, offset in enumerate(range(0, rows, batch_size)):
-            now = clock()
-            if now >= deadline:
-                result.stopped_by_time = True
-                break
-            post_due_labels(now)
-            if next_send > now:
-                sleep(min(next_send, deadline) - now)
-                if clock() >= deadline:
-                    result.stopped_by_time = True
-                    break
-            next_send += interval
-            batch = instances[offset:offset + batch_size]
-            result.requests += 1
-            result.rows_sent += len(batch)
-            try:
-                answer = http.post(f"{base}/predict", headers=headers,
-                                   json={"instances": batch})
-            except httpx.HTTPError as error:
-                result._error(f"/predict: {type(error).__name__}: {error}")
-                continue
-            if answer.status_code != 200:
-                result._error(f"/predict {answer.status_code}: {answer.text}")
-                continue
-            body = answer.json()
-            request_id = str(body["request_id"])
-            version = str(body.get("model_version"))
-            result.rows_answered += len(batch)
-            result.request_ids.append(request_id)
-            result.model_versions[version] = result.model_versions.get(version, 0) + len(batch)
-            if labelled[number]:
-                # A label is given once per (request, entity): an entity the batch names twice
-                # (two of its days) gets the label of its last row, as the log keeps one.
-                by_entity = {entities[offset + i]: labels[offset + i] for i in range(len(batch))}
-                items = [{"entity": entity, "label": label} for entity, label in by_entity.items()]
-                pending.append((clock() + label_delay, request_id, items))
-            if progress and result.requests % 100 == 0:
-                progress(f"{result.requests} requests, {result.rows_answered} rows answered, "
-                         f"{result.errors} errors, {result.labels_posted} labels posted")
-        while pending:
-            now = clock()
-            if now >= deadline:
-                result.stopped_by_time = True
-                break
-            if pending[0][0] > now:
-                sleep(min(pending[0][0], deadline) - now)
-                continue
-            post_due_labels(now)
-        result.labels_dropped = sum(len(items) for _, _, items in pending)
-    finally:
-        if own_client:
-            http.close()
-    result.seconds = round(clock() - started, 3)
+    with http_client(client) as http:
+        send_and_label(base, instances, entities, labels, result, http=http,
+                       headers=auth_headers(token), rate=rate, batch_size=batch_size,
+                       label_delay=label_delay, label_share=label_share,
+                       max_seconds=max_seconds, seed=seed, clock=clock, sleep=sleep,
+                       report=_every_100_requests(progress) if progress else None)
     log.info("replay %s (%s): %s", spec.name, scenario, result.to_dict())
     return result

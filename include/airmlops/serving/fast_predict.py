@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from airmlops.data.categories import category
+
 log = logging.getLogger(__name__)
 
 LINEAR_REGRESSORS = frozenset({"LinearRegression", "Ridge", "Lasso", "ElasticNet"})
@@ -69,11 +71,13 @@ class _OneHot:
 
 @dataclasses.dataclass(frozen=True)
 class _Block:
-    """One ColumnTransformer entry: its input columns, their kind and its steps in order."""
+    """One ColumnTransformer entry: its input columns, their kind and its steps in order;
+    ``boolean`` says, per column, whether it is a boolean feature (1/0 are true/false)."""
 
     columns: tuple[str, ...]
     numeric: bool
     steps: tuple[_Impute | _Scale | _OneHot, ...]
+    boolean: tuple[bool, ...] = ()
 
 
 def _is_nan(value: Any) -> bool:
@@ -123,7 +127,8 @@ def _step(transformer: Any, numeric: bool) -> _Impute | _Scale | _OneHot:
 
 
 def _block(name: str, transformer: Any, columns: Any, numeric_names: set[str],
-           categorical_names: set[str]) -> _Block | None:
+           categorical_names: set[str], boolean_names: frozenset[str] = frozenset()
+           ) -> _Block | None:
     if isinstance(transformer, str):
         if transformer == "drop":
             return None
@@ -153,7 +158,8 @@ def _block(name: str, transformer: Any, columns: Any, numeric_names: set[str],
             kind_numeric = True  # what follows sees the 0/1 matrix
     if not kind_numeric:
         raise NotCompilable(f"ColumnTransformer entry {name!r} leaves categories unencoded")
-    return _Block(tuple(columns), numeric, tuple(steps))
+    flags = () if numeric else tuple(column in boolean_names for column in columns)
+    return _Block(tuple(columns), numeric, tuple(steps), flags)
 
 
 # --- the scorer --------------------------------------------------------------------------------
@@ -203,7 +209,9 @@ class FastScorer:
                     raise ValueError("Input X contains infinity or a value too large for "
                                      "dtype('float64').")
             else:
-                values = [[_category(row.get(c)) for c in block.columns] for row in rows]
+                cells = tuple(zip(block.columns, block.boolean or (False,) * len(block.columns),
+                                  strict=True))
+                values = [[_category(row.get(c), b) for c, b in cells] for row in rows]
             for step in block.steps:
                 values = _apply(step, values)
             outputs.append(values)
@@ -275,11 +283,10 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-def _category(value: Any) -> Any:
-    """A categorical cell as ``feature_frame`` makes it: ``str(value)``, missing stays missing."""
-    if value is None or _is_nan(value):
-        return None
-    return value if type(value) is str else str(value)
+def _category(value: Any, boolean: bool = False) -> str | None:
+    """A categorical cell as ``feature_frame`` makes it: its canonical text
+    (:func:`airmlops.data.categories.category`), missing stays missing (None)."""
+    return category(value, boolean=boolean)
 
 
 def _apply(step: _Impute | _Scale | _OneHot, values: Any) -> Any:
@@ -309,10 +316,12 @@ def _apply(step: _Impute | _Scale | _OneHot, values: Any) -> Any:
 
 
 def compile_scorer(model: Any, numeric: Sequence[str], categorical: Sequence[str], *,
-                   positive: Any = None) -> FastScorer:
+                   positive: Any = None, boolean: Sequence[str] = ()) -> FastScorer:
     """A :class:`FastScorer` for a fitted ``Pipeline([ColumnTransformer, estimator])`` whose
     input columns are ``numeric`` (float64) and ``categorical`` (strings); ``positive`` is the
-    class whose probability a classifier's score is (None for a regressor).
+    class whose probability a classifier's score is (None for a regressor). ``boolean`` names
+    the categorical columns that are boolean features (``spec.boolean_features``): there, like
+    in ``feature_frame``, 1/0 mean true/false.
 
     Raises :class:`NotCompilable` naming the first part it cannot reproduce.
     """
@@ -334,7 +343,8 @@ def compile_scorer(model: Any, numeric: Sequence[str], categorical: Sequence[str
             if (isinstance(transformer, str) and transformer == "drop") or not len(selected):
                 continue
             raise NotCompilable("the ColumnTransformer's remainder is not dropped")
-        block = _block(name, transformer, selected, numeric_names, categorical_names)
+        block = _block(name, transformer, selected, numeric_names, categorical_names,
+                       frozenset(boolean))
         if block is not None:
             blocks.append(block)
     if not blocks:

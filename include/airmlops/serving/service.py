@@ -270,6 +270,33 @@ class BinaryLabelItem(LabelItem):
     label: Annotated[float, BeforeValidator(_binary_label)]
 
 
+def _boolean_field(value: Any) -> str:
+    """A boolean request field in the model's text: JSON true/false, "true"/"false" in any
+    case, or 1/0 become "true"/"false"; anything else is refused."""
+    from airmlops.data.categories import BOOLEAN_VALUES, category
+
+    accepted = (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))
+                or (isinstance(value, str) and value.lower() in BOOLEAN_VALUES))
+    text = category(value, boolean=True) if accepted else None
+    if text is None:
+        raise ValueError('must be a boolean: true or false, "true" or "false" (any case), '
+                         "or 1 or 0")
+    return text
+
+
+def _declared_category(allowed: frozenset[str], value: Any) -> Any:
+    """A categorical request field with declared ``values``: a JSON boolean or integer (or a
+    string in another case of "true"/"false") whose canonical text is one of them becomes that
+    text, as in training; anything else is left for the ``Literal`` check to refuse."""
+    from airmlops.data.categories import category
+
+    if isinstance(value, bool | int | str):
+        text = category(value)
+        if text in allowed:
+            return text
+    return value
+
+
 def request_models(spec: PipelineSpec, max_instances: int) -> tuple[type[BaseModel],
                                                                      type[BaseModel]]:
     """The (predict, feedback) request models of a pipeline, from its spec.
@@ -278,6 +305,9 @@ def request_models(spec: PipelineSpec, max_instances: int) -> tuple[type[BaseMod
     the spec declares them (numbers finite and within min/max, categories among ``values``);
     a field may be null only if the spec allows missing values for it. Unknown fields are
     refused. Field names are the spec's column names (as aliases, so any column name works).
+    Categories arrive in the canonical text training used (:mod:`airmlops.data.categories`):
+    a boolean field takes true/false, "true"/"false" or 1/0 and becomes "true"/"false"; a
+    field with ``values`` also takes a JSON boolean or integer whose text is among them.
     """
     by_name = {f.name: f for f in spec.features}
     fields: dict[str, Any] = {"f_entity": (EntityId, Field(alias=spec.entity_key))}
@@ -288,8 +318,11 @@ def request_models(spec: PipelineSpec, max_instances: int) -> tuple[type[BaseMod
         elif column.type == "numeric":
             annotation = Annotated[float, Strict(), Field(ge=column.min, le=column.max,
                                                           allow_inf_nan=False)]
+        elif column.type == "boolean":
+            annotation = Annotated[str, BeforeValidator(_boolean_field)]
         elif column.values:
-            annotation = Literal[tuple(column.values)]
+            allowed = functools.partial(_declared_category, frozenset(column.values))
+            annotation = Annotated[Literal[tuple(column.values)], BeforeValidator(allowed)]
         else:
             annotation = Annotated[str, Strict(), Field(max_length=ENTITY_MAX_LENGTH)]
         if column is not None and column.max_null_fraction > 0:
@@ -432,7 +465,8 @@ class ServingRuntime:
         spec = self.spec
         try:
             scorer = compile_scorer(self.model, spec.numeric_features, spec.categorical_features,
-                                    positive=1 if self.is_classifier else None)
+                                    positive=1 if self.is_classifier else None,
+                                    boolean=spec.boolean_features)
         except NotCompilable as error:
             log.info("scoring with the Pipeline on DataFrames: %s", error)
             return None

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 MIN_TEST_ROWS = 50
 """Fewest held-out rows a metric (and a bootstrap interval) is computed on."""
 
+EMBARGOED_FILE = "embargoed.parquet"
+"""The embargoed rows of a training set, beside ``train.parquet`` (see :func:`time_partition`)."""
+
 _KEY_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
 
 
@@ -62,7 +65,20 @@ def time_split(
     Rows without a label or a timestamp are dropped first (their labels have not arrived, or
     they cannot be placed in time). The cutoff is the timestamp quantile at
     ``1 - test_fraction``: test is every row at or after it, train every row earlier than
-    ``cutoff - gap_days``. Rows in between are embargoed and used by neither.
+    ``cutoff - gap_days``. Rows in between are embargoed and used by neither (see
+    :func:`time_partition` for them).
+    """
+    train, _, test, info = time_partition(df, spec)
+    return train, test, info
+
+
+def time_partition(
+    df: pd.DataFrame, spec: PipelineSpec
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, SplitInfo]:
+    """:func:`time_split` with the embargoed rows too: (train, embargoed, test, info).
+
+    The three parts, concatenated in that order, are every labelled row of ``df`` in time
+    order: what a refit on the whole batch trains on (see :func:`read_labelled_set`).
     """
     import numpy as np
     import pandas as pd
@@ -89,7 +105,8 @@ def time_split(
 
     test = frame.loc[ordered >= cutoff].reset_index(drop=True)
     train = frame.loc[ordered < train_end].reset_index(drop=True)
-    embargoed_rows = len(frame) - len(test) - len(train)
+    embargoed = frame.loc[(ordered >= train_end) & (ordered < cutoff)].reset_index(drop=True)
+    embargoed_rows = len(embargoed)
 
     where = (
         f"(cutoff {cutoff.isoformat()}, training before {train_end.isoformat()}, "
@@ -125,7 +142,7 @@ def time_split(
         test_fraction=spec.training.test_fraction,
         gap_days=spec.training.gap_days,
     )
-    return train, test, info
+    return train, embargoed, test, info
 
 
 def write_training_set(
@@ -134,8 +151,12 @@ def write_training_set(
     root: Path,
     key: str,
     split: SplitInfo | None = None,
+    embargoed: pd.DataFrame | None = None,
 ) -> dict[str, str]:
     """Write ``root/<key>/{train,test}.parquet`` (and ``split.json`` if given); return the paths.
+
+    ``embargoed`` (the rows between train and test, see :func:`time_partition`) goes to
+    ``embargoed.parquet`` when given, so that a refit can read every labelled row of the batch.
 
     ``key`` is one or more ``/``-separated segments of letters, digits and ``_.=-`` (for
     example a data digest); anything else is refused. Each file is written to a temporary name
@@ -148,6 +169,14 @@ def write_training_set(
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
         _write_if_changed(paths[part], buffer.getvalue())
+    embargoed_path = directory / EMBARGOED_FILE
+    if embargoed is not None:
+        paths["embargoed"] = embargoed_path
+        buffer = io.BytesIO()
+        embargoed.to_parquet(buffer, index=False)
+        _write_if_changed(embargoed_path, buffer.getvalue())
+    else:
+        embargoed_path.unlink(missing_ok=True)  # rows of another split must not be read back
     split_path = directory / "split.json"
     if split is not None:
         paths["split"] = split_path
@@ -156,6 +185,38 @@ def write_training_set(
     else:
         split_path.unlink(missing_ok=True)  # never leave a description of other data beside
     return {part: str(path) for part, path in paths.items()}
+
+
+def read_labelled_set(train_path: Path | str) -> pd.DataFrame:
+    """Every labelled row of a training set's batch, in time order: train, embargoed, test.
+
+    ``train_path`` is the set's ``train.parquet``; the embargoed and test rows are read from
+    beside it. ``ValueError`` when the set cannot give every row its split counted (no
+    ``split.json``, or embargoed rows counted but not written: a set written before refits
+    existed), so a refit never silently trains on fewer rows than the batch had.
+    """
+    import pandas as pd
+
+    train_path = Path(train_path)
+    split = read_split_info(train_path)
+    if split is None:
+        raise ValueError(f"{train_path.parent} has no split.json: the rows of its batch cannot "
+                         "be counted; run preprocess again")
+    parts = [pd.read_parquet(train_path)]
+    embargoed_path = train_path.with_name(EMBARGOED_FILE)
+    if embargoed_path.is_file():
+        parts.append(pd.read_parquet(embargoed_path))
+    elif split.embargoed_rows:
+        raise ValueError(f"{train_path.parent} counts {split.embargoed_rows} embargoed rows but "
+                         f"has no {EMBARGOED_FILE} (written before refits existed); run "
+                         "preprocess again")
+    parts.append(pd.read_parquet(train_path.with_name("test.parquet")))
+    rows = pd.concat(parts, ignore_index=True)
+    expected = split.train_rows + split.embargoed_rows + split.test_rows
+    if len(rows) != expected:
+        raise ValueError(f"{train_path.parent} holds {len(rows)} labelled rows but its split "
+                         f"counts {expected}: the files are not one split; run preprocess again")
+    return rows
 
 
 def read_split_info(train_path: Path | str) -> SplitInfo | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -229,6 +230,43 @@ def decide(
         champion_version=champion_version,
         comparison=comparison,
     )
+
+
+MIN_UNSEEN_ROWS = 100
+"""Fewest held-out rows after a refit champion's data end for it to be compared on them."""
+
+
+def unseen_by_champion(spec: PipelineSpec, test_df: pd.DataFrame, champion_uri: str,
+                       champion_tags: Mapping[str, str]) -> tuple[str, pd.DataFrame, str | None]:
+    """The model and held-out rows the champion comparison uses, so that the champion is never
+    judged on rows it was fitted on; (model URI, rows, a note or None).
+
+    A champion refit on every labelled row of its batch (``training.refit``, tags
+    ``refit.data_end`` and ``heldout.model_uri``) has seen the challenger's held-out rows up
+    to its data end. It is compared on the rows after that when there are at least
+    :data:`MIN_UNSEEN_ROWS`; otherwise its held-out fit stands in for it: the same estimator
+    on the same batch, fitted before that batch's own held-out rows, hence before any of these
+    rows. A champion that was not refit is compared as it is, on every held-out row.
+    """
+    import pandas as pd
+
+    seen_until = champion_tags.get("refit.data_end")
+    if not seen_until:
+        return champion_uri, test_df, None
+    timestamps = pd.to_datetime(test_df[spec.timestamp], utc=True)
+    unseen = test_df.loc[timestamps > pd.Timestamp(seen_until)]
+    if len(unseen) >= MIN_UNSEEN_ROWS:
+        return champion_uri, unseen, (
+            f"the champion was refit on rows up to {seen_until}: compared on the "
+            f"{len(unseen)} held-out rows after that")
+    stand_in = champion_tags.get("heldout.model_uri", "")
+    if stand_in.startswith("models:/"):
+        return stand_in, test_df, (
+            f"the champion was refit on rows up to {seen_until}, which include all but "
+            f"{len(unseen)} held-out rows: its held-out fit {stand_in} stands in for it")
+    return champion_uri, test_df, (
+        f"the champion was refit on rows up to {seen_until} and has no held-out fit on record: "
+        "compared on rows it has seen (its score is optimistic)")
 
 
 def evaluate_against_champion(

@@ -67,11 +67,14 @@ def feature_frame(spec: PipelineSpec, df: pd.DataFrame) -> pd.DataFrame:
     """The spec's feature columns of ``df`` with canonical dtypes; ``ValueError`` if any is missing.
 
     Numeric features become float64 (so a missing value is NaN and the signature says
-    ``double``), categorical features object strings with NaN for missing. The same frame goes
-    to fitting, the signature and scoring.
+    ``double``), categorical features object strings in their canonical text with NaN for
+    missing (:func:`airmlops.data.categories.category_series`: booleans are "true"/"false",
+    ``1.0`` is "1"; a boolean feature's 1/0 are "true"/"false" too). The same frame goes to
+    fitting, the signature and scoring.
     """
-    import numpy as np
     import pandas as pd
+
+    from airmlops.data.categories import category_series
 
     missing = [name for name in spec.input_names if name not in df.columns]
     if missing:
@@ -79,9 +82,9 @@ def feature_frame(spec: PipelineSpec, df: pd.DataFrame) -> pd.DataFrame:
     columns: dict[str, pd.Series] = {}
     for name in spec.numeric_features:
         columns[name] = pd.to_numeric(df[name], errors="raise").astype("float64")
+    booleans = set(spec.boolean_features)
     for name in spec.categorical_features:
-        values = df[name]
-        columns[name] = values.astype(str).where(values.notna(), np.nan).astype(object)
+        columns[name] = category_series(df[name], boolean=name in booleans)
     return pd.DataFrame(columns, index=df.index)[spec.input_names]
 
 

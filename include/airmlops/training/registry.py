@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
 
+    from airmlops.model_files import ModelDigests
     from airmlops.spec import PipelineSpec
     from airmlops.training.tracking import TrainResult
 
@@ -50,12 +51,18 @@ def register_challenger(
     train_result: TrainResult,
     tracking_uri: str,
     tags: dict[str, Any],
+    digests: ModelDigests | None = None,
 ) -> RegisteredVersion:
     """Register the run's model as a version of ``spec.registered_model_name``, alias challenger.
 
     The version gets the run's lineage tags, then ``tags`` (which win), then ``mlflow_run_id``.
+    ``train_result.model_uri`` is the run's model, or another model logged in the same run (a
+    refit, see :mod:`airmlops.training.refit`): then ``digests`` are that model's, recorded when
+    it was logged, and the version gets them instead of the run's.
     Idempotent: if a version from this run already exists (an Airflow retry), it is reused and
-    its tags and alias are set again; no second version is created.
+    its tags and alias are set again; no second version is created. A version of this run made
+    from another model than ``train_result.model_uri`` is refused (``ValueError``), since its
+    digests would then describe files it does not hold.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -78,14 +85,23 @@ def register_challenger(
             raise
 
     run_tags = client.get_run(run_id).data.tags
-    # A version nobody could load is refused; its digests are the run's, whatever ``tags`` say.
-    digests = ModelDigests.from_tags(run_tags, f"run {run_id}")
+    # A version nobody could load is refused; its digests are the run's (or those given for
+    # another model of the run), whatever ``tags`` say.
+    if digests is None:
+        digests = ModelDigests.from_tags(run_tags, f"run {run_id}")
     version_tags = {k: run_tags[k] for k in (*LINEAGE_TAGS, *COPIED_RUN_TAGS) if k in run_tags}
     version_tags.update({str(k): str(v) for k, v in tags.items() if v is not None})
     version_tags.update(digests.to_tags())
     version_tags[RUN_ID_TAG] = run_id
 
     version = _version_of_run(client, name, run_id)
+    model_id = _model_id(train_result.model_uri)
+    existing = version and (version.model_id or _model_id(version.source or ""))
+    if model_id and existing and existing != model_id:
+        raise ValueError(
+            f"version {version.version} of {name} was registered from model {existing} of run "
+            f"{run_id}, not {model_id}: register that run's model again, or train anew"
+        )
     if version is None:
         # MLflow resolves a ``models:/<model_id>`` source through the global tracking URI.
         with using_tracking_uri(tracking_uri):
@@ -94,7 +110,7 @@ def register_challenger(
                 source=train_result.model_uri,
                 run_id=run_id,
                 tags=version_tags,
-                model_id=_model_id(train_result.model_uri),
+                model_id=model_id,
             )
     for key, value in version_tags.items():
         client.set_model_version_tag(name, version.version, key, value)

@@ -131,10 +131,8 @@ def train_and_log(
     is trained or logged again.
     """
     import mlflow
-    import mlflow.sklearn
     import pandas as pd
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
 
     from airmlops.spec import resolve_estimator
     from airmlops.training.dataset import read_split_info
@@ -173,22 +171,15 @@ def train_and_log(
         tags={**tags, "training_key": training_key, "pipeline": spec.name},
     ) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        train_dataset = _dataset(train, train_path, spec.label, "train", train_digest)
-        test_dataset = _dataset(test, test_path, spec.label, "test", test_digest)
+        train_dataset = dataset_input(train, train_path, spec.label, "train", train_digest)
+        test_dataset = dataset_input(test, test_path, spec.label, "test", test_digest)
         mlflow.log_input(train_dataset, context="training")
         mlflow.log_input(test_dataset, context="testing")
 
         pipeline = build_pipeline(spec, resolve_estimator(spec))
         pipeline.fit(X_train, y_train)
-        example = X_train.head(_INPUT_EXAMPLE_ROWS)
-        model_info = mlflow.sklearn.log_model(
-            pipeline,
-            name=MODEL_NAME,
-            signature=infer_signature(X_train, pipeline.predict(example)),
-            input_example=example,
-            serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
-            skops_trusted_types=skops_trusted_types(pipeline),
-            pip_requirements=pinned_requirements(),
+        model_info, digests = log_fitted_model(
+            pipeline, X_train, name=MODEL_NAME, client=client, tracking_uri=tracking_uri
         )
         test_metrics = score(spec, pipeline, X_test, y_test)
         train_metrics = score(spec, pipeline, X_train, y_train)
@@ -200,7 +191,6 @@ def train_and_log(
             {f"train_{k}": v for k, v in train_metrics.items()},
             model_id=model_info.model_id, dataset=train_dataset,
         )
-        digests = record_digests(client, model_info.model_uri, model_info.model_id, tracking_uri)
         mlflow.set_tags({"model_uri": model_info.model_uri, "model_id": model_info.model_id,
                          **digests.to_tags()})
 
@@ -210,6 +200,36 @@ def train_and_log(
         metrics=test_metrics,
         experiment_id=experiment_id,
     )
+
+
+def log_fitted_model(
+    pipeline: Any, X: pd.DataFrame, *, name: str, client: MlflowClient, tracking_uri: str,
+    tags: dict[str, str] | None = None,
+) -> tuple[Any, ModelDigests]:
+    """Log a fitted pipeline into the active run as ``name``; (its ModelInfo, its digests).
+
+    The platform's one way of saving a model, for the trained model and its refit alike: skops
+    (loading runs no pickle) with the exact trusted types it needs, a signature and input
+    example from ``X``, pinned requirements, then the sha256 digests of the files as stored,
+    tagged on the logged model (with ``tags``) so every later load can check them.
+    """
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    example = X.head(_INPUT_EXAMPLE_ROWS)
+    model_info = mlflow.sklearn.log_model(
+        pipeline,
+        name=name,
+        signature=infer_signature(X, pipeline.predict(example)),
+        input_example=example,
+        serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
+        skops_trusted_types=skops_trusted_types(pipeline),
+        pip_requirements=pinned_requirements(),
+        tags=tags,
+    )
+    digests = record_digests(client, model_info.model_uri, model_info.model_id, tracking_uri)
+    return model_info, digests
 
 
 def lineage_tags(spec: PipelineSpec, lineage: dict[str, str], data_digest: str) -> dict[str, str]:
@@ -269,6 +289,22 @@ def pinned_requirements() -> list[str]:
     return [f"{package}=={version(package)}" for package in RUNTIME_PACKAGES]
 
 
+def fit_params(spec: PipelineSpec) -> dict[str, str]:
+    """The run params that define what is fitted, as logged: the estimator's class, params and
+    seed, the task and the feature lists (hence the preprocessing). A refit checks that its run
+    was logged with the same ones before fitting the spec's estimator again."""
+    return {
+        key: _param_value(value)
+        for key, value in _params(spec, None).items()
+        if key == "task" or key.startswith(("estimator.", "features."))
+    }
+
+
+def dataset_digest(path: Path | str) -> str:
+    """The digest a run's dataset input records for the Parquet file at ``path``."""
+    return _file_digest(Path(path))[:32]
+
+
 def _params(spec: PipelineSpec, extra_params: dict[str, Any] | None) -> dict[str, Any]:
     params: dict[str, Any] = {
         "estimator.class_path": spec.estimator.class_path,
@@ -283,7 +319,9 @@ def _params(spec: PipelineSpec, extra_params: dict[str, Any] | None) -> dict[str
     return params
 
 
-def _dataset(frame: pd.DataFrame, path: Path, label: str, name: str, digest: str) -> Any:
+def dataset_input(frame: pd.DataFrame, path: Path, label: str, name: str, digest: str) -> Any:
+    """An MLflow dataset of ``frame`` (read from ``path``) for ``mlflow.log_input``; its
+    digest is the first 32 hex digits of ``digest``."""
     import mlflow.data
 
     with warnings.catch_warnings():
