@@ -3,6 +3,7 @@ SHELL := /bin/bash
 PYTHON_VERSION ?= 3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+AIRMLOPS := $(PY) -m airmlops.cli
 STAMP := $(VENV)/.installed
 
 .PHONY: help setup run stop status test test-unit test-integration test-compose compose-images lint format lock bench chaos clean replay
@@ -30,15 +31,15 @@ format: setup
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 run: setup ## Start the platform on embedded defaults and trigger the demo training run
-	$(PY) -m airmlops.platform up --trigger churn_training --wait
+	$(AIRMLOPS) platform up --trigger churn_training --wait
 	@echo "The demo model answers at http://127.0.0.1:8600/predict, for example:"
 	@echo "  curl -s -X POST http://127.0.0.1:8600/predict -H 'Content-Type: application/json' -d '{\"instances\": [{\"customer_id\": \"C000010\", \"tenure_days\": 200}]}'"
 
 stop: ## Stop what `make run` started
-	@test -x $(PY) && $(PY) -m airmlops.platform down || true
+	@test -x $(PY) && $(AIRMLOPS) platform down || true
 
 status: setup ## Show which platform processes are alive
-	$(PY) -m airmlops.platform status
+	$(AIRMLOPS) platform status
 
 test: setup lint ## Lint, then every test suite (unit, DAG, integration, e2e)
 	$(VENV)/bin/pytest tests
@@ -59,7 +60,7 @@ bench: setup ## Benchmarks side by side with peers (Feast, mlflow serve, Evident
 	$(PY) benchmarks/run_all.py
 
 replay: setup ## Replay simulator traffic to a deployed model (the spec's world; SCENARIO=stable|covariate_drift|concept_drift|covariate_and_concept_drift|data_quality for a what-if)
-	$(PY) -m airmlops.cli replay --pipeline $(or $(PIPELINE),churn) $(if $(SCENARIO),--scenario $(SCENARIO)) --rows $(or $(ROWS),2000) --rate $(or $(RATE),20) $(REPLAY_ARGS)
+	$(AIRMLOPS) replay --pipeline $(or $(PIPELINE),churn) $(if $(SCENARIO),--scenario $(SCENARIO)) --rows $(or $(ROWS),2000) --rate $(or $(RATE),20) $(REPLAY_ARGS)
 
 clean: stop ## Remove data and runtime state (keeps .venv)
 	rm -rf .data .run

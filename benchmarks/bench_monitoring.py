@@ -139,7 +139,7 @@ def worker_ours(rows: int, scenario: str) -> dict[str, Any]:
             "prediction": report.prediction_drift.drifted if report.prediction_drift else None,
             "drift_share": report.drift_share,
             "window_drift": "drift_share" in report.breaches,
-            "policy_drift_share": config.policy.drift_share}
+            "policy_drift_share": config.policy.max_drift_share}
 
 
 def worker_evidently(rows: int, scenario: str) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def worker_evidently(rows: int, scenario: str) -> dict[str, Any]:
               if m["config"]["type"] == "evidently:metric_v2:ValueDrift"}
     drifted = {k: bool(v >= THRESHOLD) for k, v in scores.items() if k != "prediction"}
     share = sum(drifted.values()) / len(drifted)
-    policy = MonitoringConfig().policy.drift_share
+    policy = MonitoringConfig().policy.max_drift_share
     return {"seconds": seconds, "run_seconds": run_seconds, "html_bytes": len(html),
             "baseline_rss_mb": baseline, "drifted": drifted, "scores": scores,
             "prediction": bool(scores["prediction"] >= THRESHOLD), "drift_share": share,

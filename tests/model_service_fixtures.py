@@ -78,7 +78,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
         ids = [f"C{i:06d}" for i in range(800)]
         known = [e for e in ids if not store.read(spec.feature_store.views, [e]).missing]
     assert len(known) > 100
-    return Model(spec, spec_path, registered["version"], settings.mlflow_tracking_uri,
+    return Model(spec, spec_path, registered.version, settings.mlflow_tracking_uri,
                  settings.data_root, settings, known)
 
 

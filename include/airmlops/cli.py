@@ -1,4 +1,5 @@
-"""The `airmlops` command line: small helpers around the platform."""
+"""The `airmlops` command line: the platform (`airmlops platform up|down|status`), pipeline
+specs (`airmlops spec check`) and traffic replay (`airmlops replay`)."""
 
 from __future__ import annotations
 
@@ -209,15 +210,29 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
                         help="allow a non-loopback URL")
 
 
+def _add_platform(commands: argparse._SubParsersAction) -> None:
+    """``airmlops platform up|down|status``: the options of ``python -m airmlops.platform``."""
+    from airmlops.platform.commands import DESCRIPTION, add_commands
+
+    platform = commands.add_parser("platform", help="start, stop and inspect the platform",
+                                   description=DESCRIPTION)
+    add_commands(platform.add_subparsers(dest="platform_command", required=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="airmlops", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_platform(commands)
     spec = commands.add_parser("spec", help="pipeline specs")
     spec_commands = spec.add_subparsers(dest="spec_command", required=True)
     check = spec_commands.add_parser("check", help="validate spec files (all when none given)")
     check.add_argument("paths", nargs="*", type=Path)
     _add_replay(commands)
     args = parser.parse_args(argv)
+    if args.command == "platform":
+        from airmlops.platform.commands import run
+
+        return run(args)
     if args.command == "spec" and args.spec_command == "check":
         return _spec_check(args.paths)
     if args.command == "replay":

@@ -33,6 +33,7 @@ from pydantic import (
 
 from airmlops import estimators
 from airmlops.alerts import AlertsConfig
+from airmlops.errors import NonRetryable
 from airmlops.features.definitions import FeatureSet
 from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
 from airmlops.paths import confine_pattern
@@ -59,8 +60,9 @@ METRICS_BY_TASK = {
 }
 
 
-class SpecError(ValueError):
-    """A pipeline spec is invalid. The message names the file, the field and what was expected."""
+class SpecError(NonRetryable, ValueError):
+    """A pipeline spec is invalid. The message names the file, the field and what was expected.
+    Fixing the file is the only cure, so a task that meets it fails without retries."""
 
     def __init__(self, path: Path | str, problems: list[tuple[str, str]]) -> None:
         self.path = str(path)
@@ -482,6 +484,14 @@ class PipelineSpec(_Strict):
         return f"{self.name}_training"
 
     @property
+    def rollback_dag_id(self) -> str:
+        return f"{self.name}_rollback"
+
+    @property
+    def monitoring_dag_id(self) -> str:
+        return f"{self.name}_monitoring"
+
+    @property
     def registered_model_name(self) -> str:
         return self.name
 
@@ -585,9 +595,20 @@ _SpecLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def _read_spec_text(path: Path) -> str:
-    with path.open("rb") as handle:
-        raw = handle.read(MAX_SPEC_BYTES + 1)
+def read_spec_bytes(path: Path | str) -> bytes:
+    """A spec file's bytes, at most :data:`MAX_SPEC_BYTES` (:class:`SpecError` otherwise)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SPEC_BYTES + 1)
+    except OSError as error:
+        raise SpecError(path, [("(file)", f"cannot be read: {error.strerror}")]) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(path, [("(file)", f"is larger than {MAX_SPEC_BYTES // 1024} KiB")])
+    return raw
+
+
+def _decode_spec(raw: bytes, path: Path) -> str:
     if len(raw) > MAX_SPEC_BYTES:
         raise SpecError(path, [("(file)", f"is larger than {MAX_SPEC_BYTES // 1024} KiB")])
     try:
@@ -604,14 +625,19 @@ def load_spec(path: Path | str, *, data_roots: Sequence[Path] | None = None) -> 
     (no tags beyond the standard ones, no anchors or aliases, at most :data:`MAX_NESTING`
     levels deep).
     """
+    return parse_spec_bytes(read_spec_bytes(path), path, data_roots=data_roots)
+
+
+def parse_spec_bytes(raw: bytes, path: Path | str = "<memory>", *,
+                     data_roots: Sequence[Path] | None = None) -> PipelineSpec:
+    """Validate a spec given as the bytes of its file (see :func:`load_spec`); ``path`` only
+    names it in errors. A run pins these bytes (:mod:`airmlops.spec_pin`)."""
     path = Path(path)
     try:
-        text = _read_spec_text(path)
+        text = _decode_spec(raw, path)
         data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except SpecError:
         raise
-    except OSError as error:
-        raise SpecError(path, [("(file)", f"cannot be read: {error.strerror}")]) from None
     except yaml.YAMLError as error:
         raise SpecError(path, [("(file)", f"is not valid YAML: {error}")]) from None
     except Exception as error:  # e.g. RecursionError, or a too long integer literal

@@ -1,9 +1,10 @@
 """The training stages as plain functions: what each Airflow task calls.
 
-Every function takes the spec and small values (paths, digests, ids) and returns a small
-JSON-serialisable dict for XCom. None of them reads the clock: the run's time comes in as
-``as_of``. Each is safe to retry: snapshots are content-addressed, training sets are keyed by
-the snapshot digest and the spec hash, and registration reuses the version of an MLflow run.
+Every function takes the spec and the typed results of the stages before it
+(:mod:`airmlops.contracts`) and returns its own; the DAG layer turns them into XCom values.
+None of them reads the clock: the run's time comes in as ``as_of``. Each is safe to retry:
+snapshots are content-addressed, training sets are keyed by the snapshot digest and the spec
+hash, and registration reuses the version of an MLflow run.
 """
 
 from __future__ import annotations
@@ -12,8 +13,25 @@ import datetime as dt
 import logging
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.contracts import (
+    DataCheck,
+    Deployment,
+    FeatureBuild,
+    GateVerdict,
+    Materialized,
+    MonitorResult,
+    Package,
+    RegisteredVersion,
+    RolledBack,
+    Snapshot,
+    TrainedModel,
+    TrainingSet,
+    World,
+)
+from airmlops.errors import NonRetryable
 from airmlops.settings import PROJECT_ROOT, Settings
 from airmlops.spec import PipelineSpec
 
@@ -25,11 +43,11 @@ log = logging.getLogger(__name__)
 COMMIT_PATTERN = r"^[0-9a-fA-F]{7,64}$"
 
 
-class DataValidationFailed(RuntimeError):
+class DataValidationFailed(NonRetryable, RuntimeError):
     """The batch failed its data contract; it is quarantined and nothing downstream runs."""
 
 
-class BakeFailed(RuntimeError):
+class BakeFailed(NonRetryable, RuntimeError):
     """The new version breached its bake limits and was rolled back."""
 
 
@@ -128,15 +146,23 @@ def world_spec(spec: PipelineSpec, scenario: str | None,
     return spec.model_copy(update={"source": with_world(spec.source, scenario, scenario_start)})
 
 
-def ingest(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str, Any]:
-    """Pull the run's batch and write it as an immutable, content-addressed snapshot.
+def ingest(spec: PipelineSpec, run: RunContext, settings: Settings, *,
+           spec_bytes: bytes | None = None) -> Snapshot:
+    """Pull the run's batch and write it as an immutable, content-addressed snapshot; pin the
+    spec for the rest of the run.
+
+    The spec is pinned (:mod:`airmlops.spec_pin`) as ``spec_bytes``, the bytes of the file it
+    was read from, or as its canonical JSON when none are given; the snapshot records the
+    pinned copy and the spec's hash, and every later task of the run uses that copy.
 
     A simulator source is read in the world of the spec (``source.scenario`` from
     ``source.scenario_start``) unless the run overrides it; the override is handed on to
     preprocess (``world``), which builds the batch's feature days in the same world.
     """
     from airmlops.data import snapshots, sources
+    from airmlops.spec_pin import pin
 
+    pinned = pin(spec, settings.data_root, spec_bytes, data_roots=settings.data_roots)
     start, end = training_interval(spec, run)
     world = world_spec(spec, run.scenario, run.scenario_start)
     described = spec.source.kind
@@ -153,19 +179,18 @@ def ingest(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str,
         "ingest %s: %d rows, digest %s (%s)", spec.name, ref.rows, ref.digest,
         "new snapshot" if ref.created else "snapshot already present, nothing written",
     )
-    result = ref.to_dict()
+    overridden = None
     if world is not spec:
-        result["world"] = {"scenario": world.source.scenario,
-                           "scenario_start": (world.source.scenario_start.isoformat()
-                                              if world.source.scenario_start else None)}
-    return result
+        overridden = World(scenario=world.source.scenario,
+                           scenario_start=world.source.scenario_start)
+    return Snapshot.of(ref, pinned.spec_hash, pinned.path, overridden)
 
 
-def validate_data(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings) -> dict:
+def validate_data(spec: PipelineSpec, snapshot: Snapshot, settings: Settings) -> DataCheck:
     """Check the snapshot against the spec's data contract; quarantine it when it fails."""
     from airmlops.data import snapshots, validation
 
-    ref = snapshots.SnapshotRef.from_dict(snapshot)
+    ref = snapshot.ref
     frame = snapshots.read_snapshot(ref)
     reference_ref = snapshots.latest_validated(spec.name, settings.data_root)
     reference = None
@@ -173,12 +198,9 @@ def validate_data(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settin
         reference = snapshots.read_snapshot(reference_ref)
     docs_dir = settings.reports_dir / spec.name / "validation" / ref.digest
     outcome = validation.validate_frame(spec, frame, reference, docs_dir=docs_dir)
-    summary = {
-        "success": outcome.success,
-        "digest": ref.digest,
-        "statistics": outcome.statistics,
-        "reference_digest": reference_ref.digest if reference_ref else None,
-    }
+    summary = DataCheck(success=bool(outcome.success), digest=ref.digest,
+                        statistics=dict(outcome.statistics),
+                        reference_digest=reference_ref.digest if reference_ref else None)
     if not outcome.success:
         reason = validation.summarize_failures(outcome)
         where = snapshots.quarantine_snapshot(
@@ -197,27 +219,27 @@ def validate_data(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settin
     return summary
 
 
-def preprocess(spec: PipelineSpec, snapshot: dict[str, Any], settings: Settings) -> dict:
+def preprocess(spec: PipelineSpec, snapshot: Snapshot, settings: Settings) -> TrainingSet:
     """Time-based split with an embargo, written as the training set of this snapshot."""
     from airmlops.data import snapshots
     from airmlops.training import dataset
 
-    ref = snapshots.SnapshotRef.from_dict(snapshot)
+    ref = snapshot.ref
     frame = snapshots.read_snapshot(ref)
     if spec.feature_store is not None:
-        frame = _with_store_features(spec, frame, ref, settings, snapshot.get("world"))
+        frame = _with_store_features(spec, frame, ref, settings, snapshot.world)
     train, embargoed, test, split = dataset.time_partition(frame, spec)
     key = f"{spec.name}/{ref.digest[:16]}-{spec.spec_hash()[:12]}"
     paths = dataset.write_training_set(train, test, settings.training_sets_dir, key, split=split,
                                        embargoed=embargoed)  # kept for a refit (register)
     split_info = split.to_dict()
     log.info("preprocess %s: %s", spec.name, split_info)
-    return {"train_path": paths["train"], "test_path": paths["test"], "split": split_info,
-            "data_digest": ref.digest}
+    return TrainingSet(train_path=str(paths["train"]), test_path=str(paths["test"]),
+                       split=split_info, data_digest=ref.digest)
 
 
 def _with_store_features(spec: PipelineSpec, frame, ref, settings: Settings,
-                         world: dict[str, Any] | None = None):
+                         world: World | None = None):
     """The batch joined with its point-in-time features from the offline store, building the
     offline days the batch needs when the features DAG has not yet.
 
@@ -229,10 +251,8 @@ def _with_store_features(spec: PipelineSpec, frame, ref, settings: Settings,
 
     first, last = ref.interval_start.date(), ref.interval_end.date()
     if world:
-        start = dt.date.fromisoformat(world["scenario_start"]) if world.get(
-            "scenario_start") else None
-        rebuilt = features.build_offline(world_spec(spec, world.get("scenario"), start), first,
-                                         last, settings.data_root)
+        rebuilt = features.build_offline(world_spec(spec, world.scenario, world.scenario_start),
+                                         first, last, settings.data_root)
         log.info("preprocess %s: offline feature days %s..%s rebuilt in the run's world %s: %s",
                  spec.name, first, last, world, rebuilt)
     built = features.ensure_offline(spec, first, last, settings.data_root)
@@ -246,7 +266,7 @@ def _with_store_features(spec: PipelineSpec, frame, ref, settings: Settings,
     return joined
 
 
-def build_features(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str, Any]:
+def build_features(spec: PipelineSpec, run: RunContext, settings: Settings) -> FeatureBuild:
     """The features DAG's offline step: compute the run's days (backfill an empty store)."""
     from airmlops.features import pipeline as features
 
@@ -255,10 +275,11 @@ def build_features(spec: PipelineSpec, run: RunContext, settings: Settings) -> d
     span = spec.feature_store.backfill_days if not present else 2
     start = end - dt.timedelta(days=span)
     written = features.build_offline(spec, start, end, settings.data_root, scenario=run.scenario)
-    return {"start": start.isoformat(), "end": end.isoformat(), "rows": written}
+    return FeatureBuild(start=start, end=end, rows=dict(written))
 
 
-def materialize_features(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict:
+def materialize_features(spec: PipelineSpec, run: RunContext,
+                         settings: Settings) -> Materialized:
     """The features DAG's online step: new offline rows up to the run's time, watermarked."""
     from airmlops.features import pipeline as features
     from airmlops.features.online import make_online_store
@@ -269,28 +290,29 @@ def materialize_features(spec: PipelineSpec, run: RunContext, settings: Settings
     finally:
         store.close()
     log.info("materialize %s: %s rows written to %s", spec.name, written, store.location)
-    return {"rows": written, "store": store.location}
+    return Materialized(rows=dict(written), store=str(store.location))
 
 
-def train(spec: PipelineSpec, training_set: dict[str, Any], run: RunContext,
-          settings: Settings) -> dict[str, Any]:
+def train(spec: PipelineSpec, training_set: TrainingSet, run: RunContext,
+          settings: Settings) -> TrainedModel:
     """Fit the spec's scikit-learn Pipeline and track it in MLflow with its lineage."""
     from airmlops.training import tracking
 
-    lineage = {**run.lineage(), "data_digest": training_set["data_digest"],
+    lineage = {**run.lineage(), "data_digest": training_set.data_digest,
                "spec_hash": spec.spec_hash(), "features_hash": spec.features_hash()}
     result = tracking.train_and_log(
-        spec, training_set["train_path"], training_set["test_path"],
+        spec, training_set.train_path, training_set.test_path,
         lineage=lineage, tracking_uri=settings.mlflow_tracking_uri,
-        data_digest=training_set["data_digest"],
+        data_digest=training_set.data_digest,
     )
     log.info("train %s: run %s, metrics %s", spec.name, result.run_id, result.metrics)
-    return {"run_id": result.run_id, "model_uri": result.model_uri, "metrics": result.metrics,
-            "train_path": training_set["train_path"], "test_path": training_set["test_path"],
-            "lineage": lineage}
+    return TrainedModel(run_id=result.run_id, model_uri=result.model_uri,
+                        metrics={k: float(v) for k, v in result.metrics.items()},
+                        train_path=training_set.train_path, test_path=training_set.test_path,
+                        lineage=lineage)
 
 
-def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settings) -> dict:
+def validate_model(spec: PipelineSpec, trained: TrainedModel, settings: Settings) -> GateVerdict:
     """Absolute gates, then challenger vs champion on the same held-out rows. Fails closed."""
     import pandas as pd
 
@@ -303,13 +325,13 @@ def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settin
         from airmlops.model_files import ModelLoadError
 
         champion_uri, test, basis = gates.unseen_by_champion(
-            spec, pd.read_parquet(trained["test_path"]),
+            spec, pd.read_parquet(trained.test_path),
             f"models:/{spec.registered_model_name}/{champion.version}", champion.tags or {})
         if basis:
             log.info("validate_model %s: %s", spec.name, basis)
         try:
             comparison = gates.evaluate_against_champion(
-                spec, test, trained["model_uri"], champion_uri, tracking_uri=uri
+                spec, test, trained.model_uri, champion_uri, tracking_uri=uri
             )
         except ModelLoadError as error:  # e.g. a version registered before digests: say so
             comparison_error = str(error)
@@ -317,18 +339,19 @@ def validate_model(spec: PipelineSpec, trained: dict[str, Any], settings: Settin
         except Exception:  # the champion cannot score these rows: fail closed, not crash
             log.exception("validate_model %s: champion version %s could not be compared",
                           spec.name, champion.version)
-    decision = gates.decide(spec, trained["metrics"], comparison,
-                            champion.version if champion else None, comparison_error)
-    gates.log_decision(decision, trained["run_id"], uri)
+    decision = gates.decide(spec, trained.metrics, comparison,
+                            str(champion.version) if champion else None, comparison_error)
+    gates.log_decision(decision, trained.run_id, uri)
     verdict = "BLESSED" if decision.blessed else "NOT BLESSED"
     if not decision.blessed:
         _alert(spec, "not_blessed", "; ".join(decision.reasons),
-               {"mlflow_run_id": trained["run_id"], "metrics": trained["metrics"]})
+               {"mlflow_run_id": trained.run_id, "metrics": trained.metrics})
     log.info("validate_model %s: %s\n  %s", spec.name, verdict, "\n  ".join(decision.reasons))
-    return decision.to_dict()
+    return GateVerdict.from_xcom(decision.to_dict())
 
 
-def register(spec: PipelineSpec, trained: dict[str, Any], settings: Settings) -> dict[str, Any]:
+def register(spec: PipelineSpec, trained: TrainedModel,
+             settings: Settings) -> RegisteredVersion:
     """Register the blessed model as a new version with alias ``challenger``.
 
     When ``training.refit`` applies (:func:`refit_blessed`), the version is the blessed model
@@ -338,20 +361,20 @@ def register(spec: PipelineSpec, trained: dict[str, Any], settings: Settings) ->
     from airmlops.training import registry, tracking
 
     refit = refit_blessed(spec, trained, settings)
-    result = tracking.TrainResult(run_id=trained["run_id"],
-                                  model_uri=refit.model_uri if refit else trained["model_uri"],
-                                  metrics=trained["metrics"], experiment_id="")
-    tags = {**trained["lineage"], "mlflow_run_id": trained["run_id"],
+    result = tracking.TrainResult(run_id=trained.run_id,
+                                  model_uri=refit.model_uri if refit else trained.model_uri,
+                                  metrics=trained.metrics, experiment_id="")
+    tags = {**trained.lineage, "mlflow_run_id": trained.run_id,
             **(refit.tags() if refit else {})}
     version = registry.register_challenger(spec, result, settings.mlflow_tracking_uri, tags,
                                            digests=refit.digests if refit else None)
     log.info("register %s: version %s is now 'challenger'%s", spec.name, version.version,
              f" (refit on {refit.rows} labelled rows: {refit.reason})" if refit else "")
-    return {"name": version.name, "version": str(version.version),
-            "model_uri": version.model_uri, "refit": bool(refit)}
+    return RegisteredVersion(name=version.name, version=str(version.version),
+                             model_uri=version.model_uri, refit=bool(refit))
 
 
-def refit_blessed(spec: PipelineSpec, trained: dict[str, Any],
+def refit_blessed(spec: PipelineSpec, trained: TrainedModel,
                   settings: Settings) -> RefitResult | None:
     """The run's blessed model refit on every labelled row of its batch, or None when refit
     does not apply (``training.refit`` false, or unset and not a retraining run) or the gates
@@ -361,36 +384,32 @@ def refit_blessed(spec: PipelineSpec, trained: dict[str, Any],
     in ``validate_model`` before that: see :mod:`airmlops.training.refit` for what is logged
     where. A retry reuses the refit already logged in the run.
     """
-    from pathlib import Path
-
     from airmlops.training import refit
 
-    reason = refit.refit_reason(spec, trained["lineage"].get("airflow_run_id"))
+    reason = refit.refit_reason(spec, trained.lineage.get("airflow_run_id"))
     if reason is None:
         return None
-    train_path = trained.get("train_path") or str(
-        Path(trained["test_path"]).with_name("train.parquet"))  # an XCom from before refits
-    return refit.refit_run(spec, trained["run_id"], train_path, reason=reason,
+    return refit.refit_run(spec, trained.run_id, trained.train_path, reason=reason,
                            tracking_uri=settings.mlflow_tracking_uri)
 
 
 # --- serving: containerize, deploy, monitor --------------------------------------------------
 
 
-def containerize(spec: PipelineSpec, spec_path: str, registered: dict[str, Any],
-                 settings: Settings) -> dict[str, Any]:
-    """A bento from the registered version, then an image when a Docker engine is reachable."""
-    from pathlib import Path
+def containerize(spec: PipelineSpec, spec_path: str | Path, registered: RegisteredVersion,
+                 settings: Settings) -> Package:
+    """A bento from the registered version, then an image when a Docker engine is reachable.
 
+    ``spec_path`` is the file copied into the bento: in a training run, the spec pinned at
+    ingest. The bento build refuses a spec whose hash is not the one recorded on the version.
+    """
     from airmlops.serving import bento, container, docker_engine
 
-    version = registered["version"]
+    version = registered.version
     ref = bento.build_bento(spec, version, settings.mlflow_tracking_uri, settings.bentoml_store,
                             spec_path=Path(spec_path))
     log.info("containerize %s: bento %s built from version %s", spec.name, ref.tag, version)
-    result: dict[str, Any] = {"version": version, "bento_tag": ref.tag,
-                              "bento_export": str(ref.export_path), "image_id": None,
-                              "image_tag": None}
+    image_id = image_tag = None
     # Containers reach the online store and prediction log over the network: SQLite files
     # under the host's data root are for local processes, so docker needs Redis.
     wants_docker = spec.deploy.target == "docker" or (
@@ -407,7 +426,7 @@ def containerize(spec: PipelineSpec, spec_path: str, registered: dict[str, Any],
                     "airmlops.version": str(version)},
             progress=lambda line: log.info("containerize %s: %s", spec.name, line),
         )
-        result.update(image_id=image.id, image_tag=image.tag)
+        image_id, image_tag = image.id, image.tag
         log.info("containerize %s: image %s (%s, %.0f MB)", spec.name, image.tag, image.id,
                  image.size / 1e6)
     elif spec.deploy.target == "docker":
@@ -417,9 +436,10 @@ def containerize(spec: PipelineSpec, spec_path: str, registered: dict[str, Any],
         log.info("containerize %s: %s: no image built; the bento will be served as a local "
                  "process", spec.name, why)
     bento.record_on_version(spec.registered_model_name, version, settings.mlflow_tracking_uri,
-                            bento_tag=ref.tag, image_id=result["image_id"] or "none",
-                            image_tag=result["image_tag"] or "none (no Docker engine)")
-    return result
+                            bento_tag=ref.tag, image_id=image_id or "none",
+                            image_tag=image_tag or "none (no Docker engine)")
+    return Package(version=version, bento_tag=ref.tag, bento_export=str(ref.export_path),
+                   image_id=image_id, image_tag=image_tag)
 
 
 def _service_env(settings: Settings, spec: PipelineSpec | None = None) -> dict[str, str]:
@@ -458,8 +478,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any],
-           run: RunContext, settings: Settings) -> dict[str, Any]:
+def deploy(spec: PipelineSpec, packaged: Package, trained: TrainedModel,
+           run: RunContext, settings: Settings) -> Deployment:
     """Blue/green: the new version beside the old, ready, smoke-tested, then the switch.
 
     Online features are materialized first so the service finds its entities. Any failure
@@ -470,10 +490,10 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
     from airmlops.training import registry
 
     materialize_features(spec, run, settings) if spec.feature_store else None
-    version = str(packaged["version"])
-    target = "docker" if packaged.get("image_id") else "process"
-    artifact = packaged["image_tag"] if target == "docker" else packaged["bento_tag"]
-    golden = golden_requests(spec, trained["test_path"], spec.deploy.smoke_requests)
+    version = str(packaged.version)
+    target = "docker" if packaged.image_id else "process"
+    artifact = packaged.image_tag if target == "docker" else packaged.bento_tag
+    golden = golden_requests(spec, trained.test_path, spec.deploy.smoke_requests)
 
     def valid(request: dict[str, Any], body: Any) -> bool:
         predictions = body.get("predictions") if isinstance(body, dict) else None
@@ -495,9 +515,11 @@ def deploy(spec: PipelineSpec, packaged: dict[str, Any], trained: dict[str, Any]
     log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "
              "rollback; timings %s", spec.name, version, result.stable_url, result.slot,
              target, result.previous_version, result.timings)
-    return {"version": version, "target": target, "slot": result.slot,
-            "stable_url": result.stable_url, "previous_version": result.previous_version,
-            "previous_champion": previous.version if previous else None}
+    return Deployment(version=version, target=target, slot=str(result.slot),
+                      stable_url=result.stable_url,
+                      previous_version=(str(result.previous_version)
+                                        if result.previous_version is not None else None),
+                      previous_champion=str(previous.version) if previous else None)
 
 
 def _probe(url: str, golden: list[dict[str, Any]], seconds: float, interval: float,
@@ -531,8 +553,8 @@ def _probe(url: str, golden: list[dict[str, Any]], seconds: float, interval: flo
     return errors, total
 
 
-def monitor(spec: PipelineSpec, deployed: dict[str, Any], trained: dict[str, Any],
-            run: RunContext, settings: Settings) -> dict[str, Any]:
+def monitor(spec: PipelineSpec, deployed: Deployment, trained: TrainedModel,
+            run: RunContext, settings: Settings) -> MonitorResult:
     """Bake the new version on live traffic plus probes; a breach rolls back. Then promote it
     to ``champion`` and record its reference data for drift monitoring.
 
@@ -542,13 +564,13 @@ def monitor(spec: PipelineSpec, deployed: dict[str, Any], trained: dict[str, Any
     from airmlops.serving import proxy
     from airmlops.training import registry
 
-    version = deployed["version"]
-    golden = golden_requests(spec, trained["test_path"], spec.deploy.smoke_requests)
-    before = proxy.slot_stats(spec.deploy.port, deployed["slot"])
+    version = deployed.version
+    golden = golden_requests(spec, trained.test_path, spec.deploy.smoke_requests)
+    before = proxy.slot_stats(spec.deploy.port, deployed.slot)
     probe_errors, probes = _probe(
-        deployed["stable_url"], golden, spec.deploy.bake_seconds,
+        deployed.stable_url, golden, spec.deploy.bake_seconds,
         spec.deploy.bake_probe_interval_seconds, settings.serving_token.get_secret_value())
-    after = proxy.slot_stats(spec.deploy.port, deployed["slot"])
+    after = proxy.slot_stats(spec.deploy.port, deployed.slot)
     bake = {**proxy.bake_window(before, after), "probes": probes, "probe_errors": probe_errors}
     breached = (bake["requests"] == 0 or bake["error_rate"] > spec.deploy.max_error_rate
                 or bake["p99_ms"] > spec.deploy.max_p99_ms)
@@ -566,17 +588,17 @@ def monitor(spec: PipelineSpec, deployed: dict[str, Any], trained: dict[str, Any
 
     bento.record_on_version(
         spec.registered_model_name, version, uri, deployed_at=run.as_of.isoformat(),
-        deployed_target=f"{deployed['target']} {deployed['stable_url']}",
-        previous_champion=str(deployed.get("previous_champion") or "none"),
+        deployed_target=f"{deployed.target} {deployed.stable_url}",
+        previous_champion=str(deployed.previous_champion or "none"),
     )
     reference = record_reference(spec, version, trained, settings)
     log.info("monitor %s: version %s baked %s and is now 'champion' (previous: %s); "
              "reference data at %s", spec.name, version, bake,
-             deployed.get("previous_champion"), reference)
-    return {"version": version, "bake": bake, "reference": reference}
+             deployed.previous_champion, reference)
+    return MonitorResult(version=version, bake=bake, reference=reference)
 
 
-def record_reference(spec: PipelineSpec, version: str, trained: dict[str, Any],
+def record_reference(spec: PipelineSpec, version: str, trained: TrainedModel,
                      settings: Settings) -> str:
     """Summarize the champion's held-out data once, for drift monitoring of its windows."""
     import pandas as pd
@@ -587,7 +609,7 @@ def record_reference(spec: PipelineSpec, version: str, trained: dict[str, Any],
     from airmlops.paths import safe_join
     from airmlops.training.model import feature_frame, predict_scores
 
-    frame = pd.read_parquet(trained["test_path"])
+    frame = pd.read_parquet(trained.test_path)
     model = load_registered_model(f"models:/{spec.registered_model_name}/{version}",
                                   settings.mlflow_tracking_uri)
     frame["prediction"] = predict_scores(spec, model, feature_frame(spec, frame))
@@ -597,7 +619,7 @@ def record_reference(spec: PipelineSpec, version: str, trained: dict[str, Any],
     return str(where)
 
 
-def rollback(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[str, Any]:
+def rollback(spec: PipelineSpec, run: RunContext, settings: Settings) -> RolledBack:
     """Serve the previous version again and move ``champion`` back to it."""
     from airmlops.serving import deploy as deployer
     from airmlops.training import registry
@@ -611,4 +633,5 @@ def rollback(spec: PipelineSpec, run: RunContext, settings: Settings) -> dict[st
     log.info("rollback %s: version %s serves again at %s (slot %s%s)", spec.name,
              result.version, result.stable_url, result.slot,
              ", restarted" if result.restarted else "")
-    return {"version": result.version, "slot": result.slot, "stable_url": result.stable_url}
+    return RolledBack(version=str(result.version), slot=str(result.slot),
+                      stable_url=result.stable_url)

@@ -115,7 +115,7 @@ def test_parse_time_of_the_dags_folder_stays_small():
 
 
 def test_a_bad_spec_breaks_only_its_own_pipeline(tmp_path, caplog):
-    from airmlops.dag_factory import build_all
+    from airmlops.dags import build_all
 
     shutil.copy(PIPELINES_DIR / "churn.yaml", tmp_path / "churn.yaml")
     (tmp_path / "broken.yaml").write_text(
@@ -136,23 +136,23 @@ def test_any_error_while_building_a_spec_breaks_only_that_spec(tmp_path, monkeyp
     that spec its placeholder, and the half-built DAGs do not reach the DagBag."""
     from airflow.sdk.definitions._internal.contextmanager import DagContext
 
-    from airmlops import dag_factory
+    from airmlops import dags as dag_layer
 
     shutil.copy(PIPELINES_DIR / "churn.yaml", tmp_path / "churn.yaml")
     (tmp_path / "other.yaml").write_text(
         (PIPELINES_DIR / "churn.yaml").read_text().replace("name: churn", "name: other"))
-    real = dag_factory.build_rollback_dag
+    real = dag_layer.build_rollback_dag
 
     def fail_for_other(spec, path):
         if spec.name == "other":
             raise RuntimeError("rollback DAG could not be built")
         return real(spec, path)
 
-    monkeypatch.setattr(dag_factory, "build_rollback_dag", fail_for_other)
+    monkeypatch.setattr(dag_layer, "build_rollback_dag", fail_for_other)
     monkeypatch.setattr(DagContext, "current_autoregister_module_name", __name__)
     DagContext.autoregistered_dags.clear()
     try:
-        dags = dag_factory.build_all(tmp_path)
+        dags = dag_layer.build_all(tmp_path)
         registered = {dag.dag_id for dag, _ in DagContext.autoregistered_dags}
     finally:
         DagContext.autoregistered_dags.clear()
@@ -164,7 +164,7 @@ def test_any_error_while_building_a_spec_breaks_only_that_spec(tmp_path, monkeyp
 
 
 def test_two_specs_with_one_name_keep_the_first(tmp_path):
-    from airmlops.dag_factory import build_all
+    from airmlops.dags import build_all
 
     shutil.copy(PIPELINES_DIR / "churn.yaml", tmp_path / "a_churn.yaml")
     shutil.copy(PIPELINES_DIR / "churn.yaml", tmp_path / "b_copy.yaml")
@@ -176,7 +176,7 @@ def test_two_specs_with_one_name_keep_the_first(tmp_path):
 def _build_with_alerts(tmp_path: Path, alerts: dict | None) -> dict:
     import yaml
 
-    from airmlops.dag_factory import build_all
+    from airmlops.dags import build_all
 
     data = yaml.safe_load((PIPELINES_DIR / "churn.yaml").read_text())
     if alerts is not None:

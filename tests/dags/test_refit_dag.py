@@ -13,7 +13,7 @@ SPEC_PATH = REPO_ROOT / "include" / "pipelines" / "churn.yaml"
 def test_register_refits_only_after_the_gates_blessed_the_logged_model():
     from airflow.providers.standard.operators.python import ShortCircuitOperator
 
-    from airmlops.dag_factory import build_training_dag
+    from airmlops.dags.training import build_training_dag
     from airmlops.spec import load_spec
 
     dag = build_training_dag(load_spec(SPEC_PATH), SPEC_PATH)

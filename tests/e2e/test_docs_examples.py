@@ -317,6 +317,7 @@ def _train_doc_model(name: str, block: CodeBlock, root: Path, tracking_uri: str)
     """Train and package the model of a spec a page writes, on generated rows; its bento tag,
     BentoML home and data root."""
     from airmlops import stages
+    from airmlops.contracts import Snapshot
     from airmlops.data import snapshots, sources
     from airmlops.serving.bento import build_bento
     from airmlops.settings import Settings
@@ -342,11 +343,12 @@ def _train_doc_model(name: str, block: CodeBlock, root: Path, tracking_uri: str)
     start, end = stages.training_interval(spec, run)
     batch = snapshots.canonicalize(sources.load_batch(spec, start, end, data_root=data_root),
                                    spec)
-    snapshot = snapshots.write_snapshot(batch, spec.name, data_root, (start, end)).to_dict()
+    written = snapshots.write_snapshot(batch, spec.name, data_root, (start, end))
+    snapshot = Snapshot.of(written, spec.spec_hash(), spec_path)  # the spec file is the run's
     trained = stages.train(spec, stages.preprocess(spec, snapshot, settings), run, settings)
     registered = stages.register(spec, trained, settings)
     home = root / "bentoml"
-    ref = build_bento(spec, registered["version"], tracking_uri, home, spec_path=spec_path)
+    ref = build_bento(spec, registered.version, tracking_uri, home, spec_path=spec_path)
     return ref.tag, home, data_root
 
 

@@ -150,7 +150,7 @@ def _spec(port: int, source_glob: str) -> dict[str, Any]:
                       "columns": {"sessions": {"critical": True}}},
             "performance": {"metric": "roc_auc", "min": 0.6, "min_labels": 100,
                             "label_lookback_windows": 24},
-            "policy": {"k": 2, "n": 3, "cooldown_hours": 24, "drift_share": 0.3},
+            "policy": {"k": 2, "n": 3, "cooldown_hours": 24, "max_drift_share": 0.3},
         },
     }
 
@@ -185,7 +185,7 @@ def _deploy_champion(spec: PipelineSpec, spec_path: Path, settings: Settings,
     packaged = stages.containerize(spec, str(spec_path), registered, settings)
     deployed = stages.deploy(spec, packaged, trained, run, settings)
     stages.monitor(spec, deployed, trained, run, settings)
-    return deployed["stable_url"], registered["version"]
+    return deployed.stable_url, registered.version
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def _test_spec(port: int, today: dt.date) -> dict[str, Any]:
                   "columns": {"activity__sessions_sum_7d": {"critical": True}}},
         "performance": {"metric": "roc_auc", "min": 0.55, "min_labels": 50,
                         "label_lookback_windows": 24},
-        "policy": {"k": 2, "n": 3, "cooldown_hours": 24, "drift_share": 0.3},
+        "policy": {"k": 2, "n": 3, "cooldown_hours": 24, "max_drift_share": 0.3},
     }
     return data
 
@@ -139,8 +139,8 @@ def _deploy_champion(spec: PipelineSpec, spec_path: Path, settings: Settings,
     deployed = stages.deploy(spec, packaged, trained, run, settings)
     monitored = stages.monitor(spec, deployed, trained, run, settings)
     timings["champion_package_deploy_bake"] = time.monotonic() - clock
-    assert Path(monitored["reference"]).is_dir()
-    return deployed["stable_url"], registered["version"], training_set["train_path"], timings
+    assert Path(monitored.reference).is_dir()
+    return deployed.stable_url, registered.version, training_set.train_path, timings
 
 
 @pytest.fixture(scope="module")

@@ -128,6 +128,7 @@ def test_train_deploy_redeploy_under_load_broken_deploy_and_rollback(e2e_env):
 
     # A broken artifact: the deploy fails, version 2 keeps serving, the champion is unchanged.
     from airmlops import stages
+    from airmlops.contracts import Package, TrainedModel
     from airmlops.serving.deploy import DeployFailed
     from airmlops.settings import Settings
     from airmlops.spec import load_spec
@@ -139,9 +140,11 @@ def test_train_deploy_redeploy_under_load_broken_deploy_and_rollback(e2e_env):
                      .glob("*/test.parquet"))
     run = stages.RunContext(dag_id="test", run_id="broken", as_of=_aware("2026-06-21"),
                             git_commit="0" * 40, trigger_reason="broken deploy test")
-    broken = {"version": "3", "bento_tag": f"{PIPELINE}:v3-doesnotexist", "image_id": None}
+    broken = Package(version="3", bento_tag=f"{PIPELINE}:v3-doesnotexist", bento_export="")
+    trained = TrainedModel(run_id="", model_uri="", metrics={}, train_path="",
+                           test_path=str(test_path), lineage={})  # deploy reads its test rows
     with pytest.raises(DeployFailed):
-        stages.deploy(spec, broken, {"test_path": str(test_path)}, run, settings)
+        stages.deploy(spec, broken, trained, run, settings)
     still = predict(port)
     assert still.status_code == 200 and still.json()["model_version"] == "2"
     assert champion(env) == "2"

@@ -45,8 +45,8 @@ BATCH = 5  # rows per request: ~750 rows a window
 LABEL_DELAY = 2.0
 RUN_TIMEOUT = 240.0
 DAG_FILE = '''"""Airflow DAGs of the test spec, and its monitoring DAG until the factory has it."""
-from airmlops.dag_factory import build_all
-from airmlops.monitoring.dag import build_monitoring_dag
+from airmlops.dags import build_all
+from airmlops.dags.monitoring import build_monitoring_dag
 from airmlops.settings import get_settings
 from airmlops.spec import load_spec, spec_paths
 
@@ -79,7 +79,7 @@ def _test_spec(port: int) -> dict[str, Any]:
             "drift": {"default": {"numeric": {"method": "wasserstein", "threshold": 0.2}},
                       "columns": {"sessions": {"critical": True}}},
             "performance": {"metric": "roc_auc", "min": 0.55, "min_labels": 50},
-            "policy": {"k": 1, "n": 1, "cooldown_hours": 1, "drift_share": 0.3},
+            "policy": {"k": 1, "n": 1, "cooldown_hours": 1, "max_drift_share": 0.3},
         },
     )
     data["source"].update(customers=700, seed=11)
@@ -117,8 +117,8 @@ def _deploy_champion(spec: PipelineSpec, spec_path: Path, settings: Settings,
     deployed = stages.deploy(spec, packaged, trained, run, settings)
     monitored = stages.monitor(spec, deployed, trained, run, settings)
     timings["deploy_and_bake"] = time.monotonic() - clock
-    assert Path(monitored["reference"]).is_dir()
-    return deployed["stable_url"], registered["version"], timings
+    assert Path(monitored.reference).is_dir()
+    return deployed.stable_url, registered.version, timings
 
 
 @pytest.fixture(scope="module")

@@ -655,7 +655,7 @@ def test_redis_online_store_and_log_streams(model, serve, request):
     run = stages.RunContext(dag_id="churn_training", run_id="service-test-redis", as_of=AS_OF,
                             git_commit="0" * 40, trigger_reason="integration test")
     written = stages.materialize_features(model.spec, run, redis_settings)
-    assert written["store"].startswith("redis://")
+    assert written.store.startswith("redis://")
     server = serve("redis", MLOPS_REDIS_URL=redis_url)
     entities = model.known[:4]
     answer = httpx.post(f"{server.url}/predict",

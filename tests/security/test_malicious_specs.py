@@ -327,7 +327,7 @@ def test_spec_check_refuses(case: Case, spec_check: dict[str, str], world: World
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_dag_factory_refuses_only_the_bad_spec(case: Case, folders: dict[str, Path],
                                                world: World, monkeypatch, caplog):
-    from airmlops.dag_factory import build_all
+    from airmlops.dags import build_all
 
     for name, value in SECRETS.items():
         if name.startswith("MLOPS_"):

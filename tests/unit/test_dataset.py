@@ -176,5 +176,5 @@ def test_ingest_reads_a_file_source_under_the_runs_data_root(tmp_path, monkeypat
                             as_of=dt.datetime(2026, 2, 1, tzinfo=dt.UTC), git_commit="0" * 40,
                             trigger_reason="test", full_history=True)
     snapshot = stages.ingest(spec, run, Settings(data_root=root))
-    assert snapshot["rows"] == len(frame)
+    assert snapshot.rows == len(frame)
     assert not elsewhere.exists()

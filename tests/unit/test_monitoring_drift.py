@@ -173,7 +173,7 @@ def test_critical_columns_breach_on_their_own(reference, windows) -> None:
     config = MonitoringConfig(
         drift={"columns": {"sessions": {"critical": True},
                            "age": {"method": "psi", "threshold": 0.2, "critical": True}}},
-        policy={"drift_share": 0.9},
+        policy={"max_drift_share": 0.9},
     )
     report = compute_window_report(reference, windows["drift_10k"], None, SPEC, config,
                                    window_id="critical")

@@ -21,7 +21,7 @@ from airmlops.spec import parse_spec
 T0 = dt.datetime(2026, 4, 1, tzinfo=dt.UTC)
 CONFIG = MonitoringConfig(
     performance={"metric": "roc_auc", "min": 0.7, "min_labels": 100},
-    policy={"k": 2, "n": 3, "cooldown_hours": 24, "drift_share": 0.3},
+    policy={"k": 2, "n": 3, "cooldown_hours": 24, "max_drift_share": 0.3},
 )
 
 
@@ -180,7 +180,7 @@ def test_defaults_are_explicit_methods() -> None:
     ({"performance": {"metric": "roc_auc", "max": 0.7}}, "set min, not max"),
     ({"performance": {"metric": "rmse"}}, "needs max"),
     ({"performance": {"min": 0.7}}, "min/max need a metric"),
-    ({"policy": {"drift_share": 0}}, "greater than 0"),
+    ({"policy": {"max_drift_share": 0}}, "greater than 0"),
     ({"sample_size": 5000, "strata": 6000}, "strata"),
     ({"unknown": 1}, "Extra inputs"),
 ])

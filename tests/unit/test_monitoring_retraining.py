@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from airmlops import stages
+from airmlops.contracts import Snapshot, World
 from airmlops.data.simulator import scenario_on, with_world
 from airmlops.monitoring.replay import describe_world, refresh_days, world_warning
 from airmlops.settings import Settings
@@ -54,7 +55,7 @@ def test_the_interval_ends_at_the_day_of_the_window_that_triggered_the_run() -> 
 
 
 def test_the_params_that_carry_it_are_validated() -> None:
-    from airmlops.dag_factory import parse_data_end, parse_scenario_start, training_params
+    from airmlops.dags.common import parse_data_end, parse_scenario_start, training_params
 
     assert parse_data_end("2026-09-13T16:45:00+00:00") == dt.datetime(2026, 9, 13, 16, 45,
                                                                       tzinfo=dt.UTC)
@@ -93,27 +94,27 @@ def test_every_reader_sees_the_spec_world_and_a_run_can_replace_it() -> None:
         stages.world_spec(file_spec, "stable", None)
 
 
-def _ingest(spec: PipelineSpec, settings: Settings, **run: Any) -> tuple[dict, pd.DataFrame]:
+def _ingest(spec: PipelineSpec, settings: Settings,
+            **run: Any) -> tuple[Snapshot, pd.DataFrame]:
     from airmlops.data import snapshots
 
     snapshot = stages.ingest(spec, _run(**run), settings)
-    return snapshot, snapshots.read_snapshot(snapshots.SnapshotRef.from_dict(snapshot))
+    return snapshot, snapshots.read_snapshot(snapshot.ref)
 
 
 def test_ingest_reads_the_world_of_the_spec_or_of_the_run(tmp_path: Path) -> None:
     settings = Settings(data_root=tmp_path / "data")
     drifted = _spec(scenario="covariate_drift", scenario_start=DRIFT_START.isoformat())
     snapshot, frame = _ingest(drifted, settings)
-    assert "world" not in snapshot  # the spec's own world: nothing to hand on
+    assert snapshot.world is None  # the spec's own world: nothing to hand on
     stable_spec = _spec()
     _, stable = _ingest(stable_spec, settings)
     assert stable["payment_failures"].mean() * 2 < frame["payment_failures"].mean()
     # A run's own world (the params): the same rows as a spec saying so, and handed on.
     overridden, same = _ingest(stable_spec, settings, scenario="covariate_drift",
                                scenario_start=DRIFT_START)
-    assert overridden["world"] == {"scenario": "covariate_drift",
-                                   "scenario_start": DRIFT_START.isoformat()}
-    assert overridden["digest"] == snapshot["digest"] and same.equals(frame)
+    assert overridden.world == World(scenario="covariate_drift", scenario_start=DRIFT_START)
+    assert overridden.digest == snapshot.digest and same.equals(frame)
     # Before the scenario starts the world is stable.
     _, early = _ingest(stable_spec, settings, scenario="covariate_drift",
                        scenario_start=dt.date(2026, 9, 20))
@@ -126,11 +127,11 @@ def test_a_run_world_rebuilds_the_feature_days_of_its_batch_in_that_world(tmp_pa
     failures = "activity__payment_failures_sum_30d"
 
     stable_set = stages.preprocess(spec, _ingest(spec, settings)[0], settings)
-    stable = pd.read_parquet(stable_set["train_path"])
+    stable = pd.read_parquet(stable_set.train_path)
     # The offline store now holds the stable world for these days; a run in a drifted world
     # must not join its drifted rows with those stable features.
     snapshot, _ = _ingest(spec, settings, scenario="covariate_drift")
-    drifted = pd.read_parquet(stages.preprocess(spec, snapshot, settings)["train_path"])
+    drifted = pd.read_parquet(stages.preprocess(spec, snapshot, settings).train_path)
     assert drifted[failures].mean() > 2 * stable[failures].mean()
     assert drifted["activity__sessions_sum_7d"].mean() < 0.8 * stable[
         "activity__sessions_sum_7d"].mean()

@@ -38,7 +38,7 @@ MONITORING = {
               "columns": {"sessions": {"critical": True}}},
     "performance": {"metric": "roc_auc", "min": 0.55, "min_labels": 30,
                     "label_lookback_windows": 2},
-    "policy": {"k": 2, "n": 3, "cooldown_hours": 24, "drift_share": 0.3},
+    "policy": {"k": 2, "n": 3, "cooldown_hours": 24, "max_drift_share": 0.3},
 }
 
 
@@ -363,8 +363,8 @@ class FakeTI:
 
 def test_act_triggers_training_with_what_the_training_dag_accepts(tmp_path: Path,
                                                                    settings) -> None:
-    from airmlops.dag_factory import parse_data_end, training_params
-    from airmlops.monitoring.dag import build_monitoring_dag
+    from airmlops.dags.common import parse_data_end, training_params
+    from airmlops.dags.monitoring import build_monitoring_dag
 
     spec_path = tmp_path / "churn.yaml"
     spec_path.write_text(yaml.safe_dump(SPEC.model_dump(mode="json")))

@@ -44,7 +44,7 @@ import yaml
 from airflow.sdk import DAG, BaseHook, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from airmlops.dag_factory import pipeline_dag_args
+from airmlops.dags.common import pipeline_dag_args
 from airmlops.spec import parse_spec
 
 data = yaml.safe_load(Path(os.environ["PROBE_SPEC"]).read_text())

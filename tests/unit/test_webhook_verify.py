@@ -334,7 +334,7 @@ def test_run_conf_carries_the_commit_and_fits_the_dag_params() -> None:
 def test_run_conf_of_the_longest_event_passes_the_training_dag_params() -> None:
     from airflow.sdk.definitions.param import ParamsDict
 
-    from airmlops.dag_factory import training_params
+    from airmlops.dags.common import training_params
 
     long_repo = "/".join(["g" * 100, "s" * 100, "n" * 53])
     event = parse_gitlab_event("Push Hook", DELIVERY, {

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from airmlops.features.compute import compute_view
-from airmlops.features.definitions import FEATURE_TIMESTAMP, FeatureView
+from airmlops.features.definitions import FEATURE_TIMESTAMP
 from airmlops.features.offline import get_historical_features, partition_dates, write_view_rows
 from airmlops.features.on_demand import apply_on_demand
 from airmlops.spec import PipelineSpec
@@ -203,7 +203,3 @@ def online_inputs(spec: PipelineSpec, online_store: Any, requests: Sequence[Mapp
 def _columns(spec: PipelineSpec, rows: list[dict[str, Any]]) -> list[str]:
     names = list(dict.fromkeys([*spec.input_names, *(k for r in rows for k in r)]))
     return names
-
-
-def views_of(spec: PipelineSpec) -> list[FeatureView]:
-    return list(_store(spec).views)

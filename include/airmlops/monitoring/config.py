@@ -21,13 +21,19 @@ Defaults, and why:
   meaningful, but a distance says how much, not just whether.
 
 A window is *breached* by any of: the share of drifted model inputs reaching
-``policy.drift_share`` (``drift_share``), a drifted column marked ``critical``
+``policy.max_drift_share`` (``drift_share``), a drifted column marked ``critical``
 (``feature:<name>``), prediction drift when ``drift.prediction.breach`` is on
 (``prediction_drift``), the performance floor once at least ``performance.min_labels`` labels
 have arrived (``performance``), and the data quality limits (``quality:<kind>:<column>``).
 Which of these may trigger a retraining is ``policy.triggers``; quality breaches are recorded
 and alerted on but do not retrain by default, because retraining on broken inputs makes the
-model worse, not better.
+model worse, not better. The report only measures; these breaches are decided afterwards from
+its numbers by :func:`airmlops.monitoring.judgement.judge`, so a recorded window can be judged
+again under a changed config without measuring it again.
+
+``policy.drift_share`` is the former name of ``policy.max_drift_share``: it is still accepted,
+with a logged deprecation warning (the measured share of a window keeps the name
+``drift_share``).
 
 Labels arrive late: a label that arrives in a window is matched with its prediction from up to
 ``performance.label_lookback_windows`` window lengths back (default 48: two days of hourly
@@ -41,9 +47,17 @@ runs keep every window.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+import logging
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 if TYPE_CHECKING:
     from airmlops.spec import PipelineSpec
@@ -67,6 +81,8 @@ METRICS_BY_TASK = {
 
 MAX_LOOKBACK_MINUTES = 366 * 1440
 """Labels are matched with predictions of at most this long ago (a year)."""
+
+log = logging.getLogger(__name__)
 
 PRESET_MINUTES = {"@hourly": 60, "@daily": 1440, "@weekly": 10080}
 """Schedules whose interval is known without a cron parser: the window must match it."""
@@ -250,11 +266,17 @@ class PerformanceConfig(_Strict):
         return value < self.min if self.min is not None else value > self.max
 
 
+RENAMED_POLICY_FIELDS = {"drift_share": "max_drift_share"}
+"""Former names of policy fields, still accepted with a deprecation warning: old -> new."""
+
+
 class PolicyConfig(_Strict):
     """When breaches become a retraining."""
 
-    drift_share: float = Field(
-        default=0.3, gt=0.0, le=1.0, description="Share of drifted model inputs that breaches.")
+    max_drift_share: float = Field(
+        default=0.3, gt=0.0, le=1.0,
+        description="Share of drifted model inputs at which a window is breached (formerly "
+        "`drift_share`, still accepted).")
     k: int = Field(default=2, ge=1, description="Breached windows needed among the last n.")
     n: int = Field(default=3, ge=1, le=1000)
     cooldown_hours: float = Field(default=24.0, ge=0.0, le=24 * 365)
@@ -263,6 +285,44 @@ class PolicyConfig(_Strict):
         default_factory=lambda: ["drift_share", "feature", "prediction_drift", "performance"],
         min_length=1, description="Breach kinds that count towards a retraining.",
     )
+    _deprecations: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _former_names(cls, data: Any, handler: Any) -> PolicyConfig:
+        """Accept a former field name (see RENAMED_POLICY_FIELDS): move its value to the new
+        name, log a warning and keep the note in :attr:`deprecations`; both names is an error."""
+        notes = []
+        if isinstance(data, dict):
+            data = dict(data)
+            for old, new in RENAMED_POLICY_FIELDS.items():
+                if old not in data:
+                    continue
+                if new in data:
+                    raise ValueError(f"policy: set either {new} or its deprecated former name "
+                                     f"{old}, not both (got {old}={data[old]!r}, "
+                                     f"{new}={data[new]!r})")
+                data[new] = data.pop(old)
+                notes.append(f"policy.{old} is deprecated: rename it to policy.{new} (the "
+                             f"value {data[new]!r} was used as policy.{new})")
+        model = handler(data)
+        if notes:  # only then: a validated instance passed in again keeps its own notes
+            model._deprecations = tuple(notes)
+            for note in notes:
+                log.warning("monitoring config: %s", note)
+        return model
+
+    @property
+    def deprecations(self) -> tuple[str, ...]:
+        """Notes on deprecated field names this policy was given (empty when none)."""
+        return self._deprecations
+
+    @property
+    def drift_share(self) -> float:
+        """Deprecated former name of :attr:`max_drift_share`, kept readable for old callers."""
+        log.warning("monitoring config: policy.drift_share is deprecated: read "
+                    "policy.max_drift_share")
+        return self.max_drift_share
 
     @model_validator(mode="after")
     def _k_within_n(self) -> PolicyConfig:

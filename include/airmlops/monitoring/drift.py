@@ -24,6 +24,13 @@ columns, per_column_method, per_column_threshold, drift_share)``, ``MissingValue
 ``MAE``/``RMSE``; each column's verdict is the status of ValueDrift's own test, the HTML comes
 from ``Snapshot.save_html`` and the machine-readable snapshot from ``Snapshot.dumps`` (loadable
 with ``Snapshot.loads``).
+
+Measuring is apart from judging: :func:`measure_window` (and :func:`measure_performance`, for
+performance alone) return numbers only, a :class:`WindowMeasurement`; the breaches are decided
+from them by :func:`airmlops.monitoring.judgement.judge`. :func:`compute_window_report` does
+both and returns a :class:`WindowReport` (the numbers plus the breaches). The policy's
+``max_drift_share`` reaches the measurement only as the threshold line of
+``DriftedColumnsCount`` in the HTML report; the numbers do not depend on it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airmlops.data.categories import BOOLEAN_VALUES
+from airmlops.monitoring.judgement import Judgement, WindowNumbers, judge, quality_limit
 from airmlops.monitoring.policy import check_window_id
 from airmlops.monitoring.reference import (
     PREDICTION_COLUMN,
@@ -73,6 +81,37 @@ class ColumnDriftResult:
 
 
 @dataclass(frozen=True)
+class WindowMeasurement:
+    """The numbers of one window, without any judgement of them.
+
+    ``columns``: each model input's drift test (method, threshold, score, verdict);
+    ``drift_share``: the measured share of drifted inputs (None when drift was not tested);
+    ``quality``: per input the measured shares, with the limits and valid range they were
+    measured against as metadata; ``performance``: metric -> value on ``label_count`` labelled
+    rows (None below ``performance.min_labels``).
+    """
+
+    window_id: str
+    start: dt.datetime
+    end: dt.datetime
+    rows: int
+    sampled: int
+    columns: dict[str, ColumnDriftResult]
+    drift_share: float | None
+    prediction_drift: ColumnDriftResult | None
+    quality: dict[str, dict[str, float]]
+    performance: dict[str, float] | None
+    label_count: int
+    notes: list[str] = field(default_factory=list)
+    html_path: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def drift_assessed(self) -> bool:
+        return self.drift_share is not None
+
+
+@dataclass(frozen=True)
 class WindowReport:
     """The numbers of one window, and which breach conditions they meet."""
 
@@ -91,6 +130,13 @@ class WindowReport:
     notes: list[str] = field(default_factory=list)
     html_path: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def judged(cls, measurement: WindowMeasurement, judgement: Judgement) -> WindowReport:
+        """A measurement with the breaches its judgement decided."""
+        values = {f.name: getattr(measurement, f.name)
+                  for f in dataclasses.fields(WindowMeasurement)}
+        return cls(**values, breaches=list(judgement.breaches))
 
     @property
     def drift_assessed(self) -> bool:
@@ -176,16 +222,16 @@ def _valid_range(feature: Any, profile: Any) -> tuple[float | None, float | None
 
 
 def _quality(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSpec,
-             config: MonitoringConfig) -> tuple[dict[str, dict[str, float]], list[str]]:
+             config: MonitoringConfig) -> dict[str, dict[str, float]]:
     """Exact data quality shares per model input over the whole window (one column at a time,
-    so memory stays at one column's copy)."""
+    so memory stays at one column's copy), each with the limit it is judged against and, for
+    numeric inputs, the valid range it was measured against."""
     import numpy as np
     import pandas as pd
 
     declared = {f.name: f for f in spec.features}
     booleans = set(spec.boolean_features)
     quality: dict[str, dict[str, float]] = {}
-    breaches: list[str] = []
     rows = len(window)
     for name, kind in spec.input_types.items():
         values = prepare_column(window, name, kind, boolean=name in booleans)
@@ -193,13 +239,8 @@ def _quality(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSp
         count = int(present.sum())
         missing_share = 1.0 - count / rows if rows else 0.0
         feature = declared.get(name)
-        override = config.quality.columns.get(name)
-        missing_limit = config.quality.limit(name, "missing")
-        if feature is not None and (override is None or override.max_missing_share is None):
-            missing_limit = max(missing_limit, feature.max_null_fraction)
-        entry = {"missing_share": missing_share, "max_missing_share": missing_limit}
-        if missing_share > missing_limit:
-            breaches.append(f"quality:missing:{name}")
+        entry = {"missing_share": missing_share,
+                 "max_missing_share": quality_limit(config, spec, name, "missing")}
         profile = reference.columns.get(name)
         if kind == "numeric":
             low, high = _valid_range(feature, profile)
@@ -210,11 +251,9 @@ def _quality(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSp
             if high is not None:
                 outside |= array > high
             share = float(outside.sum() / count) if count else 0.0
-            limit = config.quality.limit(name, "out_of_range")
+            limit = quality_limit(config, spec, name, "out_of_range")
             entry.update({"out_of_range_share": share, "max_out_of_range_share": limit,
                           "range_min": low, "range_max": high})
-            if share > limit:
-                breaches.append(f"quality:out_of_range:{name}")
         else:
             known = set(profile.categories) if profile is not None else set()
             if feature is not None and feature.values:
@@ -224,12 +263,10 @@ def _quality(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSp
             new = (~pd.Series(values[present]).isin(known).to_numpy() if known
                    else np.zeros(count, dtype=bool))
             share = float(new.sum() / count) if count else 0.0
-            limit = config.quality.limit(name, "new_category")
+            limit = quality_limit(config, spec, name, "new_category")
             entry.update({"new_category_share": share, "max_new_category_share": limit})
-            if share > limit:
-                breaches.append(f"quality:new_category:{name}")
         quality[name] = entry
-    return quality, breaches
+    return quality
 
 
 def _definition(numeric: list[str], categorical: list[str], **tasks: Any) -> Any:
@@ -296,9 +333,9 @@ def _drift(reference: ReferenceProfile, sample: pd.DataFrame, spec: PipelineSpec
                      f"{'reference' if not reference.has_prediction else 'window'}")
     metrics: list[Any] = [ValueDrift(column=name, method=tests[name].method,
                                      threshold=tests[name].threshold) for name in testable]
-    if testable:
+    if testable:  # the policy's share is only the HTML's threshold line, not in the numbers
         metrics.append(DriftedColumnsCount(
-            columns=testable, drift_share=config.policy.drift_share,
+            columns=testable, drift_share=config.policy.max_drift_share,
             per_column_method={n: tests[n].method for n in testable},
             per_column_threshold={n: tests[n].threshold for n in testable},
         ))
@@ -463,15 +500,92 @@ def _save_html(snapshot: Any, html_path: Path) -> None:
                   lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
-def compute_window_report(reference: ReferenceProfile, window: pd.DataFrame,
-                          labels: pd.DataFrame | None, spec: PipelineSpec,
-                          config: MonitoringConfig, *, window_id: str,
-                          html_path: Path | None = None, start: dt.datetime | None = None,
-                          end: dt.datetime | None = None, ts_column: str = TIMESTAMP_COLUMN,
-                          prediction_column: str = PREDICTION_COLUMN,
-                          label_keys: tuple[str, ...] = (REQUEST_ID_COLUMN,),
-                          label_column: str | None = None) -> WindowReport:
-    """Drift, data quality and (with enough labels) performance of one window.
+def _check_inputs(reference: ReferenceProfile | None, spec: PipelineSpec,
+                  config: MonitoringConfig, window_id: str) -> None:
+    """Refuse a bad window id, a config that does not fit the spec, or a stale reference."""
+    from airmlops.monitoring.config import validate_against_spec
+
+    check_window_id(window_id)
+    validate_against_spec(config, spec)
+    if reference is not None and reference.input_types != spec.input_types:
+        raise ValueError(f"the reference was summarized for inputs {reference.input_types}, the "
+                         f"spec now has {spec.input_types}: summarize the reference again")
+
+
+def _window_bounds(window: pd.DataFrame, ts_column: str, start: dt.datetime | None,
+                   end: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+    """``start``/``end``, each defaulting to the window's first/last timestamp."""
+    import pandas as pd
+
+    if ts_column not in window.columns:
+        raise ValueError(f"the window frame lacks its timestamp column '{ts_column}'")
+    if start is not None and end is not None:
+        return start, end
+    stamps = pd.to_datetime(window[ts_column], utc=True)
+    if not stamps.notna().any():
+        raise ValueError("start/end are required for a window without timestamps")
+    return start or stamps.min().to_pydatetime(), end or stamps.max().to_pydatetime()
+
+
+def _measure_labels(window: pd.DataFrame, labels: pd.DataFrame | None, spec: PipelineSpec,
+                    config: MonitoringConfig, seed: int, notes: list[str], *, ts_column: str,
+                    prediction_column: str, label_keys: tuple[str, ...], label_column: str
+                    ) -> tuple[dict[str, float] | None, int, Any | None]:
+    """Performance on the window's labelled rows, their count and the Evidently snapshot;
+    performance is None (with a note) without labels or with fewer than ``min_labels``."""
+    if labels is None:
+        notes.append("performance not computed: no labels yet")
+        return None, 0, None
+    labelled = _labelled(window, labels, label_column, prediction_column, list(label_keys),
+                         ts_column)
+    label_count = len(labelled)
+    if label_count < config.performance.min_labels:
+        notes.append(f"performance not computed: {label_count} labelled rows, fewer than "
+                     f"min_labels ({config.performance.min_labels})")
+        return None, label_count, None
+    if label_count > config.sample_size and ts_column in labelled.columns:
+        labelled = stratified_sample(labelled, ts_column, config.sample_size, seed,
+                                     strata=config.strata)
+    performance, snapshot = _performance(labelled, spec, config, label_column,
+                                         prediction_column, notes)
+    return performance, label_count, snapshot
+
+
+def _untested_columns(spec: PipelineSpec, config: MonitoringConfig
+                      ) -> dict[str, ColumnDriftResult]:
+    """Every model input's drift test, not run (no score, no verdict)."""
+    columns = {}
+    for name, kind in spec.input_types.items():
+        test = config.drift.test_for(name, kind)
+        columns[name] = ColumnDriftResult(method=test.method, threshold=test.threshold,
+                                          score=None, drifted=None)
+    return columns
+
+
+def _drift_share(columns: dict[str, ColumnDriftResult]) -> float | None:
+    """The share of drifted inputs among those tested (None when none was)."""
+    assessed = [r for r in columns.values() if r.drifted is not None]
+    return sum(r.drifted for r in assessed) / len(assessed) if assessed else None
+
+
+def _lap(seconds: dict[str, float], name: str, clock: float) -> None:
+    seconds[name] = time.perf_counter() - clock - sum(seconds.values())
+
+
+def _finish(seconds: dict[str, float], clock: float) -> dict[str, float]:
+    seconds["total"] = time.perf_counter() - clock
+    return {k: round(v, 4) for k, v in seconds.items()}
+
+
+def measure_window(reference: ReferenceProfile, window: pd.DataFrame,
+                   labels: pd.DataFrame | None, spec: PipelineSpec, config: MonitoringConfig,
+                   *, window_id: str, html_path: Path | None = None,
+                   start: dt.datetime | None = None, end: dt.datetime | None = None,
+                   ts_column: str = TIMESTAMP_COLUMN,
+                   prediction_column: str = PREDICTION_COLUMN,
+                   label_keys: tuple[str, ...] = (REQUEST_ID_COLUMN,),
+                   label_column: str | None = None) -> WindowMeasurement:
+    """Drift, data quality and (with enough labels) performance of one window: numbers only.
 
     ``window`` has one row per prediction: the model inputs as columns, the model output
     (``prediction_column``: the positive-class probability for classification, the value for
@@ -482,48 +596,27 @@ def compute_window_report(reference: ReferenceProfile, window: pd.DataFrame,
     HTML report is written there atomically, and its snapshot beside it as
     ``<name>.snapshot.json``; a window with too few rows to test and no labelled rows has no
     Evidently report, so no HTML (``html_path`` is None in the result, the notes say why).
+    Drift is tested only on windows of at least ``min_rows`` rows.
     """
-    import pandas as pd
-
-    from airmlops.monitoring.config import validate_against_spec
-
-    check_window_id(window_id)
-    validate_against_spec(config, spec)
-    if reference.input_types != spec.input_types:
-        raise ValueError(f"the reference was summarized for inputs {reference.input_types}, the "
-                         f"spec now has {spec.input_types}: summarize the reference again")
+    _check_inputs(reference, spec, config, window_id)
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     notes: list[str] = []
-    label_column = label_column or spec.label
-    if ts_column not in window.columns:
-        raise ValueError(f"the window frame lacks its timestamp column '{ts_column}'")
-    stamps = pd.to_datetime(window[ts_column], utc=True)
-    if start is None or end is None:
-        if stamps.notna().any():
-            start = start or stamps.min().to_pydatetime()
-            end = end or stamps.max().to_pydatetime()
-        else:
-            raise ValueError("start/end are required for a window without timestamps")
-
+    start, end = _window_bounds(window, ts_column, start, end)
     rows = len(window)
     seed = window_seed(config.seed, window_id)
     sample_rows = (stratified_sample(window, ts_column, config.sample_size, seed,
                                      strata=config.strata) if rows >= config.min_rows else None)
-    seconds["sample"] = time.perf_counter() - clock
+    _lap(seconds, "sample", clock)
 
-    quality, breaches = _quality(window, reference, spec, config)
-    seconds["quality"] = time.perf_counter() - clock - sum(seconds.values())
+    quality = _quality(window, reference, spec, config)
+    _lap(seconds, "quality", clock)
 
     snapshots = []
-    columns: dict[str, ColumnDriftResult] = {}
     prediction_result = None
-    drift_share = None
     if sample_rows is None:
         notes.append(f"drift not tested: {rows} rows, fewer than min_rows ({config.min_rows})")
-        columns = {name: ColumnDriftResult(method=(t := config.drift.test_for(name, kind)).method,
-                                           threshold=t.threshold, score=None, drifted=None)
-                   for name, kind in spec.input_types.items()}
+        columns = _untested_columns(spec, config)
     else:
         if prediction_column != PREDICTION_COLUMN:
             sample_rows = sample_rows.rename(columns={prediction_column: PREDICTION_COLUMN})
@@ -531,54 +624,82 @@ def compute_window_report(reference: ReferenceProfile, window: pd.DataFrame,
                                 boolean=spec.boolean_features)
         columns, prediction_result, snapshot = _drift(reference, sample, spec, config, notes)
         snapshots.append(snapshot)
-        assessed = [r for r in columns.values() if r.drifted is not None]
-        if assessed:
-            drift_share = sum(r.drifted for r in assessed) / len(assessed)
-            if drift_share >= config.policy.drift_share:
-                breaches.append("drift_share")
-        breaches.extend(f"feature:{name}" for name in config.drift.critical_columns
-                        if columns[name].drifted)
-        if (prediction_result is not None and prediction_result.drifted
-                and config.drift.prediction.breach):
-            breaches.append("prediction_drift")
-    seconds["drift"] = time.perf_counter() - clock - sum(seconds.values())
+    _lap(seconds, "drift", clock)
 
-    performance = None
-    label_count = 0
-    if labels is not None:
-        labelled = _labelled(window, labels, label_column, prediction_column,
-                             list(label_keys), ts_column)
-        label_count = len(labelled)
-        if label_count >= config.performance.min_labels:
-            if label_count > config.sample_size and ts_column in labelled.columns:
-                labelled = stratified_sample(labelled, ts_column, config.sample_size, seed,
-                                             strata=config.strata)
-            performance, snapshot = _performance(labelled, spec, config, label_column,
-                                                 prediction_column, notes)
-            if snapshot is not None:
-                snapshots.append(snapshot)
-            metric = config.performance.metric
-            if metric is not None and config.performance.breached(performance.get(metric)):
-                breaches.append("performance")
-        else:
-            notes.append(f"performance not computed: {label_count} labelled rows, fewer than "
-                         f"min_labels ({config.performance.min_labels})")
-    else:
-        notes.append("performance not computed: no labels yet")
-    seconds["performance"] = time.perf_counter() - clock - sum(seconds.values())
+    performance, label_count, snapshot = _measure_labels(
+        window, labels, spec, config, seed, notes, ts_column=ts_column,
+        prediction_column=prediction_column, label_keys=label_keys,
+        label_column=label_column or spec.label)
+    if snapshot is not None:
+        snapshots.append(snapshot)
+    _lap(seconds, "performance", clock)
 
     if html_path is not None and snapshots:
         _save_html(_merge_snapshots(snapshots), Path(html_path))
-    seconds["html"] = time.perf_counter() - clock - sum(seconds.values())
-    seconds["total"] = time.perf_counter() - clock
-    return WindowReport(
+    _lap(seconds, "html", clock)
+    return WindowMeasurement(
         window_id=window_id, start=start, end=end, rows=rows,
         sampled=0 if sample_rows is None else len(sample_rows), columns=columns,
-        drift_share=drift_share, prediction_drift=prediction_result, quality=quality,
-        performance=performance, label_count=label_count, breaches=sorted(set(breaches)),
-        notes=notes, html_path=str(html_path) if html_path is not None and snapshots else None,
-        seconds={k: round(v, 4) for k, v in seconds.items()},
+        drift_share=_drift_share(columns), prediction_drift=prediction_result, quality=quality,
+        performance=performance, label_count=label_count, notes=notes,
+        html_path=str(html_path) if html_path is not None and snapshots else None,
+        seconds=_finish(seconds, clock),
     )
+
+
+def measure_performance(window: pd.DataFrame, labels: pd.DataFrame, spec: PipelineSpec,
+                        config: MonitoringConfig, *, window_id: str,
+                        html_path: Path | None = None, start: dt.datetime | None = None,
+                        end: dt.datetime | None = None, ts_column: str = TIMESTAMP_COLUMN,
+                        prediction_column: str = PREDICTION_COLUMN,
+                        label_keys: tuple[str, ...] = (REQUEST_ID_COLUMN,),
+                        label_column: str | None = None) -> WindowMeasurement:
+    """Performance alone: the window's labelled rows through the performance metrics.
+
+    For frames that are not a window of model inputs (the predictions that labels arrived for
+    during a window): no drift and no data quality are measured, so ``columns`` and ``quality``
+    are empty, ``drift_share`` is None and ``sampled`` is 0. The arguments are those of
+    :func:`measure_window`; the HTML holds the performance section only.
+    """
+    _check_inputs(None, spec, config, window_id)
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
+    start, end = _window_bounds(window, ts_column, start, end)
+    performance, label_count, snapshot = _measure_labels(
+        window, labels, spec, config, window_seed(config.seed, window_id), notes,
+        ts_column=ts_column, prediction_column=prediction_column, label_keys=label_keys,
+        label_column=label_column or spec.label)
+    _lap(seconds, "performance", clock)
+    if html_path is not None and snapshot is not None:
+        _save_html(_merge_snapshots([snapshot]), Path(html_path))
+    _lap(seconds, "html", clock)
+    return WindowMeasurement(
+        window_id=window_id, start=start, end=end, rows=len(window), sampled=0, columns={},
+        drift_share=None, prediction_drift=None, quality={}, performance=performance,
+        label_count=label_count, notes=notes,
+        html_path=str(html_path) if html_path is not None and snapshot is not None else None,
+        seconds=_finish(seconds, clock),
+    )
+
+
+def compute_window_report(reference: ReferenceProfile, window: pd.DataFrame,
+                          labels: pd.DataFrame | None, spec: PipelineSpec,
+                          config: MonitoringConfig, *, window_id: str,
+                          html_path: Path | None = None, start: dt.datetime | None = None,
+                          end: dt.datetime | None = None, ts_column: str = TIMESTAMP_COLUMN,
+                          prediction_column: str = PREDICTION_COLUMN,
+                          label_keys: tuple[str, ...] = (REQUEST_ID_COLUMN,),
+                          label_column: str | None = None) -> WindowReport:
+    """:func:`measure_window`, then the breaches its numbers meet under ``config``
+    (:func:`airmlops.monitoring.judgement.judge`); the arguments are those of
+    :func:`measure_window`."""
+    measurement = measure_window(
+        reference, window, labels, spec, config, window_id=window_id, html_path=html_path,
+        start=start, end=end, ts_column=ts_column, prediction_column=prediction_column,
+        label_keys=label_keys, label_column=label_column)
+    return WindowReport.judged(measurement, judge(WindowNumbers.from_report(measurement),
+                                                  config, spec))
 
 
 def report_json(report: WindowReport) -> str:

@@ -5,8 +5,9 @@ reads the clock (window bounds and the decision time come in). Each is safe to r
 
 - :func:`collect_window` reads one window of the prediction log and writes it as Parquet under
   ``<data_root>/monitoring/<pipeline>/windows/<window_id>/`` (rewritten whole on a retry);
-- :func:`compute_report` compares the window with the current champion's reference
-  (:mod:`airmlops.monitoring.drift`), saves the HTML under
+- :func:`compute_report` measures the window against the current champion's reference
+  (:mod:`airmlops.monitoring.drift`), judges its breaches from the numbers
+  (:mod:`airmlops.monitoring.judgement`), saves the HTML under
   ``<data_root>/reports/<pipeline>/monitoring/<window_id>.html``, upserts the window in the
   :class:`~airmlops.monitoring.store.MonitoringStore` and logs the numbers to one MLflow run per
   window (experiment ``<pipeline>-monitoring``, found again by its ``window_id`` tag);
@@ -49,7 +50,7 @@ from airmlops.paths import safe_join
 if TYPE_CHECKING:
     import pandas as pd
 
-    from airmlops.monitoring.drift import WindowReport
+    from airmlops.monitoring.drift import WindowMeasurement, WindowReport
     from airmlops.settings import Settings
     from airmlops.spec import PipelineSpec
 
@@ -298,21 +299,18 @@ def _empty_report(window_id: str, start: dt.datetime, end: dt.datetime, rows: in
                         performance=None, label_count=0, breaches=[], notes=[why])
 
 
-def _with_delayed_performance(report: WindowReport, performance: WindowReport,
-                              lookback_start: str) -> WindowReport:
-    """The window's report with the performance measured on the labels that arrived in it."""
-    notes = [n for n in report.notes if not n.startswith("performance not computed")]
-    notes += [n for n in performance.notes if not n.startswith("drift not tested")]
+def _with_delayed_performance(measurement: WindowMeasurement, performance: WindowMeasurement,
+                              lookback_start: str) -> WindowMeasurement:
+    """The window's numbers with the performance measured on the labels that arrived in it."""
+    notes = [n for n in measurement.notes if not n.startswith("performance not computed")]
+    notes += performance.notes
     notes.append(f"performance on the {performance.label_count} labels that arrived in this "
                  f"window, for predictions since {lookback_start}")
-    breaches = set(report.breaches)
-    if "performance" in performance.breaches:
-        breaches.add("performance")
-    seconds = dict(report.seconds)
+    seconds = dict(measurement.seconds)
     seconds["performance"] = performance.seconds.get("total", 0.0)
-    return dataclasses.replace(report, performance=performance.performance,
-                               label_count=performance.label_count,
-                               breaches=sorted(breaches), notes=notes, seconds=seconds)
+    return dataclasses.replace(measurement, performance=performance.performance,
+                               label_count=performance.label_count, notes=notes,
+                               seconds=seconds)
 
 
 def _metrics_of(report: WindowReport) -> dict[str, float]:
@@ -386,7 +384,8 @@ def compute_report(spec: PipelineSpec, collected: dict[str, Any], settings: Sett
     """
     import pandas as pd
 
-    from airmlops.monitoring.drift import compute_window_report
+    from airmlops.monitoring.drift import WindowReport, measure_performance, measure_window
+    from airmlops.monitoring.judgement import WindowNumbers, judge
     from airmlops.monitoring.reference import ReferenceError, load_reference
     from airmlops.monitoring.store import MonitoringStore
     from airmlops.training import registry
@@ -414,22 +413,24 @@ def compute_report(spec: PipelineSpec, collected: dict[str, Any], settings: Sett
                     spec.name, window_id, why)
         report = _empty_report(window_id, start, end, len(frame), why)
     else:
-        report = compute_window_report(reference, frame, None, spec, config,
-                                       window_id=window_id, html_path=html_path, start=start,
-                                       end=end)
+        measured = measure_window(reference, frame, None, spec, config, window_id=window_id,
+                                  html_path=html_path, start=start, end=end)
         labelled = pd.read_parquet(collected["labelled_path"])
         if len(labelled):
-            # Performance only: drift and quality of this frame are not wanted, so min_rows is
-            # set out of reach (the report then tests no drift on it).
-            performance_only = config.model_copy(update={"min_rows": 2**62})
+            # Performance only: this frame holds the predictions that labels arrived for, not
+            # a window of model inputs, so neither drift nor data quality is measured on it.
             target = report_html_path(settings, spec.name, window_id, ".performance.html")
-            performance = compute_window_report(
-                reference, labelled, labelled, spec, performance_only, window_id=window_id,
-                html_path=target, start=start, end=end,
-                label_keys=("request_id", "entity_id"), label_column="label")
+            performance = measure_performance(
+                labelled, labelled, spec, config, window_id=window_id, html_path=target,
+                start=start, end=end, label_keys=("request_id", "entity_id"),
+                label_column="label")
             performance_html = performance.html_path
-            report = _with_delayed_performance(report, performance,
-                                               collected.get("label_lookback_start", "?"))
+            measured = _with_delayed_performance(measured, performance,
+                                                 collected.get("label_lookback_start", "?"))
+        judgement = judge(WindowNumbers.from_report(measured), config, spec)
+        report = WindowReport.judged(measured, judgement)
+        for breach, reason in judgement.reasons.items():
+            log.info("report %s window %s: breach %s: %s", spec.name, window_id, breach, reason)
     store = MonitoringStore(settings.data_root)
     store.record_window(spec.name, report, created=now or end)
     tags = {"champion_version": str(champion.version) if champion else "none",

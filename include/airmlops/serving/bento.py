@@ -64,7 +64,6 @@ PACKAGE_SUFFIXES = (".py", ".json")
 """What of this package a bento carries: its source and its data (the estimator catalogue)."""
 INCLUDE = [f"{ENTRY_MODULE}.py", "serving.json", "spec.yaml", "model/**",
            *(f"airmlops/**/*{suffix}" for suffix in PACKAGE_SUFFIXES)]
-TAG_KEYS = ("bento_tag", "image_id", "image_tag", "deployed_at", "deployed_target")
 
 _VERSION = re.compile(r"^[0-9]{1,9}$")
 _BENTO_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{0,62}[a-z0-9])?$")
@@ -151,6 +150,19 @@ def _check_features_hash(spec: PipelineSpec, version: Any) -> None:
             "serving it would compute different inputs than it was trained on")
 
 
+def _check_spec_hash(spec: PipelineSpec, version: Any) -> None:
+    """The spec must be the one the version was trained with (its ``spec_hash`` lineage tag):
+    a bento carries the spec, and the service computes its inputs and answers from it."""
+    from airmlops.spec_pin import SpecHashMismatch
+
+    trained = (version.tags or {}).get("spec_hash")
+    if trained and trained != spec.spec_hash():
+        raise SpecHashMismatch(
+            f"model {version.name} version {version.version}", trained, spec.spec_hash(),
+            "refusing to package it with a spec it was not trained with (package the spec "
+            "pinned by its training run, or train again)")
+
+
 def _package_source(destination: Path) -> None:
     """Copy this package's Python source and data files (no caches) to ``destination``."""
     import airmlops
@@ -190,7 +202,8 @@ def build_bento(
     ``bentoml_home`` is the BentoML store; the exported archive goes to ``export_dir``
     (default ``<bentoml_home>/exports``). Raises :class:`BentoBuildError` when the version is
     not a skops scikit-learn model, was trained with other feature definitions, or the build
-    fails.
+    fails; :class:`~airmlops.spec_pin.SpecHashMismatch` when the version's ``spec_hash`` tag is
+    not the hash of ``spec``.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -212,6 +225,7 @@ def build_bento(
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     model_version = client.get_model_version(name, version)
     _check_features_hash(spec, model_version)
+    _check_spec_hash(spec, model_version)
     requirements = service_requirements()
 
     scratch = bentoml_home / "tmp"

@@ -65,7 +65,6 @@ Progress = Callable[[str], None]
 
 BENTO_DIR_IN_IMAGE = "/home/bentoml/bento"
 SERVICE_UID = 10001
-SERVICE_PORT = 3000
 BUILD_NETWORK_MODE = "none"
 
 _BENTO_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{0,62}[a-z0-9])?$")

@@ -99,22 +99,6 @@ def engine_available(timeout: float = 2.0) -> bool:
         client.close()
 
 
-def engine_version(client: DockerClient) -> str:
-    """The engine's server version string (e.g. ``20.10.24+dfsg1``)."""
-    return str(client.version().get("Version", "unknown"))
-
-
-def image_exists(client: DockerClient, ref: str) -> bool:
-    """True when the engine has the image ``ref`` locally (nothing is ever pulled)."""
-    import docker.errors
-
-    try:
-        client.images.get(validate_image_ref(ref))
-    except docker.errors.ImageNotFound:
-        return False
-    return True
-
-
 def remove_container(client: DockerClient, name_or_id: str, timeout: int = 10) -> bool:
     """Stop (SIGTERM, then SIGKILL after ``timeout`` s) and remove a container; False if absent."""
     import docker.errors

@@ -38,6 +38,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.errors import NonRetryable
+
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
@@ -60,8 +62,9 @@ _RESULT_TAGS = ("refit.reason", "refit.rows", "heldout.fit_rows", "refit.data_en
 """Tags of the refit logged model that describe it; a retry rebuilds its result from them."""
 
 
-class RefitError(RuntimeError):
-    """The refit cannot be made the same way as the gated fit (other inputs or estimator)."""
+class RefitError(NonRetryable, RuntimeError):
+    """The refit cannot be made the same way as the gated fit (other inputs or estimator); a
+    retry would meet the same inputs, so the task fails without retries."""
 
 
 @dataclasses.dataclass(frozen=True)

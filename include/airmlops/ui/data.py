@@ -607,7 +607,7 @@ def read_monitoring(spec: PipelineSpec, data_root: Path, reports_dir: Path,
                                                           else None)
     floor = performance.min if performance.min is not None else performance.max
     base = MonitoringView(
-        drift_threshold=spec.monitoring.policy.drift_share,
+        drift_threshold=spec.monitoring.policy.max_drift_share,
         performance_metric=metric,
         performance_floor=floor if performance.metric is not None else None,
         floor_is_minimum=HIGHER_IS_BETTER.get(metric or "", True),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from airmlops.errors import NonRetryable
+
 
 class DeployError(RuntimeError):
     """A deployment operation could not be done; the message says what and why."""
 
 
-class DeployFailed(DeployError):
+class DeployFailed(DeployError, NonRetryable):
     """A new version was not switched to. The old version still serves and the state is unchanged.
+    Deterministic (a retry would fail the same way), so the task fails without retries.
 
     ``stage`` is where it failed: ``proxy``, ``start``, ``readiness``, ``smoke``, ``switch`` or
     ``record``; ``reason`` says why; ``log_tail`` is the end of the new version's log, if any.

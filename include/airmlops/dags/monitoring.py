@@ -3,8 +3,8 @@
 **collect** → **report** → **decide** → **should_retrain** (short-circuit) → **act**
 (``TriggerDagRunOperator`` of ``<name>_training``), and **retain** (after report: deletes the
 files of windows older than the retention). Every task is a few lines calling
-:mod:`airmlops.monitoring.tasks`; only Airflow's SDK and the standard provider's trigger operator
-are imported at parse time.
+:mod:`airmlops.monitoring.tasks` (whose values stay plain dicts); only Airflow's SDK and the
+standard provider's trigger operator are imported at parse time.
 
 The window of a run is its data interval: the timetable is a cron trigger on
 ``monitoring.schedule`` whose data interval is the ``monitoring.window_minutes`` before each tick.
@@ -20,6 +20,7 @@ from typing import Any
 
 from airflow.sdk import DAG, Param, dag, get_current_context, task
 
+from airmlops.dags.common import pipeline_dag_args, stage
 from airmlops.settings import get_settings
 from airmlops.spec import PipelineSpec, load_spec
 
@@ -74,7 +75,6 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
     from airflow.sdk import CronTriggerTimetable
 
-    from airmlops.dag_factory import pipeline_dag_args
     from airmlops.monitoring import tasks
 
     config = spec.monitoring
@@ -86,7 +86,7 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     decision = "ti.xcom_pull(task_ids='decide')"
 
     @dag(
-        dag_id=f"{spec.name}_monitoring",
+        dag_id=spec.monitoring_dag_id,
         schedule=CronTriggerTimetable(config.schedule, timezone="UTC",
                                       interval=dt.timedelta(minutes=config.window_minutes)),
         **pipeline_dag_args(spec, "monitoring"),
@@ -102,6 +102,7 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     )
     def monitoring() -> None:
         @task
+        @stage
         def collect() -> dict[str, Any]:
             """The window's predictions and the labels that arrived in it, as Parquet."""
             current = load()
@@ -109,12 +110,14 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
             return tasks.collect_window(current, start, end, get_settings())
 
         @task
+        @stage
         def report(collected: dict[str, Any]) -> dict[str, Any]:
             """Drift, quality and performance vs the champion's reference: HTML, table, MLflow."""
             run_id = get_current_context()["dag_run"].run_id
             return tasks.compute_report(load(), collected, get_settings(), airflow_run_id=run_id)
 
         @task
+        @stage
         def decide(window: dict[str, Any]) -> dict[str, Any]:
             """The policy's decision for this window, recorded with its reason (also "none")."""
             dry_run = bool(get_current_context()["params"].get("dry_run"))
@@ -123,6 +126,7 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
                                        dry_run=dry_run)
 
         @task
+        @stage
         def retain(window: dict[str, Any]) -> dict[str, Any]:
             """Delete the files of windows older than the spec's retention."""
             return tasks.prune_window_artifacts(
@@ -130,6 +134,7 @@ def build_monitoring_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
                 dt.datetime.fromisoformat(window["end"]), get_settings())
 
         @task.short_circuit
+        @stage
         def should_retrain(decided: dict[str, Any]) -> bool:
             """Only a "retrain" decision goes on to the trigger."""
             return decided["action"] == "retrain"
