@@ -407,13 +407,16 @@ def _gate(spec, uri):
 
 
 def _bake(spec, uri, tmp_path):
+    from airmlops.contracts import TrainedModel
     from airmlops.settings import Settings
     from airmlops.stages import record_reference
 
     test_path = tmp_path / "test.parquet"
     _frame().to_parquet(test_path)
     settings = Settings(data_root=tmp_path / "data", mlflow_tracking_uri=uri)
-    return record_reference(spec, "1", {"test_path": str(test_path)}, settings)
+    trained = TrainedModel(run_id="0" * 32, model_uri="models:/toy/1", metrics={},
+                           train_path=str(test_path), test_path=str(test_path), lineage={})
+    return record_reference(spec, "1", trained, settings)
 
 
 ENTRY_POINTS = {"gate": lambda spec, uri, tmp: _gate(spec, uri),
