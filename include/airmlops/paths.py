@@ -3,7 +3,7 @@
 :func:`safe_join` is the one way an untrusted string (a spec field, a pipeline name, a run id)
 becomes a path: the result is always confined under its root. :func:`confined_files` is the one
 way a spec's path or glob becomes files to read: every match, resolved, lies inside the data
-root (or a root the settings allow). The ``atomic_write_*`` helpers
+root (or a root the settings allow). :func:`atomic_replace` and the ``atomic_write_*`` helpers
 write to a temporary file in the target's directory, fsync it and rename it into place, so a
 reader sees the old content or the new one, never a torn file, and a retried task simply
 overwrites its own output.
@@ -15,7 +15,7 @@ import glob
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -47,33 +47,52 @@ def safe_join(root: Path, *parts: str) -> Path:
     return current
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); create parent dirs."""
+def atomic_replace(path: Path, write: Callable[[Path], None], *, mode: int = 0o644) -> Path:
+    """Call ``write(temp_path)`` on a temporary name beside ``path``, fsync what it wrote and
+    rename it over ``path`` with permissions ``mode``; create parent dirs.
+
+    The temporary file is private (0600) from its first byte, so ``mode=0o600`` never exposes
+    a secret; other modes are set just before the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    temp = Path(temp_name)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp_name, 0o644)  # mkstemp makes 0600; other processes read these files
-        os.replace(temp_name, path)
+        write(temp)
+        _fsync_file(temp)
+        os.chmod(temp, mode)
+        os.replace(temp, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename); create parent dirs."""
+    return atomic_replace(path, lambda temp: temp.write_bytes(data), mode=mode)
+
+
+def atomic_write_text(path: Path, text: str, *, mode: int = 0o644) -> Path:
     """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_file(path: Path) -> None:
+    """Persist a written file's bytes before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_directory(directory: Path) -> None:

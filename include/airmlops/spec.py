@@ -36,11 +36,10 @@ from airmlops.alerts import AlertsConfig
 from airmlops.errors import NonRetryable
 from airmlops.features.definitions import FeatureSet
 from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
+from airmlops.names import COLUMN_PATTERN, NAME_PATTERN
 from airmlops.paths import confine_pattern
 from airmlops.schedules import check_schedule
 
-NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
-COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 ESTIMATOR_PATTERN = r"^sklearn(\.[a-z_][a-z0-9_]*)+\.[A-Z][A-Za-z0-9]*$"
 """Only scikit-learn estimators: a spec must not be able to import arbitrary code."""
 ESTIMATOR_KIND = {"binary_classification": "classifier", "regression": "regressor"}

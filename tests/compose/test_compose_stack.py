@@ -138,8 +138,15 @@ def test_training_dag_runs_on_celery_and_deploys_a_container(
     # (only the CeleryExecutor writes there), and the worker's log shows the workloads.
     succeeded = {ti["task_id"] for ti in task_instances if ti["state"] == "success"}
     assert set(STAGES) <= succeeded, sorted(succeeded)
-    celery_results = int(psql(stack, "airflow",
-                              "SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'"))
+    # The worker stores a workload's result after the task has reported its own state, so the
+    # last task's result may land a moment after the run is marked done: poll, bounded.
+    deadline = time.monotonic() + 60
+    while True:
+        celery_results = int(psql(stack, "airflow",
+                                  "SELECT count(*) FROM celery_taskmeta WHERE status = 'SUCCESS'"))
+        if celery_results >= len(succeeded) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert celery_results >= len(succeeded), (celery_results, sorted(succeeded))
     worker_log = stack.compose("logs", "--no-color", "airflow-worker").stdout
     for stage in STAGES:

@@ -53,11 +53,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from airmlops.names import COLUMN_PATTERN, NAME_PATTERN
+
 FEATURE_TIMESTAMP = "event_timestamp"
 """Name of the as-of time column of every feature-view row (offline and online)."""
 
-NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
-COLUMN_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 Column = Annotated[str, Field(pattern=COLUMN_PATTERN)]

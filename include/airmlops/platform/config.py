@@ -9,12 +9,15 @@ platform again without the flags that started it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from airmlops.paths import atomic_write_text
+from airmlops.settings import PROJECT_ROOT, PlatformSettings, get_settings
 
 HOST = "127.0.0.1"
 DEFAULT_AIRFLOW_PORT = 8080
@@ -104,40 +107,39 @@ class PlatformConfig:
         return cls(**values)
 
 
-def default_run_dir(environ: Mapping[str, str] | None = None) -> Path:
+def default_run_dir(platform: PlatformSettings | None = None) -> Path:
     """``MLOPS_RUN_DIR`` or ``<repo>/.run``."""
-    from airmlops.settings import PROJECT_ROOT
-
-    environ = os.environ if environ is None else environ
-    return Path(environ.get("MLOPS_RUN_DIR") or PROJECT_ROOT / ".run").resolve()
+    platform = platform or read_platform_settings()
+    return Path(platform.run_dir or PROJECT_ROOT / ".run").resolve()
 
 
-def _as_path(value: str) -> Path:
-    return Path(value).expanduser().resolve()
+def read_platform_settings() -> PlatformSettings:
+    """The platform section of the settings, as the environment gives it now; a value that
+    does not parse is an error naming its variable, not ignored."""
+    try:
+        return PlatformSettings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PlatformError(f"invalid platform setting: {problems}") from None
 
 
-def _as_bool(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
-
-
-ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "airflow_port": ("MLOPS_AIRFLOW_PORT", int),
-    "mlflow_port": ("MLOPS_MLFLOW_PORT", int),
-    "log_server_port": ("MLOPS_AIRFLOW_LOG_SERVER_PORT", int),
-    "dags_folder": ("MLOPS_AIRFLOW_DAGS_FOLDER", _as_path),
-    "plugins_folder": ("MLOPS_AIRFLOW_PLUGINS_FOLDER", _as_path),
-    "mlflow_artifacts_dir": ("MLOPS_MLFLOW_ARTIFACTS_DIR", _as_path),
-    "dags_paused_at_creation": ("MLOPS_AIRFLOW_DAGS_PAUSED_AT_CREATION", _as_bool),
-    "parallelism": ("MLOPS_AIRFLOW_PARALLELISM", int),
-    "external_mlflow_uri": ("MLOPS_EXTERNAL_MLFLOW_URI", str),
-}
-"""Each setting (but the run dir) and the environment variable that sets it, with its parser."""
+SETTINGS = (
+    "airflow_port",
+    "mlflow_port",
+    "log_server_port",
+    "dags_folder",
+    "plugins_folder",
+    "mlflow_artifacts_dir",
+    "dags_paused_at_creation",
+    "parallelism",
+    "external_mlflow_uri",
+)
+"""Each setting of :class:`PlatformConfig` but the run dir (see :class:`PlatformSettings`)."""
+PATH_SETTINGS = frozenset({"dags_folder", "plugins_folder", "mlflow_artifacts_dir"})
 
 
 def _defaults() -> dict[str, Any]:
     """The value of each setting when nothing else gives one."""
-    from airmlops.settings import PROJECT_ROOT, get_settings
-
     return {
         "airflow_port": DEFAULT_AIRFLOW_PORT,
         "mlflow_port": DEFAULT_MLFLOW_PORT,
@@ -151,23 +153,15 @@ def _defaults() -> dict[str, Any]:
     }
 
 
-def _pick(
-    name: str,
-    given: Any,
-    environ: Mapping[str, str],
-    recorded: PlatformConfig | None,
-    default: Any,
-) -> Any:
+def _pick(name: str, given: Any, environment: PlatformSettings,
+          recorded: PlatformConfig | None, default: Any) -> Any:
     """One setting: the argument, else its environment variable, else the recorded value, else
-    the default. An environment value that does not parse is an error, not ignored."""
+    the default."""
     if given is not None:
         return given
-    env_key, cast = ENVIRONMENT[name]
-    if environ.get(env_key):
-        try:
-            return cast(environ[env_key])
-        except ValueError as exc:
-            raise PlatformError(f"{env_key}={environ[env_key]!r} is not valid") from exc
+    from_env = getattr(environment, name)
+    if from_env is not None:
+        return Path(from_env).expanduser().resolve() if name in PATH_SETTINGS else from_env
     if recorded is not None:
         return getattr(recorded, name)
     return default
@@ -184,12 +178,11 @@ def resolve_config(
     mlflow_artifacts_dir: Path | None = None,
     dags_paused_at_creation: bool | None = None,
     external_mlflow_uri: str | None = None,
-    environ: Mapping[str, str] | None = None,
 ) -> PlatformConfig:
     """The platform config: arguments, then ``MLOPS_*`` environment, then what the last ``up``
     recorded in the run dir, then defaults."""
-    environ = os.environ if environ is None else environ
-    run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(environ)
+    environment = read_platform_settings()
+    run_dir = Path(run_dir).resolve() if run_dir else default_run_dir(environment)
     recorded = load_recorded_config(run_dir)
     given = {
         "airflow_port": airflow_port,
@@ -204,7 +197,8 @@ def resolve_config(
     }
     defaults = _defaults()
     values = {
-        name: _pick(name, given[name], environ, recorded, defaults[name]) for name in ENVIRONMENT
+        name: _pick(name, given[name], environment, recorded, defaults[name])
+        for name in SETTINGS
     }
     config = PlatformConfig(run_dir=run_dir, **values)
     for port in (config.airflow_port, config.mlflow_port, config.log_server_port):
@@ -225,22 +219,4 @@ def load_recorded_config(run_dir: Path) -> PlatformConfig | None:
 def record_config(run_dir: Path, config: PlatformConfig) -> None:
     """Keep ``config`` in ``run_dir`` for :func:`load_recorded_config`."""
     text = json.dumps(config.to_json(), indent=2) + "\n"
-    write_atomic(Path(run_dir) / RECORDED_CONFIG, text)
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Atomically write ``text`` to ``path`` with permissions ``mode``.
-
-    Not :func:`airmlops.paths.atomic_write_text`: that one always makes the file 0644, and the
-    platform's secrets must be 0600 from the first byte on disk.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(run_dir) / RECORDED_CONFIG, text)

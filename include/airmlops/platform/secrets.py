@@ -14,7 +14,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from airmlops.platform.config import ADMIN_USER, PlatformConfig, write_atomic
+from airmlops.paths import atomic_write_text
+from airmlops.platform.config import ADMIN_USER, PlatformConfig
 
 SECRETS_FILE = "secrets.json"
 
@@ -70,4 +71,4 @@ def _ensure_admin_password(passwords_file: Path) -> str:
 
 def write_private(path: Path, text: str) -> None:
     """Atomically write ``text`` to ``path`` readable by the owner only."""
-    write_atomic(path, text, 0o600)
+    atomic_write_text(path, text, mode=0o600)

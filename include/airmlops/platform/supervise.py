@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from airmlops.embedded_pg import running_postgres, stop_postgres
+from airmlops.paths import atomic_write_text
 from airmlops.platform.config import (
     AIRFLOW_COMPONENTS,
     MLFLOW,
@@ -27,7 +28,6 @@ from airmlops.platform.config import (
     PlatformError,
     Progress,
     load_recorded_config,
-    write_atomic,
 )
 from airmlops.processes import file_tail, process_alive, reap, spawn_detached
 
@@ -79,7 +79,7 @@ def spawn(
         banner=f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n",
     )
     record = ProcessRecord(name=name, pid=proc.pid, create_time=proc.create_time())
-    write_atomic(pidfile(run_dir, name), f"{record.pid}\n{record.create_time}\n")
+    atomic_write_text(pidfile(run_dir, name), f"{record.pid}\n{record.create_time}\n")
     return record
 
 

@@ -99,10 +99,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from airmlops.paths import _fsync_directory, safe_join
+from airmlops.settings import PredictionLogSettings
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -131,46 +129,6 @@ ADOPT_INTERVAL_S = 5.0
 Observer = Callable[[str, int], None]
 """``observer(event, amount)``: event is ``logged``, ``labels_logged``, ``failed_writes``,
 ``dropped`` (increments) or ``buffered``, ``spilled``, ``backend_up`` (current values)."""
-
-
-class PredictionLogSettings(BaseSettings):
-    """Prediction log settings (environment prefix ``MLOPS_PREDICTION_LOG_``).
-
-    The backend follows the platform's ``MLOPS_REDIS_URL`` (Redis Streams when set, SQLite
-    otherwise) unless ``MLOPS_PREDICTION_LOG_REDIS_URL`` names another Redis for the log.
-    """
-
-    model_config = SettingsConfigDict(env_prefix="MLOPS_PREDICTION_LOG_", extra="ignore")
-
-    redis_url: str | None = Field(
-        default=None, description="Redis for the log only; unset means the platform's redis_url.")
-    buffer_size: int = Field(
-        default=100_000, ge=1, description="Entries held in memory while they wait to be "
-        "written or spilled; beyond this, new entries are dropped and counted.")
-    batch_size: int = Field(default=1000, ge=1, le=100_000,
-                            description="Entries written (or spilled, or replayed) per call.")
-    linger_ms: float = Field(
-        default=20.0, ge=0, le=1000,
-        description="How long the writer waits for more entries before a write that is not "
-        "full: one write then carries many requests' rows, which keeps the writer's share of "
-        "the service's CPU small; flush and close do not wait.")
-    spill_max_bytes: int = Field(
-        default=1 << 30, ge=0,
-        description="Bound of the pipeline's spill directory "
-        "(<data_root>/prediction-log/spill/<pipeline>/, all workers together), where entries "
-        "go while the backend is down: each spilled batch (at most batch_size entries) is "
-        "fsync'ed before it counts as spilled, and the spill is replayed in order once the "
-        "backend answers. Beyond the bound entries are dropped and counted. 0 turns spilling "
-        "off (entries then wait in memory only, and are dropped at shutdown).")
-    stream_maxlen: int = Field(
-        default=1_000_000, ge=1000,
-        description="Approximate bound of each Redis stream (XADD MAXLEN ~).")
-    label_window_days: float = Field(
-        default=90.0, gt=0, le=365,
-        description="With Redis, how long a prediction accepts labels: the record of which "
-        "entities a request predicted expires after this, or sooner when more than "
-        "stream_maxlen requests came after it (SQLite keeps it with the row). Keep it above "
-        "the pipeline's label delay.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1304,14 +1262,14 @@ class PredictionLog:
 def log_redis_url(settings: Settings, log_settings: PredictionLogSettings | None = None
                   ) -> str | None:
     """The Redis URL of the log (its own setting, else the platform's), or None for SQLite."""
-    log_settings = log_settings or PredictionLogSettings()
+    log_settings = log_settings or settings.prediction_log
     return log_settings.redis_url or settings.redis_url
 
 
 def open_backend(pipeline: str, settings: Settings,
                  log_settings: PredictionLogSettings | None = None) -> LogBackend:
     """The backend the settings choose for ``pipeline``: Redis Streams or the SQLite file."""
-    log_settings = log_settings or PredictionLogSettings()
+    log_settings = log_settings or settings.prediction_log
     url = log_redis_url(settings, log_settings)
     if url:
         return RedisLogBackend(url, pipeline, maxlen=log_settings.stream_maxlen,
@@ -1325,7 +1283,7 @@ def open_log(pipeline: str, settings: Settings, *,
     """A :class:`PredictionLog` writing to the backend the settings choose, spilling to
     ``<data_root>/prediction-log/spill/<pipeline>/`` while it is down (unless
     ``spill_max_bytes`` is 0)."""
-    log_settings = log_settings or PredictionLogSettings()
+    log_settings = log_settings or settings.prediction_log
     spill_dir = spill_dir_path(settings.data_root, pipeline) \
         if log_settings.spill_max_bytes else None
     return PredictionLog(open_backend(pipeline, settings, log_settings),

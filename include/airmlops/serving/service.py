@@ -6,7 +6,8 @@ of the pipeline spec and the registered version's MLflow model directory; the en
 :func:`create_service` with that file. Runtime settings come from the environment:
 ``MLOPS_DATA_ROOT`` and ``MLOPS_REDIS_URL`` (online store and prediction log, see
 :mod:`airmlops.settings`), ``MLOPS_PREDICTION_LOG_*`` and ``MLOPS_SERVING_*``
-(:class:`ServingSettings`; ``MLOPS_SERVING_TOKEN`` turns bearer-token authentication on).
+(:class:`airmlops.settings.ServingSettings`; ``MLOPS_SERVING_TOKEN`` turns bearer-token
+authentication on).
 
 Endpoints:
 
@@ -78,15 +79,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    SecretStr,
     Strict,
     ValidationError,
     create_model,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from airmlops.model_files import ModelDigests, ModelLoadError, load_model_dir, model_dir_under
 from airmlops.paths import safe_join
+from airmlops.settings import ServingSettings
 
 if TYPE_CHECKING:
     import numpy as np
@@ -136,60 +136,6 @@ class ServingConfig(BaseModel):
     @classmethod
     def read(cls, path: Path) -> ServingConfig:
         return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
-
-
-class ServingSettings(BaseSettings):
-    """Settings of the model service (environment prefix ``MLOPS_SERVING_``)."""
-
-    model_config = SettingsConfigDict(env_prefix="MLOPS_SERVING_", extra="ignore")
-
-    token: SecretStr = Field(
-        default=SecretStr(""),
-        description="Bearer token required on every endpoint but the probes and /metrics; "
-        "empty means no authentication (a gateway in front does it).")
-    max_instances: int = Field(default=1000, ge=1, le=100_000,
-                               description="Most rows in one /predict or /feedback request.")
-    max_body_bytes: int = Field(default=1_048_576, ge=1024,
-                                description="Largest request body accepted, in bytes.")
-    workers: int = Field(default=1, ge=1, le=64, description="Server worker processes.")
-    timeout_s: float = Field(default=10.0, gt=0, description="Per-request timeout (504).")
-    max_concurrency: int = Field(
-        default=512, ge=1,
-        description="Requests in flight per service before new ones get 429 (load shedding).")
-    batching: bool = Field(default=True,
-                           description="Coalesce concurrent requests into one scoring call.")
-    max_batch_rows: int = Field(default=2000, ge=1,
-                                description="Most rows scored in one coalesced call.")
-    fast_path: bool = Field(
-        default=True, description="Score with the model compiled for rows (checked against "
-        "the Pipeline at startup) instead of the Pipeline on a DataFrame.")
-    direct: bool = Field(
-        default=True, description="Answer /predict in the request gate, which has already "
-        "parsed the body, instead of BentoML's API handler (same answers, less per request).")
-    header_timeout_s: float = Field(
-        default=10.0, gt=0, description="Seconds a client has to send its request headers "
-        "(then 408 and the connection is closed).")
-    body_timeout_s: float = Field(
-        default=30.0, gt=0, description="Seconds a client has to send its body once the "
-        "headers are in (then 408).")
-    keep_alive_s: float = Field(
-        default=5.0, ge=2.5, description="Seconds an idle client connection stays open; "
-        "above the stable address's 2 s reuse of idle upstream connections.")
-    max_header_bytes: int = Field(default=16_384, ge=1024,
-                                  description="Largest request line plus headers (431 above).")
-    max_header_count: int = Field(default=100, ge=8,
-                                  description="Most request header lines (431 above).")
-    max_connections: int = Field(
-        default=512, ge=1, description="Open client connections per worker; a request on a "
-        "connection beyond them gets 503 (the stable address keeps up to 256 open).")
-    feedback_wait_s: float = Field(
-        default=1.0, ge=0, le=30, description="How long /feedback waits for a request id it "
-        "does not find yet (its prediction still buffered by another worker) before 404.")
-    trace_predict: bool = Field(
-        default=False, description="Let BentoML's OpenTelemetry middleware trace /predict. "
-        "It records three spans per request even when no exporter is configured (a third of "
-        "the service's CPU per prediction, measured); turn it on when traces are exported. "
-        "Probes and /metrics are never traced.")
 
 
 # --- the model --------------------------------------------------------------------------------
@@ -1151,7 +1097,7 @@ def create_service(config_path: Path | str, *, settings: Settings | None = None,
     config = ServingConfig.read(config_path)
     spec = load_bento_spec(root, config)
     settings = settings or Settings()
-    serving = serving or ServingSettings()
+    serving = serving or settings.serving
     predict_model, feedback_model = request_models(spec, serving.max_instances)
     install_log_filter()
     install_http_limits(serving)
