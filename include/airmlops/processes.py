@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from airmlops.settings import process_environment
+
 HOST = "127.0.0.1"
 
 BASE_NAMES: frozenset[str] = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
@@ -135,7 +137,7 @@ def child_env(
     ``extra`` is what the caller hands the child on purpose; a name the kind does not allow is
     refused with ValueError naming it (never its value), so a secret cannot be passed by mistake.
     """
-    parent = os.environ if parent is None else parent
+    parent = process_environment() if parent is None else parent
     env = {name: value for name, value in parent.items() if kind.allows(name)}
     for name, value in (extra or {}).items():
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):

@@ -305,6 +305,12 @@ def alert_secret(name: str) -> str | None:
     return os.environ.get(name)
 
 
+def process_environment() -> dict[str, str]:
+    """A copy of this process's whole environment: what a child's environment is built from
+    (:func:`airmlops.processes.child_env` keeps only what the child may see)."""
+    return dict(os.environ)
+
+
 @functools.cache
 def get_settings() -> Settings:
     """The process-wide settings, read once on first use."""

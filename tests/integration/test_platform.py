@@ -163,7 +163,7 @@ def test_every_listening_socket_is_loopback(paused_platform):
 def test_the_watchdog_restarts_a_killed_scheduler_and_stops_what_it_left(paused_platform):
     import signal
 
-    from airmlops.watchdog import _load_orphans
+    from airmlops.platform.supervise import _load_orphans
 
     run_dir: Path = paused_platform.run_dir
     killed = read_record(run_dir, SCHEDULER)

@@ -9,8 +9,8 @@ brings up
   triggerer, plus a task-log server bound to loopback,
 
 each in its own process group with a pidfile and a log under the run directory (``.run`` by
-default), plus a watchdog (:mod:`airmlops.watchdog`) that starts any of them again when it dies,
-and returns while they keep running. ``down`` stops them, ``status`` shows them.
+default), plus a watchdog (:mod:`airmlops.platform.watchdog`) that starts any of them again
+when it dies, and returns while they keep running. ``down`` stops them, ``status`` shows them.
 ``up`` is idempotent: components found alive (pidfile + process start time) are reused.
 
 The modules, one job each:
@@ -101,11 +101,6 @@ from airmlops.platform.supervise import (
     stop_deployments,
 )
 from airmlops.processes import free_port
-
-# The names airmlops.watchdog has always used; it is not part of this change.
-_base_env = common_env
-_group_members = group_members
-_platform_lock = platform_lock
 
 __all__ = [
     "ADMIN_USER",

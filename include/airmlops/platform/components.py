@@ -38,6 +38,7 @@ from airmlops.platform.supervise import (
     platform_lock,
     read_record,
     spawn,
+    start_watchdog,
 )
 from airmlops.processes import port_free
 
@@ -235,8 +236,6 @@ def _ensure_watchdog(
     run_dir: Path, base_env: Mapping[str, str] | None, progress: Progress
 ) -> list[str]:
     """Start the watchdog unless it runs; returns what was started."""
-    from airmlops.watchdog import start_watchdog
-
     watchdog_alive = is_alive(read_record(run_dir, WATCHDOG))
     record = start_watchdog(run_dir, base_env)
     progress(f"watchdog: {'already running' if watchdog_alive else 'started'} "

@@ -35,7 +35,7 @@ API_SERVER, SCHEDULER, DAG_PROCESSOR, TRIGGERER = (
 )
 LOG_SERVER, MLFLOW, POSTGRES = "log-server", "mlflow", "postgres"
 WATCHDOG = "watchdog"
-"""The process restarting the others when they die (:mod:`airmlops.watchdog`)."""
+"""The process restarting the others when they die (:mod:`airmlops.platform.watchdog`)."""
 AIRFLOW_COMPONENTS = (API_SERVER, SCHEDULER, DAG_PROCESSOR, TRIGGERER, LOG_SERVER)
 HEALTH_KEYS = ("metadatabase", "scheduler", "triggerer", "dag_processor")
 """Components that ``/api/v2/monitor/health`` must report healthy."""

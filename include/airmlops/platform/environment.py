@@ -6,7 +6,6 @@ never through a global file or the caller's environment, and everything listens 
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Mapping
@@ -26,6 +25,7 @@ from airmlops.platform.config import (
     PlatformError,
 )
 from airmlops.platform.secrets import PlatformSecrets
+from airmlops.settings import process_environment
 
 HOSTNAME_CALLABLE = "airmlops.platform.loopback_hostname"
 """Where Airflow finds :func:`loopback_hostname` (re-exported by the package)."""
@@ -43,7 +43,7 @@ def loopback_hostname() -> str:
 def common_env(parent: Mapping[str, str] | None) -> dict[str, str]:
     """``parent`` (default: this process's environment) with loopback exempt from any proxy,
     telemetry off and unbuffered Python output: the start of every component's environment."""
-    env = dict(os.environ if parent is None else parent)
+    env = dict(process_environment() if parent is None else parent)
     no_proxy = [h for h in env.get("NO_PROXY", env.get("no_proxy", "")).split(",") if h]
     for host in (HOST, "localhost", "::1"):
         if host not in no_proxy:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from airmlops.embedded_pg import running_postgres, stop_postgres
-from airmlops.paths import atomic_write_text
+from airmlops.paths import atomic_write_json, atomic_write_text
 from airmlops.platform.config import (
     AIRFLOW_COMPONENTS,
     MLFLOW,
@@ -29,7 +31,13 @@ from airmlops.platform.config import (
     Progress,
     load_recorded_config,
 )
+from airmlops.platform.environment import common_env
 from airmlops.processes import file_tail, process_alive, reap, spawn_detached
+
+ORPHANS_FILE = "orphans.json"
+"""Under ``<run_dir>/pids``: process groups of components that died, with what they left."""
+IDLE_MARK = "<idle>"
+"""What an Airflow executor worker's process title says while it runs no task."""
 
 
 @dataclass(frozen=True)
@@ -174,8 +182,6 @@ def stop_all(run_dir: Path, timeout: float = 10.0, progress: Progress | None = N
     names = [WATCHDOG, MLFLOW, *AIRFLOW_COMPONENTS]  # the watchdog would restart the others
     with platform_lock(run_dir, progress):
         stopped = stop_components(run_dir, names, timeout=timeout, progress=progress)
-        from airmlops.watchdog import stop_idle_orphans
-
         if stop_idle_orphans(run_dir, everything=True):  # what killed components left behind
             stopped.append("leftovers of restarted components")
         if stop_postgres(run_dir):
@@ -228,3 +234,68 @@ def component_status(run_dir: Path) -> dict[str, dict[str, Any]]:
         record = read_record(run_dir, name)
         status[name] = {"alive": is_alive(record), "pid": record.pid if record else None}
     return status
+
+
+# --- the watchdog's process and what restarted components leave behind ---------------------
+
+
+def start_watchdog(run_dir: Path, base_env: Mapping[str, str] | None = None
+                   ) -> ProcessRecord:
+    """Start the watchdog of ``run_dir`` unless it runs; return its record."""
+    record = read_record(run_dir, WATCHDOG)
+    if is_alive(record):
+        assert record is not None
+        return record
+    argv = [sys.executable, "-m", "airmlops.platform.watchdog",
+            "--run-dir", str(Path(run_dir).resolve())]
+    return spawn(run_dir, WATCHDOG, argv, common_env(base_env))
+
+
+def _orphans_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "pids" / ORPHANS_FILE
+
+
+def _load_orphans(run_dir: Path) -> list[int]:
+    try:
+        groups = json.loads(_orphans_path(run_dir).read_text())
+    except (FileNotFoundError, ValueError):
+        return []
+    return [g for g in groups if isinstance(g, int) and g > 1] if isinstance(groups, list) else []
+
+
+def _save_orphans(run_dir: Path, groups: list[int]) -> None:
+    path = _orphans_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, sorted(set(groups)))
+
+
+def record_orphans(run_dir: Path, pgid: int) -> None:
+    """Remember the process group of a dead component if anything of it still runs."""
+    if group_members(pgid):
+        _save_orphans(run_dir, [*_load_orphans(run_dir), pgid])
+
+
+def stop_idle_orphans(run_dir: Path, *, everything: bool = False) -> int:
+    """SIGKILL the idle members (all with ``everything``) of recorded orphan groups; forget the
+    groups that are empty. Returns how many processes were signalled."""
+    import psutil
+
+    groups = _load_orphans(run_dir)
+    if not groups:
+        return 0
+    signalled, left = 0, []
+    for pgid in groups:
+        members = group_members(pgid)
+        if not members:
+            continue
+        left.append(pgid)
+        for pid in members:
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if everything or IDLE_MARK in " ".join(psutil.Process(pid).cmdline()):
+                    os.kill(pid, signal.SIGKILL)  # idle: nothing to lose; SIGTERM waits
+                    signalled += 1
+    if left != groups:
+        _save_orphans(run_dir, left)
+    if everything:
+        _orphans_path(run_dir).unlink(missing_ok=True)
+    return signalled
