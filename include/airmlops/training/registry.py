@@ -30,8 +30,10 @@ COPIED_RUN_TAGS = ("trigger_reason", "gate_blessed", "pipeline", "model_sha256",
 """Run tags copied to the version besides the lineage tags, when the run has them (the digests
 are required: see :func:`register_challenger`)."""
 
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
+RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+"""An MLflow run id."""
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
+"""A registered model name this platform accepts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,7 @@ def register_challenger(
 
     name = _checked_name(spec.registered_model_name)
     run_id = train_result.run_id
-    if not _RUN_ID.match(run_id):
+    if not RUN_ID_RE.match(run_id):
         raise ValueError(f"not an MLflow run id: {run_id!r}")
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
@@ -166,6 +168,6 @@ def _model_id(model_uri: str) -> str | None:
 
 
 def _checked_name(name: str) -> str:
-    if not _MODEL_NAME.match(name):
+    if not MODEL_NAME_RE.match(name):
         raise ValueError(f"not a valid registered model name: {name!r}")
     return name

@@ -4,10 +4,9 @@ Three sources per pipeline, read side by side in a small shared thread pool, eac
 deadline (:data:`DEFAULT_DEADLINE_SECONDS`):
 
 - the registry: the ``champion`` and ``challenger`` versions with their lineage tags and the
-  test metrics of the runs that produced them. An ``http(s)`` tracking URI is read through
-  MLflow's REST API with a short timeout per call and no retries (MLflow's client would retry
-  for minutes against a dead server); any other URI (``sqlite:``, ``file:``...) goes through
-  ``MlflowClient``;
+  test metrics of the runs that produced them, read by
+  :func:`airmlops.training.registry_rest.registry_reader` (MLflow's REST API with a short
+  timeout per call and no retries for an ``http(s)`` tracking URI, else ``MlflowClient``);
 - the deployment: :func:`airmlops.serving.deploy.status` (recorded state plus what is alive and
   ready now); when the live check runs out of time, the recorded state is shown as such;
 - monitoring: the last windows of :class:`airmlops.monitoring.store.MonitoringStore`, with
@@ -16,6 +15,7 @@ deadline (:data:`DEFAULT_DEADLINE_SECONDS`):
 A missing piece (no champion yet, nothing deployed, no window) is an empty value, not an error;
 a source that fails or times out carries an ``error`` string for the page to show. Nothing here
 writes: a pipeline whose monitoring table does not exist is not created by looking at it.
+The view models themselves are in :mod:`airmlops.ui.views` (importable from here too).
 """
 
 from __future__ import annotations
@@ -24,175 +24,64 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
-import os
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
+from airmlops.names import NAME_RE
 from airmlops.paths import safe_join
-from airmlops.spec import NAME_PATTERN, PipelineSpec, load_spec, spec_paths
+from airmlops.spec import PipelineSpec, load_spec, spec_paths
+from airmlops.training.registry import CHALLENGER, CHAMPION, MODEL_NAME_RE, RUN_ID_RE
+from airmlops.training.registry_rest import (
+    MLFLOW_CALL_TIMEOUT_SECONDS,
+    ClientRegistry,
+    RegistryError,
+    RegistryReader,
+    RestRegistry,
+    registry_reader,
+)
+from airmlops.ui.views import (
+    DETAIL_KEYS,
+    LINEAGE_KEYS,
+    DeploymentView,
+    ModelVersionView,
+    MonitoringView,
+    Overview,
+    PipelineView,
+    RegistryView,
+    SlotView,
+    WindowView,
+)
+
+__all__ = [
+    "ALIASES", "CHALLENGER", "CHAMPION", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_WINDOWS",
+    "DETAIL_KEYS", "LINEAGE_KEYS", "MLFLOW_CALL_TIMEOUT_SECONDS", "ClientRegistry",
+    "DeploymentView", "ModelVersionView", "MonitoringView", "Overview", "PipelineView",
+    "RegistryError", "RegistryReader", "RegistryView", "RestRegistry", "SlotView", "WindowView",
+    "collect_overview", "live_deployment", "load_pipelines", "mlflow_ui_base",
+    "pipeline_dag_ids", "pipeline_of_dag", "read_monitoring", "read_registry",
+    "recorded_deployment", "registry_reader", "report_file", "window_report",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DEADLINE_SECONDS = 5.0
 """How long the page waits for all sources of all pipelines together."""
-MLFLOW_CALL_TIMEOUT_SECONDS = 2.0
-"""Timeout of each MLflow REST call (connect and read)."""
 DEFAULT_WINDOWS = 20
 """How many recent monitoring windows a pipeline card shows."""
 POOL_WORKERS = 8
 
-CHAMPION, CHALLENGER = "champion", "challenger"
 ALIASES = (CHAMPION, CHALLENGER)
-LINEAGE_KEYS = ("git_commit", "data_digest", "image_tag", "image_id", "bento_tag",
-                "deployed_at", "deployed_target")
-"""The lineage shown for every version, in this order (missing ones are shown as such)."""
-DETAIL_KEYS = ("spec_hash", "features_hash", "airflow_dag_id", "airflow_run_id",
-               "trigger_reason", "gate_blessed", "previous_champion")
-"""Further tags shown when present."""
 METRIC_PREFIX = "test_"
 REPORT_SUFFIXES = (".html", ".htm")
 
-_NAME = re.compile(NAME_PATTERN)
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,255}$")
 _VERSION = re.compile(r"^[0-9]{1,10}$")
-_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _EXPERIMENT_ID = re.compile(r"^[0-9]{1,20}$")
 
 T = TypeVar("T")
-
-
-# --------------------------------------------------------------------------------------------
-# What the page shows
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelVersionView:
-    """One registered version behind an alias: its metrics, lineage and MLflow links."""
-
-    alias: str
-    version: str
-    aliases: tuple[str, ...]
-    status: str | None
-    created_at: str | None
-    run_id: str | None
-    experiment_id: str | None
-    metrics: dict[str, float]
-    """The run's ``test_*`` metrics, unprefixed (``roc_auc``, ``log_loss``...)."""
-    lineage: dict[str, str]
-    """Every :data:`LINEAGE_KEYS` tag the version (or its run) carries."""
-    details: dict[str, str]
-    version_url: str | None
-    run_url: str | None
-
-
-@dataclasses.dataclass(frozen=True)
-class RegistryView:
-    """The pipeline's registered model: champion and challenger (None when not set)."""
-
-    model_name: str
-    champion: ModelVersionView | None = None
-    challenger: ModelVersionView | None = None
-    model_url: str | None = None
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SlotView:
-    """One slot of the blue/green deployment."""
-
-    slot: str
-    active: bool
-    version: str | None
-    target: str | None
-    artifact: str | None
-    upstream: str | None
-    started_at: str | None
-    alive: bool | None
-    ready: bool | None
-
-
-@dataclasses.dataclass(frozen=True)
-class DeploymentView:
-    """The live deployment: its stable address and what serves behind it."""
-
-    deployed: bool
-    stable_url: str | None = None
-    active_slot: str | None = None
-    active_version: str | None = None
-    switched_at: str | None = None
-    proxy_alive: bool | None = None
-    live_checked: bool = False
-    """False when only the recorded state could be read (the live check failed or timed out)."""
-    slots: tuple[SlotView, ...] = ()
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowView:
-    """One monitoring window: its numbers, breaches and the decision taken."""
-
-    window_id: str
-    start: str
-    end: str
-    rows: int | None
-    label_count: int | None
-    drift_share: float | None
-    drifted_columns: tuple[str, ...]
-    prediction_drift: float | None
-    performance: dict[str, float]
-    breaches: tuple[str, ...]
-    decision: str | None
-    reason: str | None
-    triggered_run_id: str | None
-    has_report: bool
-    notes: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class MonitoringView:
-    """The recent windows (oldest first) and the thresholds they are judged by."""
-
-    windows: tuple[WindowView, ...] = ()
-    drift_threshold: float | None = None
-    performance_metric: str | None = None
-    performance_floor: float | None = None
-    floor_is_minimum: bool = True
-    error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class PipelineView:
-    """Everything one pipeline card shows."""
-
-    name: str
-    description: str | None
-    task: str
-    owner: str | None
-    dag_ids: dict[str, str]
-    """Role (``training``, ``features``, ``monitoring``, ``rollback``) to DAG id."""
-    primary_metric: str
-    registry: RegistryView
-    deployment: DeploymentView
-    monitoring: MonitoringView
-
-
-@dataclasses.dataclass(frozen=True)
-class Overview:
-    """The whole page: every pipeline the viewer may see, and specs that failed to load."""
-
-    pipelines: tuple[PipelineView, ...]
-    invalid_specs: tuple[str, ...]
-    generated_at: str
-    mlflow_ui_url: str | None
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (the page's JSON API)."""
-        return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,160 +123,6 @@ def pipeline_of_dag(specs: Iterable[PipelineSpec], dag_id: str) -> PipelineSpec 
 # --------------------------------------------------------------------------------------------
 
 
-class RegistryError(RuntimeError):
-    """MLflow could not be read; the message says which server and why."""
-
-
-class RegistryReader(Protocol):
-    """Read-only access to the model registry; versions and runs as MLflow REST JSON."""
-
-    def aliases(self, name: str) -> dict[str, str] | None:
-        """Alias to version of registered model ``name``; None when the model does not exist."""
-
-    def model_version(self, name: str, version: str) -> dict[str, Any]:
-        """The version as MLflow's REST API returns it (``tags`` a list of key/value)."""
-
-    def run(self, run_id: str) -> dict[str, Any] | None:
-        """The run as MLflow's REST API returns it; None when it does not exist."""
-
-    def close(self) -> None:
-        """Release connections."""
-
-
-class RestRegistry:
-    """MLflow's REST API over ``httpx``: one short timeout per call, no retries.
-
-    Credentials come from MLflow's own variables (``MLFLOW_TRACKING_TOKEN``, or
-    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``) when they are set.
-    """
-
-    def __init__(self, tracking_uri: str, timeout: float = MLFLOW_CALL_TIMEOUT_SECONDS,
-                 environ: Mapping[str, str] | None = None) -> None:
-        import httpx
-
-        environ = os.environ if environ is None else environ
-        self.base = tracking_uri.rstrip("/")
-        headers = {"Accept": "application/json"}
-        auth = None
-        if environ.get("MLFLOW_TRACKING_TOKEN"):
-            headers["Authorization"] = f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"
-        elif environ.get("MLFLOW_TRACKING_USERNAME"):
-            auth = (environ["MLFLOW_TRACKING_USERNAME"],
-                    environ.get("MLFLOW_TRACKING_PASSWORD", ""))
-        # trust_env=False: a proxy configured for the package registries must not see
-        # loopback traffic; MLflow's own TLS variable is honoured explicitly.
-        verify: bool | str = True
-        if environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-            verify = False
-        elif environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-            verify = environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
-        self._client = httpx.Client(timeout=timeout, headers=headers, auth=auth, verify=verify,
-                                    trust_env=False, follow_redirects=False)
-
-    def close(self) -> None:
-        self._client.close()
-
-    def _get(self, endpoint: str, params: dict[str, str]) -> dict[str, Any] | None:
-        import httpx
-
-        url = f"{self.base}/api/2.0/mlflow/{endpoint}"
-        try:
-            response = self._client.get(url, params=params)
-        except httpx.TimeoutException:
-            raise RegistryError(f"MLflow at {self.base} did not answer in time") from None
-        except httpx.HTTPError as exc:
-            raise RegistryError(f"MLflow at {self.base} is unreachable ({type(exc).__name__})"
-                                ) from None
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise RegistryError(f"MLflow at {self.base} answered {response.status_code} to "
-                                f"{endpoint}: {_error_message(response)}")
-        try:
-            body = response.json()
-        except ValueError:
-            raise RegistryError(f"MLflow at {self.base} answered {endpoint} with non-JSON"
-                                ) from None
-        if not isinstance(body, dict):
-            raise RegistryError(f"MLflow at {self.base} answered {endpoint} unexpectedly")
-        return body
-
-    def aliases(self, name: str) -> dict[str, str] | None:
-        body = self._get("registered-models/get", {"name": name})
-        if body is None:
-            return None
-        model = body.get("registered_model") or {}
-        return {str(a.get("alias")): str(a.get("version"))
-                for a in model.get("aliases") or [] if isinstance(a, dict)}
-
-    def model_version(self, name: str, version: str) -> dict[str, Any]:
-        body = self._get("model-versions/get", {"name": name, "version": version})
-        if body is None or not isinstance(body.get("model_version"), dict):
-            raise RegistryError(f"version {version} of {name!r} is aliased but not found")
-        return body["model_version"]
-
-    def run(self, run_id: str) -> dict[str, Any] | None:
-        body = self._get("runs/get", {"run_id": run_id})
-        return None if body is None else body.get("run")
-
-
-class ClientRegistry:
-    """``MlflowClient`` for tracking URIs that are not HTTP (``sqlite:``, ``file:``...)."""
-
-    def __init__(self, tracking_uri: str) -> None:
-        from mlflow import MlflowClient
-
-        self._client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-    def close(self) -> None:
-        """Nothing to release."""
-
-    def aliases(self, name: str) -> dict[str, str] | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            model = self._client.get_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise RegistryError(f"MLflow: {exc.message}") from None
-        return {str(alias): str(version) for alias, version in model.aliases.items()}
-
-    def model_version(self, name: str, version: str) -> dict[str, Any]:
-        found = self._client.get_model_version(name, version)
-        return {
-            "name": found.name, "version": str(found.version), "run_id": found.run_id,
-            "status": found.status, "creation_timestamp": found.creation_timestamp,
-            "aliases": list(found.aliases),
-            "tags": [{"key": k, "value": v} for k, v in (found.tags or {}).items()],
-        }
-
-    def run(self, run_id: str) -> dict[str, Any] | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = self._client.get_run(run_id)
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                return None
-            raise RegistryError(f"MLflow: {exc.message}") from None
-        return {
-            "info": {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id},
-            "data": {
-                "metrics": [{"key": k, "value": v} for k, v in run.data.metrics.items()],
-                "tags": [{"key": k, "value": v} for k, v in run.data.tags.items()],
-            },
-        }
-
-
-def registry_reader(tracking_uri: str, timeout: float = MLFLOW_CALL_TIMEOUT_SECONDS
-                    ) -> RestRegistry | ClientRegistry:
-    """The right reader for ``tracking_uri``: REST for ``http(s)``, else ``MlflowClient``."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return RestRegistry(tracking_uri, timeout)
-    return ClientRegistry(tracking_uri)
-
-
 def mlflow_ui_base(tracking_uri: str, ui_url: str | None = None) -> str | None:
     """Where people open the MLflow UI: ``ui_url`` if given, else an ``http(s)`` tracking URI."""
     for candidate in (ui_url, tracking_uri):
@@ -398,7 +133,7 @@ def mlflow_ui_base(tracking_uri: str, ui_url: str | None = None) -> str | None:
 
 def read_registry(reader: RegistryReader, model_name: str, ui_base: str | None) -> RegistryView:
     """Champion and challenger of ``model_name`` with their runs' metrics and lineage."""
-    if not _MODEL_NAME.match(model_name):
+    if not MODEL_NAME_RE.match(model_name):
         return RegistryView(model_name, error="not a valid registered model name")
     model_url = f"{ui_base}/#/models/{quote(model_name, safe='')}" if ui_base else None
     try:
@@ -414,7 +149,7 @@ def read_registry(reader: RegistryReader, model_name: str, ui_base: str | None) 
                 continue
             found = reader.model_version(model_name, version)
             run_id = found.get("run_id")
-            run_id = run_id if isinstance(run_id, str) and _RUN_ID.match(run_id) else None
+            run_id = run_id if isinstance(run_id, str) and RUN_ID_RE.match(run_id) else None
             if run_id is not None and run_id not in runs:
                 runs[run_id] = reader.run(run_id)
             views[alias] = _version_view(alias, model_name, found,
@@ -431,6 +166,7 @@ def read_registry(reader: RegistryReader, model_name: str, ui_base: str | None) 
 
 def _version_view(alias: str, model_name: str, version: Mapping[str, Any],
                   run: Mapping[str, Any] | None, ui_base: str | None) -> ModelVersionView:
+    """The view of one aliased version and its run (None when the run is gone)."""
     number = str(version.get("version", ""))
     version_tags = _pairs(version.get("tags"))
     run_info = (run or {}).get("info") or {}
@@ -480,20 +216,11 @@ def _pairs(items: Any, value_type: Callable[[Any], Any] = str) -> dict[str, Any]
 
 
 def _from_millis(value: Any) -> str | None:
+    """An epoch-milliseconds value as an ISO UTC time; None when it is not one."""
     try:
         return dt.datetime.fromtimestamp(int(value) / 1000, tz=dt.UTC).isoformat()
     except (TypeError, ValueError, OverflowError, OSError):
         return None
-
-
-def _error_message(response: Any) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return "no details"
-    if isinstance(body, dict) and body.get("message"):
-        return str(body["message"])[:200]
-    return "no details"
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,6 +258,7 @@ def recorded_deployment(pipeline: str, data_root: Path, note: str) -> Deployment
 
 
 def _deployment_from_status(status: Mapping[str, Any]) -> DeploymentView:
+    """The view of a live :func:`airmlops.serving.deploy.status`."""
     active = status.get("active")
     proxy = status.get("proxy") or {}
     slots = []
@@ -552,6 +280,7 @@ def _deployment_from_status(status: Mapping[str, Any]) -> DeploymentView:
 
 
 def _deployment_from_state(state: Mapping[str, Any]) -> DeploymentView:
+    """The view of the recorded deployment state alone (nothing probed)."""
     active = state.get("active")
     proxy = state.get("proxy") or {}
     slots_state = state.get("slots") or {}
@@ -571,6 +300,7 @@ def _deployment_from_state(state: Mapping[str, Any]) -> DeploymentView:
 
 def _slot_view(slot: str, record: Mapping[str, Any], active: bool, alive: Any, ready: Any
                ) -> SlotView:
+    """The view of one slot record; ``alive``/``ready`` None when not probed."""
     return SlotView(
         slot=str(slot), active=active,
         version=_str_or_none(record.get("model_version")),
@@ -584,6 +314,7 @@ def _slot_view(slot: str, record: Mapping[str, Any], active: bool, alive: Any, r
 
 
 def _str_or_none(value: Any) -> str | None:
+    """``value`` as a string; None for None or an empty string."""
     return None if value is None or value == "" else str(value)
 
 
@@ -628,6 +359,7 @@ def read_monitoring(spec: PipelineSpec, data_root: Path, reports_dir: Path,
 
 
 def _window_view(row: Mapping[str, Any], reports_dir: Path) -> WindowView:
+    """The view of one monitoring table row."""
     columns = row.get("columns") or {}
     drifted = tuple(sorted(name for name, result in columns.items()
                            if isinstance(result, dict) and result.get("drifted")))
@@ -655,6 +387,7 @@ def _window_view(row: Mapping[str, Any], reports_dir: Path) -> WindowView:
 
 
 def _float_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a real number (not a bool); else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
@@ -689,7 +422,7 @@ def window_report(data_root: Path, reports_dir: Path, pipeline: str, window_id: 
     from airmlops.monitoring.policy import check_window_id
     from airmlops.monitoring.store import MonitoringStore
 
-    if not _NAME.match(pipeline):
+    if not NAME_RE.match(pipeline):
         return None
     try:
         check_window_id(window_id)
@@ -721,6 +454,7 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def _with_reader(tracking_uri: str, read: Callable[[RegistryReader], T]) -> T:
+    """Run ``read`` with a registry reader for ``tracking_uri``, closed afterwards."""
     reader = registry_reader(tracking_uri)
     try:
         return read(reader)
@@ -766,6 +500,7 @@ def collect_overview(
     }
 
     def remaining() -> float:
+        """Seconds left until the overall deadline (never negative)."""
         return max(0.0, deadline - (time.monotonic() - started))
 
     pipelines = []
@@ -804,6 +539,7 @@ def collect_overview(
 
 def _result(future: concurrent.futures.Future[T], timeout: float,
             fallback: Callable[[str], T]) -> T:
+    """The future's result within ``timeout`` s, else ``fallback`` of "timeout" or the error."""
     try:
         return future.result(timeout=timeout)
     except concurrent.futures.TimeoutError:

@@ -19,8 +19,9 @@ from collections.abc import Iterable, Mapping
 from html import escape
 from urllib.parse import quote, urlencode
 
+from airmlops.times import assume_utc
 from airmlops.ui.chart import metrics_chart
-from airmlops.ui.data import (
+from airmlops.ui.views import (
     LINEAGE_KEYS,
     DeploymentView,
     ModelVersionView,
@@ -179,12 +180,9 @@ def _time(iso: str | None, now: dt.datetime) -> str:
     if not iso:
         return "-"
     try:
-        when = dt.datetime.fromisoformat(iso)
+        when = assume_utc(iso)
     except ValueError:
         return e(iso)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    when = when.astimezone(dt.UTC)
     text = when.strftime("%Y-%m-%d %H:%M UTC")
     ago = _ago(now, when)
     return f'<span title="{e(iso)}">{e(text)}</span> <span class="muted">({e(ago)})</span>'

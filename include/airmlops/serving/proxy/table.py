@@ -1,0 +1,130 @@
+"""The routing table: the slots the proxy knows, which one is active, and its persistence.
+
+What is configured, not what is healthy: health lives with the running proxy (:mod:`.routing`)
+and is not persisted, so a restarted proxy resumes the table with every upstream healthy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from airmlops.serving.proxy.validation import (
+    validate_slot,
+    validate_upstream,
+    validate_upstreams,
+    validate_version,
+)
+
+logger = logging.getLogger("airmlops.serving.proxy")
+
+STATE_FILE = "proxy-state.json"
+MAX_SLOTS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSpec:
+    """One slot as configured: the model version it serves (None: unknown) and its upstreams,
+    the last ``spares`` of them hot spares (checked, sent requests only when no other upstream
+    of the slot is healthy, or as a retry)."""
+
+    version: str | None
+    upstreams: tuple[str, ...]
+    spares: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse a ``spares`` that would leave no upstream serving."""
+        if (isinstance(self.spares, bool) or not isinstance(self.spares, int)
+                or not 0 <= self.spares < max(1, len(self.upstreams))):
+            raise ValueError(f"'spares' must be an int from 0 to the number of upstreams - 1, "
+                             f"got {self.spares!r}")
+
+    @property
+    def serving(self) -> int:
+        """How many upstreams share the traffic (the first ones)."""
+        return len(self.upstreams) - self.spares
+
+    def to_json(self) -> dict[str, Any]:
+        """This slot as the persisted JSON object."""
+        return {"version": self.version, "upstreams": list(self.upstreams),
+                "spares": self.spares}
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingTable:
+    """The slots the proxy knows and which one is active. Never mutated: a change builds a new
+    table, so a request that read the routing on arrival keeps a consistent view."""
+
+    slots: Mapping[str, SlotSpec] = dataclasses.field(default_factory=dict)
+    active: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse an active slot the table does not hold."""
+        if self.active is not None and self.active not in self.slots:
+            raise ValueError(f"the active slot {self.active!r} is not in the table")
+
+    @property
+    def active_spec(self) -> SlotSpec | None:
+        """The active slot's spec, None when nothing is active."""
+        return self.slots[self.active] if self.active is not None else None
+
+    def with_slot(self, name: str, spec: SlotSpec, *, activate: bool) -> RoutingTable:
+        """This table with slot ``name`` set to ``spec`` (and made active if ``activate``)."""
+        return RoutingTable({**self.slots, name: spec}, name if activate else self.active)
+
+    def without_slot(self, name: str) -> RoutingTable:
+        """This table without slot ``name`` (which must not be the active one)."""
+        if name == self.active:
+            raise ValueError(f"slot {name!r} is active")
+        return RoutingTable({k: v for k, v in self.slots.items() if k != name}, self.active)
+
+    def to_json(self) -> dict[str, Any]:
+        """This table as the persisted JSON object."""
+        return {"active": self.active,
+                "slots": {name: spec.to_json() for name, spec in self.slots.items()}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> RoutingTable:
+        """The table :meth:`to_json` wrote, or the older ``{"url", "slot"}`` of one upstream;
+        ValueError if it is neither."""
+        if not isinstance(data, dict):
+            raise ValueError("expected a JSON object")
+        if "slots" not in data:  # the format before slots: one active upstream
+            slot = validate_slot(data.get("slot"))
+            return cls({slot: SlotSpec(None, (validate_upstream(data.get("url")),))}, slot)
+        slots = data["slots"]
+        if not isinstance(slots, dict) or len(slots) > MAX_SLOTS:
+            raise ValueError(f"'slots' must be an object of at most {MAX_SLOTS} slots")
+        table: dict[str, SlotSpec] = {}
+        for name, spec in slots.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"slot {name!r} must be an object")
+            table[validate_slot(name)] = SlotSpec(validate_version(spec.get("version")),
+                                                  validate_upstreams(spec.get("upstreams")),
+                                                  spec.get("spares", 0))
+        active = data.get("active")
+        return cls(table, validate_slot(active) if active is not None else None)
+
+
+def persist_table(state_dir: Path, table: RoutingTable) -> None:
+    """Record ``table`` in ``state_dir`` (atomic write)."""
+    from airmlops.paths import atomic_write_json
+
+    atomic_write_json(Path(state_dir) / STATE_FILE, table.to_json())
+
+
+def load_persisted_table(state_dir: Path) -> RoutingTable:
+    """The table last persisted in ``state_dir``; an empty one if there is none or it is
+    invalid (logged)."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        return RoutingTable.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return RoutingTable()
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        logger.warning("ignoring the persisted routing table %s: %s", path, exc)
+        return RoutingTable()
