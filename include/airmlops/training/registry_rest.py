@@ -9,9 +9,9 @@ JSON shapes, so callers handle one form. Nothing here writes: registering and mo
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from typing import Any, Protocol
+
+from airmlops.settings import MlflowClientSettings, get_settings
 
 MLFLOW_CALL_TIMEOUT_SECONDS = 2.0
 """Timeout of each MLflow REST call (connect and read)."""
@@ -41,29 +41,31 @@ class RestRegistry:
     """MLflow's REST API over ``httpx``: one short timeout per call, no retries.
 
     Credentials come from MLflow's own variables (``MLFLOW_TRACKING_TOKEN``, or
-    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``) when they are set.
+    ``MLFLOW_TRACKING_USERNAME`` and ``MLFLOW_TRACKING_PASSWORD``) when they are set, read
+    through :class:`airmlops.settings.MlflowClientSettings`.
     """
 
     def __init__(self, tracking_uri: str, timeout: float = MLFLOW_CALL_TIMEOUT_SECONDS,
-                 environ: Mapping[str, str] | None = None) -> None:
-        """A client of ``tracking_uri``; ``environ`` (default ``os.environ``) gives the
-        credentials and TLS settings."""
+                 credentials: MlflowClientSettings | None = None) -> None:
+        """A client of ``tracking_uri``; ``credentials`` (default: the settings' MLflow client
+        section) give the token or user and password, and the TLS settings."""
         import httpx
 
-        environ = os.environ if environ is None else environ
+        credentials = credentials or get_settings().mlflow_client
         self.base = tracking_uri.rstrip("/")
         headers = {"Accept": "application/json"}
         auth = None
-        if environ.get("MLFLOW_TRACKING_TOKEN"):
-            headers["Authorization"] = f"Bearer {environ['MLFLOW_TRACKING_TOKEN']}"
-        elif environ.get("MLFLOW_TRACKING_USERNAME"):
-            auth = (environ["MLFLOW_TRACKING_USERNAME"],
-                    environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        if credentials.tracking_token is not None:
+            headers["Authorization"] = f"Bearer {credentials.tracking_token.get_secret_value()}"
+        elif credentials.tracking_username:
+            auth = (credentials.tracking_username,
+                    credentials.tracking_password.get_secret_value())
         # trust_env=False: a proxy configured for the package registries must not see
-        # loopback traffic; MLflow's own TLS variable is honoured explicitly.
-        self._client = httpx.Client(timeout=timeout, headers=headers, auth=auth,
-                                    verify=_tls_verify(environ), trust_env=False,
-                                    follow_redirects=False)
+        # loopback traffic; MLflow's own TLS variables are honoured explicitly.
+        verify: bool | str = not credentials.insecure_tls and (
+            credentials.server_cert_path or True)
+        self._client = httpx.Client(timeout=timeout, headers=headers, auth=auth, verify=verify,
+                                    trust_env=False, follow_redirects=False)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -176,15 +178,6 @@ def registry_reader(tracking_uri: str, timeout: float = MLFLOW_CALL_TIMEOUT_SECO
     if tracking_uri.startswith(("http://", "https://")):
         return RestRegistry(tracking_uri, timeout)
     return ClientRegistry(tracking_uri)
-
-
-def _tls_verify(environ: Mapping[str, str]) -> bool | str:
-    """``httpx``'s ``verify`` from MLflow's TLS variables (insecure flag, then CA bundle)."""
-    if environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
-        return False
-    if environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"):
-        return environ["MLFLOW_TRACKING_SERVER_CERT_PATH"]
-    return True
 
 
 def _error_message(response: Any) -> str:
