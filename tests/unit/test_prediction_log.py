@@ -1,11 +1,12 @@
-"""The prediction log: the SQLite backend and readers, and the non-blocking buffered writer
-(with fake backends that fail, block or recover)."""
+"""The prediction log: what only the SQLite backend does, pipeline-name checks, and the
+non-blocking buffered writer (with fake backends that fail, block or recover).
+
+The contract both backends keep (windows, each row once, labels) is tested on SQLite and a
+real Redis in tests/integration/test_prediction_log_backends.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import math
 import sqlite3
 import threading
 import time
@@ -93,93 +94,33 @@ def wait_until(condition, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-# --- SQLite backend and readers ------------------------------------------------------------
+# --- SQLite backend and readers (the contract both backends keep is in
+# tests/integration/test_prediction_log_backends.py) --------------------------------------
 
 
-def test_sqlite_log_round_trip_and_window(settings: Settings) -> None:
+def test_the_sqlite_log_is_one_wal_file_under_the_data_root(settings: Settings) -> None:
     prediction_log = PredictionLog(open_backend("churn", settings))
-    prediction_log.log([prediction("a" * 32, 0, T0), prediction("a" * 32, 1, T0, entity="C2")])
-    prediction_log.log([prediction("b" * 32, 0, T0 + dt.timedelta(hours=1), probability=0.2)])
-    prediction_log.log_labels([label("a" * 32, "C1", 1.0, T0 + dt.timedelta(days=3))])
+    prediction_log.log([prediction("a" * 32, 0, T0)])
     assert prediction_log.close()
     path = sqlite_log_path(settings.data_root, "churn")
     assert path == (settings.data_root / "predictions" / "churn.sqlite").resolve()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-
-    frame = read_predictions("churn", T0, T0 + dt.timedelta(hours=1), settings=settings)
-    assert list(frame["request_id"]) == ["a" * 32, "a" * 32]  # the end is exclusive
-    assert list(frame["position"]) == [0, 1]
-    assert list(frame["entity_id"]) == ["C1", "C2"]
-    first = frame.iloc[0]
-    assert first["ts"] == T0
-    assert first["model_version"] == "3"
-    assert first["inputs"] == {"customer_id": "C1", "tenure_days": 12.0}
-    assert first["features"] == {"tenure_days": 12.0, "age": None, "plan": "basic"}  # NaN: null
-    assert first["probability"] == pytest.approx(0.75) and first["prediction"] == 1.0
-
-    later = read_predictions("churn", T0 + dt.timedelta(minutes=1), T0 + dt.timedelta(days=1),
-                             settings=settings)
-    assert list(later["request_id"]) == ["b" * 32]
-    labels = read_labels("churn", T0, T0 + dt.timedelta(days=7), settings=settings)
-    assert labels[["request_id", "entity_id", "label"]].values.tolist() == [["a" * 32, "C1", 1.0]]
-    assert labels.iloc[0]["ts"] == T0 + dt.timedelta(days=3)
+    assert isinstance(open_backend("churn", settings), SqliteLogBackend)
 
 
-def test_rewriting_a_batch_stores_it_once_and_a_later_label_replaces(settings) -> None:
-    backend = SqliteLogBackend(sqlite_log_path(settings.data_root, "churn"))
-    batch = [prediction("c" * 32, 0), prediction("c" * 32, 1, entity="C2")]
-    backend.write(batch, [label("c" * 32, "C1", 0.0)])
-    backend.write(batch, [label("c" * 32, "C1", 1.0, T0 + dt.timedelta(seconds=5))])  # a retry
-    backend.close()
-    predictions, labels = _all("churn", settings)
-    assert len(predictions) == 2
-    assert labels["label"].tolist() == [1.0]
-
-
-def test_numpy_values_are_stored_as_json_numbers(settings) -> None:
-    import numpy as np
-
-    record = dataclasses.replace(prediction("9" * 32), features={
-        "count": np.int64(3), "share": np.float64(0.25), "missing": np.float64("nan")})
-    backend = SqliteLogBackend(sqlite_log_path(settings.data_root, "churn"))
-    backend.write([record], [])
-    backend.close()
-    predictions, _ = _all("churn", settings)
-    assert predictions.iloc[0]["features"] == {"count": 3, "share": 0.25, "missing": None}
-
-
-def test_regression_rows_have_no_probability(settings) -> None:
-    backend = SqliteLogBackend(sqlite_log_path(settings.data_root, "rent"))
-    backend.write([prediction("d" * 32, probability=None)], [])
-    backend.close()
-    predictions, _ = _all("rent", settings)
-    assert math.isnan(predictions.iloc[0]["probability"])
-
-
-def test_reading_a_log_that_does_not_exist_gives_empty_frames(settings) -> None:
+def test_reading_a_log_that_does_not_exist_does_not_create_it(settings) -> None:
     predictions, labels = _all("nothing_yet", settings)
     assert predictions.empty and labels.empty
-    assert list(predictions.columns) == ["request_id", "position", "ts", "model_version",
-                                         "entity_id", "inputs", "features", "prediction",
-                                         "probability"]
-    assert list(labels.columns) == ["request_id", "entity_id", "label", "ts"]
     assert not (settings.data_root / "predictions" / "nothing_yet.sqlite").exists()
 
 
-@pytest.mark.parametrize("pipeline", ["../escape", "Churn", "a/b", "", "x" * 80])
+@pytest.mark.parametrize("pipeline", ["../escape", "Churn", "a/b", "", "x" * 80, "churn\n"])
 def test_pipeline_names_are_validated_before_they_become_paths(settings, pipeline) -> None:
     with pytest.raises(ValueError, match="invalid pipeline name"):
         read_predictions(pipeline, T0, T0, settings=settings)
     with pytest.raises(ValueError, match="invalid pipeline name"):
         open_backend(pipeline, settings)
-
-
-def test_window_bounds_must_be_aware_and_ordered(settings) -> None:
-    with pytest.raises(ValueError, match="timezone-aware"):
-        read_predictions("churn", T0.replace(tzinfo=None), T0, settings=settings)
-    with pytest.raises(ValueError, match="before its start"):
-        read_labels("churn", T0, T0 - dt.timedelta(seconds=1), settings=settings)
 
 
 # --- the buffered writer ------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Nothing the prediction log accepted is lost while its backend is down: the writer spills to
 an fsync'ed file, replays it in order once the backend answers, adopts the spill files of a
 killed writer, and every row is stored once. One test body per behaviour, on SQLite and on a
-real Redis server that the test stops and starts.
+real Redis server that the test stops and starts. (That each backend stores a replayed batch
+once is part of the backend contract: tests/integration/test_prediction_log_backends.py.)
 
 "Down" is real: for Redis the server is shut down (saving its data) and started again on the
 same port; for SQLite the log's folder is taken by a plain file, so the database cannot be
@@ -30,7 +31,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from airmlops.serving import prediction_log as prediction_log_module
 from airmlops.serving.prediction_log import (
     LabelRecord,
     LogBackend,
@@ -43,10 +43,10 @@ from airmlops.serving.prediction_log import (
     open_log,
     read_labels,
     read_predictions,
-    request_key,
     spill_dir_path,
     sqlite_log_path,
 )
+from airmlops.serving.prediction_log import writer as prediction_log_writer
 from airmlops.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
@@ -352,10 +352,11 @@ CHILD = textwrap.dedent("""
             entity_id=f"C{{i}}-0", inputs={{"customer_id": f"C{{i}}-0", "tenure_days": 12.5}},
             features={{"tenure_days": 12.5, "plan": "basic"}}, prediction=1.0,
             probability=0.75)])
-    while log.stats().spilled < {count}:
+    deadline = time.monotonic() + 60
+    while log.stats().spilled < {count} and time.monotonic() < deadline:
         time.sleep(0.01)
-    print("spilled", flush=True)
-    time.sleep(600)
+    print("spilled" if log.stats().spilled == {count} else "not spilled", flush=True)
+    sys.stdin.read()  # parked until killed (or until the test process goes away)
 """)
 
 
@@ -367,11 +368,12 @@ def test_a_killed_writer_s_spill_is_adopted_and_stored_exactly_once(store, adopt
     script = CHILD.format(src=str(SRC), data_root=str(store.data_root),
                           url=store.redis.url if store.redis else None,
                           spill_dir=str(store.spill_dir), count=count, t0=T0_US)
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "spilled"
         store.up()
-        monkeypatch.setattr(prediction_log_module, "ADOPT_INTERVAL_S", 0.0)
+        monkeypatch.setattr(prediction_log_writer, "ADOPT_INTERVAL_S", 0.0)
         survivor = None
         if adopted == "after a write":  # a live worker; the orphan appears later
             survivor = PredictionLog(store.backend(), spill_dir=store.spill_dir)
@@ -384,6 +386,8 @@ def test_a_killed_writer_s_spill_is_adopted_and_stored_exactly_once(store, adopt
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=10)
+        child.stdin.close()
+        child.stdout.close()
     assert child.returncode == -signal.SIGKILL
     [orphan] = spill_files(store.spill_dir)
     assert orphan.name.startswith(f"{child.pid}-")
@@ -419,37 +423,9 @@ def test_a_spill_file_of_another_backend_is_left_alone(tmp_path):
     assert mine.close()
 
 
-# --- exactly once in the store -------------------------------------------------------------------
-
-
-def test_writing_the_same_batch_twice_stores_each_row_once(store):
-    backend = store.backend()
-    batch = [prediction(i, p) for i in range(3) for p in range(2)]
-    labels = [label(0), label(1, 0.0)]
-    backend.write(batch, labels)
-    backend.write(batch, labels)  # a retried or replayed batch
-    assert store.raw_predictions() == [(request_id(i), p) for i in range(3) for p in range(2)]
-    assert store.raw_label_count() == 2
-    predictions, stored_labels = store.read()
-    assert len(predictions) == 6 and not predictions.duplicated(["request_id", "position"]).any()
-    assert sorted(zip(stored_labels["request_id"], stored_labels["label"], strict=True)) == [
-        (request_id(0), 1.0), (request_id(1), 0.0)]
-
-    backend.write([], [label(1, 1.0, later_us=5)])  # a newer label replaces
-    backend.write([], [label(1, 0.0)])  # the older one, replayed, does not come back
-    _, stored_labels = store.read()
-    assert stored_labels[stored_labels["request_id"] == request_id(1)]["label"].tolist() == [1.0]
-    assert store.raw_label_count() == (3 if store.kind == "redis" else 2)
-
-    # The record of what a request predicted (checked by /feedback) still holds its entities.
-    if isinstance(backend, RedisLogBackend):
-        client = redis.Redis.from_url(store.redis.url)
-        assert client.smembers(request_key(PIPELINE, request_id(2))) == {b"C2-0", b"C2-1"}
-        client.close()
-    claim = backend.claim_labels(request_id(2), [label(2, 1.0, position=1)])
-    assert claim.stored
-    assert not backend.claim_labels(request_id(2), [label(2, 0.0, position=1)]).stored
-    backend.close()
+# --- where a log spills --------------------------------------------------------------------------
+# (that both backends store a replayed batch once is in
+# tests/integration/test_prediction_log_backends.py)
 
 
 def test_open_log_spills_under_the_data_root_unless_the_bound_is_zero(tmp_path):
