@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from airmlops.names import is_name
 from airmlops.paths import atomic_write_json, safe_join
 from airmlops.processes import MODEL_SERVICE, child_env
 from airmlops.serving.deploy.errors import DeployError
@@ -34,7 +35,6 @@ INSTANCE_MARKER = "AIRMLOPS_SLOT_INSTANCE"
 LABEL_DEPLOYMENT = "ai.airmlops.deployment"
 LABEL_INSTANCE = "ai.airmlops.slot-instance"
 
-_PIPELINE_RE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")  # the spec's NAME_PATTERN
 _VERSION_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.+-]{0,62}[A-Za-z0-9])?$")
 _BENTO_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{0,62}[a-z0-9])?$")
 _BENTO_VERSION_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,126}[A-Za-z0-9])?$")
@@ -45,10 +45,9 @@ LOG_TAIL_LINES = 100
 """Lines of a failed version's output kept in the error (a traceback plus what follows it)."""
 
 
-
 def validate_pipeline(name: str) -> str:
     """Return ``name`` if it is a valid pipeline name (the spec's rule); else ValueError."""
-    if not isinstance(name, str) or not _PIPELINE_RE.fullmatch(name):
+    if not is_name(name):
         raise ValueError(f"invalid pipeline name {name!r}")
     return name
 
@@ -121,7 +120,6 @@ def validate_path(path: str) -> str:
 
 def other_slot(slot: str | None) -> str:
     return SLOTS[1] if slot == SLOTS[0] else SLOTS[0]
-
 
 
 @dataclasses.dataclass(frozen=True)
