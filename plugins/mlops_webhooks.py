@@ -2,7 +2,8 @@
 
 Mounts :func:`airmlops.webhooks.app.create_app` at ``/webhooks`` (``POST /webhooks/github``,
 ``POST /webhooks/gitlab``). Airflow does not authenticate plugin apps: the app checks every
-request's signature or token itself. Importing this file is cheap (FastAPI and pydantic only)
+request's signature or token itself, then queues runs through Airflow's REST API on loopback
+(see :mod:`airmlops.webhooks.app`). Importing this file is cheap (FastAPI and pydantic only)
 and reads no setting, so every Airflow component can load it even when nothing is configured.
 """
 

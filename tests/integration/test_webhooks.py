@@ -8,6 +8,7 @@ come from the REST API; each refused delivery must leave them unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -160,7 +161,9 @@ def test_signed_push_creates_exactly_one_run_and_a_redelivery_none(server: Webho
         "triggered_by": "webhook",
     }
     assert run["run_type"] == "manual"
+    assert run["triggered_by"] == "rest_api"
     assert run["triggering_user_name"] == "webhook"
+    assert run["logical_date"] is None
 
     again = httpx.post(server.github_url, content=body, headers=headers, timeout=30)
     assert again.status_code == 200, again.text
@@ -271,6 +274,32 @@ def test_valid_webhooks_answer_well_under_a_second(server: WebhookServer):
     assert worst < 1.0
 
 
+BURST = 45
+"""More concurrent deliveries than the API server's worker threads (anyio's default: 40)."""
+
+
+def test_a_burst_of_deliveries_triggers_every_run_without_starving_the_api(
+    server: WebhookServer,
+):
+    """The receiver calls the API server it runs in: a burst must not wait on itself."""
+    deliveries = [signed(push_payload(new_sha())) for _ in range(BURST)]
+    before = server.run_count()
+
+    async def deliver_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(
+                client.post(server.github_url, content=body, headers=headers)
+                for body, headers in deliveries))
+
+    started = time.perf_counter()
+    answers = asyncio.run(deliver_all())
+    elapsed = time.perf_counter() - started
+    print(f"\n{BURST} concurrent webhooks answered in {elapsed:.1f} s")
+    assert [a.status_code for a in answers] == [202] * BURST, answers[0].text
+    assert server.run_count() == before + BURST
+    assert elapsed < 60
+
+
 def test_neither_the_secret_nor_a_body_reaches_the_server_log(server: WebhookServer):
     payload = push_payload(new_sha())
     payload["head_commit"]["message"] = "body-marker-5c1e"
@@ -282,6 +311,7 @@ def test_neither_the_secret_nor_a_body_reaches_the_server_log(server: WebhookSer
     assert "Webhook github delivery" in log
     assert SECRET not in log
     assert "body-marker-5c1e" not in log
+    assert "eyJ" not in log  # nor the receiver's JWT (every JWT starts with it)
 
 
 def test_plugin_is_listed_by_the_api_server(server: WebhookServer):

@@ -26,8 +26,10 @@ from airmlops.settings import PROJECT_ROOT, Settings
 from airmlops.webhooks.app import (
     TriggerOutcome,
     create_app,
+    earlier_run_of_commit,
     get_trigger,
     get_webhook_settings,
+    loopback_api_url,
     pipeline_targets,
     run_conf,
     webhook_run_id,
@@ -355,7 +357,7 @@ class RecordingTrigger:
         self.calls: list[tuple[str, str, dict[str, Any]]] = []
         self.fail_with: str | None = None
 
-    def __call__(self, dag_id: str, run_id: str, conf: dict[str, Any]) -> TriggerOutcome:
+    async def __call__(self, dag_id: str, run_id: str, conf: dict[str, Any]) -> TriggerOutcome:
         if self.fail_with:
             return TriggerOutcome("error", run_id, self.fail_with)
         for earlier_dag, earlier_run, earlier_conf in self.calls:
@@ -728,3 +730,43 @@ def test_plugin_imports_cheaply_and_without_settings(tmp_path: Path) -> None:
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+# --- how the real trigger reaches Airflow ---------------------------------------------------
+
+@pytest.mark.parametrize("base_url, expected", [
+    ("", "http://127.0.0.1:9137/api/v2"),
+    ("https://airflow.example.com", "http://127.0.0.1:9137/api/v2"),
+    ("https://airflow.example.com/ops/airflow/", "http://127.0.0.1:9137/ops/airflow/api/v2"),
+])
+def test_the_rest_api_is_called_on_loopback_under_the_base_url_path(
+    monkeypatch: pytest.MonkeyPatch, base_url: str, expected: str
+) -> None:
+    monkeypatch.setenv("AIRFLOW__API__PORT", "9137")
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", base_url)
+    monkeypatch.delenv("AIRFLOW__API__SSL_CERT", raising=False)
+    assert loopback_api_url() == expected
+
+
+def test_an_api_server_with_tls_is_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW__API__SSL_CERT", "/etc/ssl/airflow.pem")
+    with pytest.raises(RuntimeError, match="ssl_cert"):
+        loopback_api_url()
+
+
+def _rest_run(run_id: str, commit: str | None) -> dict[str, Any]:
+    conf = {"git_commit": commit, "triggered_by": "webhook"} if commit else {}
+    return {"dag_run_id": run_id, "dag_id": "churn_training", "conf": conf}
+
+
+def test_an_earlier_run_counts_only_for_the_same_commit_and_a_webhook_run_id() -> None:
+    runs = [
+        _rest_run("webhookish_manual", SHA),            # the prefix filter ignores trailing "_"
+        _rest_run("webhook__github__b", MERGE_SHA),     # conf_contains matched another key
+        _rest_run("webhook__gitlab__c", None),
+        _rest_run("webhook__github__a", SHA),
+    ]
+    assert earlier_run_of_commit(runs, SHA) == "webhook__github__a"
+    assert earlier_run_of_commit(runs, BEFORE) is None
+    assert earlier_run_of_commit(runs, "") is None
+    assert earlier_run_of_commit([], SHA) is None

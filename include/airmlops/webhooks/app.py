@@ -24,6 +24,13 @@ Acting means triggering the training DAG of every spec in ``MLOPS_PIPELINES_DIR`
 nothing. A commit that a webhook already triggered for a DAG is not trained twice either: a
 merged pull request also arrives as a push of the same commit, and only the first starts a run.
 The trigger only queues the run (tens of milliseconds); the work happens in Airflow.
+
+Runs are queued and looked up through Airflow's stable REST API (``/api/v2``), called on the
+loopback address of this very API server (``http://127.0.0.1:<[api] port><path of [api]
+base_url>``) with a short-lived JWT that the auth manager signs for the service user
+``webhook`` (role ``USER``: it may trigger and read DAG runs, nothing else). The calls are
+awaited on the event loop, never in a worker thread, so a burst of deliveries cannot exhaust
+the thread pool that Airflow's own (synchronous) endpoints need to answer them.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -58,9 +66,15 @@ from airmlops.webhooks.verify import (
 log = logging.getLogger(__name__)
 
 RUN_ID_PREFIX = "webhook__"
-COMMIT_LOOKBACK_RUNS = 200
-"""How many recent webhook runs of a DAG are searched for an earlier run of the same commit."""
+COMMIT_LOOKBACK_RUNS = 25
+"""How many of a DAG's webhook runs whose conf mentions the commit are checked (newest first)."""
 TRIGGERING_USER = "webhook"
+"""The service user the runs are triggered as (the runs' ``triggering_user_name``)."""
+SERVICE_ROLE = "USER"
+"""The simple auth manager's role of that user: trigger and read DAG runs, nothing more."""
+TOKEN_LIFETIME_SECONDS = 60
+API_TIMEOUT_SECONDS = 30.0
+LOOPBACK_HOST = "127.0.0.1"
 
 Status = Literal["triggered", "duplicate", "error"]
 
@@ -74,8 +88,9 @@ class TriggerOutcome:
     reason: str = ""
 
 
-Trigger = Callable[[str, str, dict[str, Any]], TriggerOutcome]
-"""``trigger(dag_id, run_id, conf)``: queue a run, idempotent on ``run_id`` and on the commit."""
+Trigger = Callable[[str, str, dict[str, Any]], Awaitable[TriggerOutcome]]
+"""``await trigger(dag_id, run_id, conf)``: queue a run, idempotent on ``run_id`` and on the
+commit."""
 
 
 @dataclass(frozen=True)
@@ -160,43 +175,120 @@ def pipeline_targets(pipelines_dir: Path) -> list[PipelineTarget]:
     return targets
 
 
-def trigger_in_airflow(dag_id: str, run_id: str, conf: dict[str, Any]) -> TriggerOutcome:
-    """Queue a run of ``dag_id`` in the Airflow metadata database of this API server.
+async def trigger_in_airflow(dag_id: str, run_id: str, conf: dict[str, Any]) -> TriggerOutcome:
+    """Queue a run of ``dag_id`` through the REST API of this API server.
 
     Answers ``duplicate`` when the run id exists (a redelivery, or two copies racing) or when an
-    earlier webhook run of the DAG already carries the same commit. Must run in a worker thread:
-    it blocks on the database.
+    earlier webhook run of the DAG already carries the same commit.
     """
-    from airflow.api.common.trigger_dag import trigger_dag
-    from airflow.exceptions import DagNotFound, DagRunAlreadyExists
-    from airflow.utils.session import create_session
-    from airflow.utils.types import DagRunTriggeredByType
-    from sqlalchemy.exc import IntegrityError
+    import httpx
 
+    failed = TriggerOutcome("error", run_id, "triggering the DAG failed; see the API server log")
     try:
-        with create_session() as session:
-            earlier = _earlier_run_of_commit(session, dag_id, conf.get("git_commit"))
-            if earlier is not None:
-                return TriggerOutcome("duplicate", earlier, "commit already triggered a run")
-            trigger_dag(
-                dag_id,
-                run_id=run_id,
-                conf=conf,
-                triggered_by=DagRunTriggeredByType.REST_API,
-                triggering_user_name=TRIGGERING_USER,
-                session=session,
-            )
-    except DagRunAlreadyExists:
-        return TriggerOutcome("duplicate", run_id, "delivery already triggered this run")
-    except IntegrityError:
-        return TriggerOutcome("duplicate", run_id, "delivery already triggered this run")
-    except DagNotFound:
-        log.warning("Webhook: DAG %s is not known to Airflow (not parsed yet?)", dag_id)
-        return TriggerOutcome("error", run_id, "DAG not found in Airflow; redeliver once parsed")
+        api_url = loopback_api_url()
+        headers = {"Authorization": f"Bearer {_service_token()}"}
+    except Exception:
+        log.exception("Webhook: cannot authenticate to Airflow's REST API")
+        return failed
+    try:
+        # trust_env=False: never route the loopback call through a proxy from the environment.
+        # verify=False: the URL is plain HTTP on loopback, so no certificate is ever checked;
+        # it only spares loading the CA bundle, which costs ~0.1 s per client on a busy host.
+        async with httpx.AsyncClient(base_url=api_url, headers=headers, trust_env=False,
+                                     verify=False,  # noqa: S501
+                                     timeout=API_TIMEOUT_SECONDS) as client:
+            return await _trigger_once(client, dag_id, run_id, conf)
+    except httpx.HTTPError as error:  # the message names the URL only, never the token
+        log.error("Webhook: Airflow's REST API did not answer for %s: %r", dag_id, error)
     except Exception:
         log.exception("Webhook: triggering %s failed", dag_id)
-        return TriggerOutcome("error", run_id, "triggering the DAG failed; see the API server log")
+    return failed
+
+
+async def _trigger_once(
+    client: Any, dag_id: str, run_id: str, conf: dict[str, Any]
+) -> TriggerOutcome:
+    """Look for an earlier run of the commit, else create the run (``client``: httpx)."""
+    dag_runs = f"/dags/{quote(dag_id, safe='')}/dagRuns"
+    commit = str(conf.get("git_commit", ""))
+    found = await client.get(dag_runs, params={
+        "run_id_prefix_pattern": RUN_ID_PREFIX, "conf_contains": commit, "order_by": "-id",
+        "limit": COMMIT_LOOKBACK_RUNS})
+    if found.status_code != 200:
+        return _failure(found, dag_id, run_id)
+    earlier = earlier_run_of_commit(found.json()["dag_runs"], commit)
+    if earlier is not None:
+        return TriggerOutcome("duplicate", earlier, "commit already triggered a run")
+    created = await client.post(
+        dag_runs, json={"dag_run_id": run_id, "logical_date": None, "conf": conf})
+    if created.status_code == 409:
+        return TriggerOutcome("duplicate", run_id, "delivery already triggered this run")
+    if created.status_code not in (200, 201):
+        return _failure(created, dag_id, run_id)
     return TriggerOutcome("triggered", run_id)
+
+
+def loopback_api_url() -> str:
+    """The REST API (v2) of this API server on the loopback address.
+
+    The port is ``[api] port`` (what ``airflow api-server`` listens on unless ``--port`` says
+    otherwise) and the path is that of ``[api] base_url`` (Airflow serves under that path); the
+    host of ``base_url`` is never used, so the token cannot leave this machine.
+    """
+    from airflow.configuration import conf
+
+    if conf.get("api", "ssl_cert", fallback=""):
+        raise RuntimeError("the webhook receiver calls Airflow's REST API over plain HTTP on "
+                           "loopback; it does not support an API server with [api] ssl_cert")
+    port = conf.getint("api", "port")
+    root = urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
+    return f"http://{LOOPBACK_HOST}:{port}{root}/api/v2"
+
+
+def _service_token() -> str:
+    """A short-lived JWT of the service user ``webhook``, signed by Airflow's auth manager.
+
+    ``get_auth_manager().generate_jwt(user)`` is the auth manager's public interface; building
+    the user is auth-manager specific, and only the simple auth manager (the platform's) has
+    users that need no account: any other auth manager is refused with a clear error.
+    """
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    manager = get_auth_manager()
+    if not isinstance(manager, SimpleAuthManager):
+        raise RuntimeError(f"the webhook receiver needs Airflow's simple auth manager to sign "
+                           f"its service token; [core] auth_manager is {type(manager).__name__}")
+    user = SimpleAuthManagerUser(username=TRIGGERING_USER, role=SERVICE_ROLE)
+    return manager.generate_jwt(user, expiration_time_in_seconds=TOKEN_LIFETIME_SECONDS)
+
+
+def earlier_run_of_commit(runs: list[dict[str, Any]], commit: str) -> str | None:
+    """The run id of the first webhook run in ``runs`` (REST representations) for ``commit``.
+
+    The REST filters only narrow the search (a prefix filter ignores trailing ``_`` and
+    ``conf_contains`` is a substring match), so the run id and the commit are checked here.
+    """
+    if not commit:
+        return None
+    for run in runs:
+        conf = run.get("conf")
+        run_id = run.get("dag_run_id", "")
+        if (run_id.startswith(RUN_ID_PREFIX) and isinstance(conf, dict)
+                and conf.get("git_commit") == commit):
+            return run_id
+    return None
+
+
+def _failure(response: Any, dag_id: str, run_id: str) -> TriggerOutcome:
+    """The outcome of an error answer of the REST API (logged without the request)."""
+    if response.status_code == 404:
+        log.warning("Webhook: DAG %s is not known to Airflow (not parsed yet?)", dag_id)
+        return TriggerOutcome("error", run_id, "DAG not found in Airflow; redeliver once parsed")
+    log.error("Webhook: triggering %s failed: HTTP %s: %s",
+              dag_id, response.status_code, response.text[:500])
+    return TriggerOutcome("error", run_id, "triggering the DAG failed; see the API server log")
 
 
 def create_app() -> FastAPI:
@@ -284,14 +376,11 @@ async def _act(event: PushEvent | IgnoredEvent, settings: Settings, trigger: Tri
     run_id = webhook_run_id(event.provider, event.delivery_id)
     conf = run_conf(event)
 
-    def trigger_all() -> list[tuple[PipelineTarget, TriggerOutcome]]:
-        return [
-            (target, TriggerOutcome("error", run_id, target.error) if target.error
-             else trigger(target.dag_id, run_id, conf))
-            for target in targets
-        ]
-
-    outcomes = await run_in_threadpool(trigger_all)
+    outcomes = [
+        (target, TriggerOutcome("error", run_id, target.error) if target.error
+         else await trigger(target.dag_id, run_id, conf))
+        for target in targets
+    ]
     runs = [
         {"pipeline": target.name, "dag_id": target.dag_id, **asdict(outcome)}
         for target, outcome in outcomes
@@ -308,25 +397,6 @@ async def _act(event: PushEvent | IgnoredEvent, settings: Settings, trigger: Tri
     if "triggered" in statuses:
         return _Answer("triggered", event.describe(), runs, 202)
     return _Answer("duplicate", "this delivery or commit already triggered its runs", runs)
-
-
-def _earlier_run_of_commit(session: Any, dag_id: str, commit: Any) -> str | None:
-    """The run id of a recent webhook run of ``dag_id`` for ``commit``, if there is one."""
-    if not isinstance(commit, str):
-        return None
-    from airflow.models.dagrun import DagRun
-    from sqlalchemy import select
-
-    rows = session.execute(
-        select(DagRun.run_id, DagRun.conf)
-        .where(DagRun.dag_id == dag_id, DagRun.run_id.startswith(RUN_ID_PREFIX, autoescape=True))
-        .order_by(DagRun.id.desc())
-        .limit(COMMIT_LOOKBACK_RUNS)
-    ).all()
-    for run_id, conf in rows:
-        if isinstance(conf, dict) and conf.get("git_commit") == commit:
-            return run_id
-    return None
 
 
 def _require_configured(provider: str, secret: str, variable: str) -> None:
