@@ -9,7 +9,7 @@ The events, and the process that sends each:
 - ``retraining_decision``: monitoring decided to retrain (``decide`` task of
   ``<name>_monitoring``).
 - ``task_failed``: any task of any pipeline DAG failed for good, after its retries (the task's
-  ``on_failure_callback``, :class:`airmlops.notifiers.PipelineFailureNotifier`, in the process
+  ``on_failure_callback``, :class:`airmlops.dags.callbacks.PipelineFailureNotifier`, in the process
   that ran the task, or Airflow's DAG processor for a task that died without finishing).
 - ``slot_died``: a model server (process or container) of a deployment died and was restarted;
   ``proxy_died``: the stable-address proxy died and was restarted; ``failover``: the stable
@@ -285,8 +285,6 @@ def send_email(config: SmtpAlerts, subject: str, body: str) -> None:
     """Send one plain-text e-mail: straight to the relay (STARTTLS and login when configured),
     or through the Airflow connection ``conn_id`` names."""
     if config.conn_id is not None:
-        from airmlops.notifiers import send_email_through_connection
-
         send_email_through_connection(config, subject, body)
         return
 
@@ -307,6 +305,32 @@ def send_email(config: SmtpAlerts, subject: str, body: str) -> None:
         if username is not None:
             client.login(username, password or "")
         client.send_message(email)
+
+
+def send_email_through_connection(config: SmtpAlerts, subject: str, body: str) -> None:
+    """Send one e-mail with Airflow's ``SmtpNotifier`` and the connection ``config.conn_id``.
+
+    The connection (of type smtp; any other type is refused, so a spec cannot send another
+    service's credentials to a mail relay) holds the relay and credentials, and the From address
+    unless the spec gives one. The body goes as HTML-escaped preformatted text. Alert texts are
+    data: the notifier is given its finished subject and body and asked to ``notify`` directly,
+    which renders nothing with Jinja. Raises on failure; :func:`notify_config` reports it.
+    """
+    import html
+
+    from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+    from airflow.sdk import BaseHook
+
+    if config.conn_id is None:
+        raise ValueError("smtp.conn_id is not set")
+    connection = BaseHook.get_connection(config.conn_id)
+    if connection.conn_type != "smtp":
+        raise ValueError(f"Airflow connection {config.conn_id!r} is of type "
+                         f"{connection.conn_type!r}, not smtp")
+    notifier = SmtpNotifier(to=list(config.to), from_email=config.sender, subject=subject,
+                            html_content=f"<pre>{html.escape(body)}</pre>",
+                            smtp_conn_id=config.conn_id)
+    notifier.notify({})  # not notifier(context): that would render the alert text with Jinja
 
 
 def post_webhook(config: WebhookAlerts, payload: Mapping[str, Any]) -> int:

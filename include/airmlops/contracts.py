@@ -6,10 +6,10 @@ layer (:mod:`airmlops.dags`) turns them into XCom values (:meth:`Contract.to_xco
 raises :class:`ContractError` naming the contract and the field, so a malformed value fails the
 task that reads it with a clear message instead of a ``KeyError`` deep inside a stage.
 
-The XCom keys are the field names (and, for :class:`Snapshot`, those of
-:class:`~airmlops.data.snapshots.SnapshotRef`), as before the contracts existed: tools and
-tests read them through Airflow's REST API. This module imports only the standard library, so
-the DAG layer can import it at parse time.
+The XCom keys are the field names (:class:`Snapshot` is a :class:`SnapshotRef`, the data
+layer's handle of a stored batch, plus the run's pinned spec), as before the contracts existed:
+tools and tests read them through Airflow's REST API. This module imports only the standard
+library and :mod:`airmlops.names`, so the DAG layer can import it at parse time.
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import datetime as dt
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from airmlops.errors import NonRetryable
-
-if TYPE_CHECKING:
-    from airmlops.data.snapshots import SnapshotRef
+from airmlops.names import NAME_PATTERN, is_name
 
 
 class ContractError(NonRetryable, ValueError):
@@ -155,14 +153,9 @@ class World(Contract):
 
 
 @dataclasses.dataclass(frozen=True)
-class Snapshot(Contract):
-    """``ingest``: the batch's snapshot (the fields of
-    :class:`~airmlops.data.snapshots.SnapshotRef`), the spec pinned for the run and, for a
-    simulator run with overrides, its world.
-
-    ``spec_hash``/``spec_path``: the hash of the validated spec and the copy of its file the
-    run pinned at ingest (:mod:`airmlops.spec_pin`); every later task of the run uses it.
-    """
+class SnapshotRef(Contract):
+    """Where one raw batch lives and what it holds (:mod:`airmlops.data.snapshots` writes and
+    reads it); its content digest is the batch's data version."""
 
     pipeline: str
     digest: str
@@ -170,35 +163,54 @@ class Snapshot(Contract):
     rows: int
     interval_start: dt.datetime
     interval_end: dt.datetime
+    created: bool = dataclasses.field(default=False, compare=False)
+    """True only for the write that stored the file; not part of a ref's identity."""
+
+    def check(self) -> None:
+        if not is_name(self.pipeline):
+            raise ContractError(type(self).__name__, "pipeline", f"invalid pipeline name "
+                                f"{self.pipeline!r:.80} (expected {NAME_PATTERN})")
+        _check_hex(type(self).__name__, "digest", self.digest, 64)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Snapshot(SnapshotRef):
+    """``ingest``: the batch's snapshot (a :class:`SnapshotRef`), the spec pinned for the run
+    and, for a simulator run with overrides, its world.
+
+    ``spec_hash``/``spec_path``: the hash of the validated spec and the copy of its file the
+    run pinned at ingest (:mod:`airmlops.spec_pin`); every later task of the run uses it.
+    """
+
     spec_hash: str
     spec_path: Path
-    created: bool = False
     world: World | None = None
 
     @classmethod
     def of(cls, ref: SnapshotRef, spec_hash: str, spec_path: Path,
            world: World | None = None) -> Snapshot:
         """The contract of a written snapshot ``ref``."""
-        return cls(pipeline=ref.pipeline, digest=ref.digest, path=ref.path, rows=ref.rows,
-                   interval_start=ref.interval_start, interval_end=ref.interval_end,
-                   created=ref.created, spec_hash=spec_hash, spec_path=Path(spec_path),
+        return cls(**_ref_fields(ref), spec_hash=spec_hash, spec_path=Path(spec_path),
                    world=world)
 
     @property
     def ref(self) -> SnapshotRef:
-        """The snapshot as :mod:`airmlops.data.snapshots` reads it."""
-        from airmlops.data.snapshots import SnapshotRef
-
-        return SnapshotRef.from_dict({
-            "pipeline": self.pipeline, "digest": self.digest, "path": str(self.path),
-            "rows": self.rows, "interval_start": self.interval_start.isoformat(),
-            "interval_end": self.interval_end.isoformat(), "created": self.created})
+        """The snapshot alone, as :mod:`airmlops.data.snapshots` writes it."""
+        return SnapshotRef(**_ref_fields(self))
 
     def check(self) -> None:
-        for field, value, size in (("digest", self.digest, 64), ("spec_hash", self.spec_hash, 64)):
-            if len(value) != size or any(c not in "0123456789abcdef" for c in value):
-                raise ContractError("Snapshot", field, f"expected {size} hex digits, "
-                                                       f"got {value!r:.80}")
+        super().check()
+        _check_hex(type(self).__name__, "spec_hash", self.spec_hash, 64)
+
+
+def _ref_fields(ref: SnapshotRef) -> dict[str, Any]:
+    """The :class:`SnapshotRef` fields of ``ref`` (a snapshot contract or a plain ref)."""
+    return {field.name: getattr(ref, field.name) for field in dataclasses.fields(SnapshotRef)}
+
+
+def _check_hex(contract: str, field: str, value: str, size: int) -> None:
+    if len(value) != size or any(c not in "0123456789abcdef" for c in value):
+        raise ContractError(contract, field, f"expected {size} hex digits, got {value!r:.80}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,13 +20,14 @@ checked or loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import hmac
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,25 @@ def load_model_dir(model_dir: Path, expected: ModelDigests) -> Any:
     return skops.io.loads(checked.data, trusted=list(checked.trusted_types))
 
 
+@contextlib.contextmanager
+def using_tracking_uri(tracking_uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API (runs, model logging and loading) at ``tracking_uri`` for a while.
+
+    With None, nothing changes. The previous URI is restored afterwards.
+    """
+    import mlflow
+
+    if tracking_uri is None:
+        yield
+        return
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def registered_digests(model_uri: str, tracking_uri: str | None) -> ModelDigests:
     """The digests recorded for ``models:/<name>/<version>``, ``models:/<name>@<alias>`` (the
     version's tags) or ``models:/m-<id>`` (the logged model's, or its run's, tags)."""
@@ -255,8 +275,6 @@ def load_registered_model(model_uri: str, tracking_uri: str | None) -> Any:
     """Download ``model_uri`` from MLflow and load it with :func:`load_model_dir`, checked
     against the digests the registry recorded for it (the gates and the bake stage)."""
     import mlflow
-
-    from airmlops.training.tracking import using_tracking_uri
 
     expected = registered_digests(model_uri, tracking_uri)
     with tempfile.TemporaryDirectory(prefix="airmlops-model-") as scratch:

@@ -6,7 +6,9 @@ monitored and deployed. Adding a model to the platform means adding a spec; no c
 
 :func:`load_spec` validates a file and raises :class:`SpecError` naming the file, the field and
 what was expected. Loading is cheap (no heavy imports), so the DAG factory can call it at parse
-time; :func:`resolve_estimator` does the expensive check of the estimator class.
+time; :func:`resolve_estimator` does the expensive check of the estimator class. Reading a
+file as untrusted YAML, and wording pydantic's errors, is :mod:`airmlops.spec_parsing`, whose
+public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,22 +33,31 @@ from pydantic import (
 )
 
 from airmlops import estimators
-from airmlops.alerts import AlertsConfig
-from airmlops.errors import NonRetryable
+from airmlops.alerts import AlertsConfig, one_line
 from airmlops.features.definitions import FeatureSet
 from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
 from airmlops.names import COLUMN_PATTERN, NAME_PATTERN
 from airmlops.paths import confine_pattern
 from airmlops.schedules import check_schedule
+from airmlops.spec_parsing import (
+    SpecError,
+    load_spec_yaml,
+    read_spec_bytes,
+    spec_paths,
+    validation_problems,
+)
+
+__all__ = [
+    "ESTIMATOR_KIND", "ESTIMATOR_PATTERN", "HIGHER_IS_BETTER", "METRICS_BY_TASK", "NAME_PATTERN",
+    "ChampionComparison", "Column", "DeployConfig", "EstimatorConfig", "FeatureColumn",
+    "FeatureStoreConfig", "FileSource", "Gates", "PipelineSpec", "ResourceLimits",
+    "SimulatorSource", "Source", "SpecError", "SqlSource", "TrainingConfig", "load_spec",
+    "parse_spec", "parse_spec_bytes", "read_spec_bytes", "resolve_estimator", "spec_paths",
+]
 
 ESTIMATOR_PATTERN = r"^sklearn(\.[a-z_][a-z0-9_]*)+\.[A-Z][A-Za-z0-9]*$"
 """Only scikit-learn estimators: a spec must not be able to import arbitrary code."""
 ESTIMATOR_KIND = {"binary_classification": "classifier", "regression": "regressor"}
-
-MAX_SPEC_BYTES = 256 * 1024
-"""A spec is a page of YAML; a bigger file is refused before it is parsed."""
-MAX_NESTING = 32
-"""Deepest nesting of mappings and lists a spec may use (the schema needs fewer than 10)."""
 
 Column = Annotated[str, Field(pattern=COLUMN_PATTERN)]
 
@@ -57,17 +67,6 @@ METRICS_BY_TASK = {
     "binary_classification": ("roc_auc", "accuracy", "f1", "precision", "recall", "log_loss"),
     "regression": ("mae", "rmse", "r2"),
 }
-
-
-class SpecError(NonRetryable, ValueError):
-    """A pipeline spec is invalid. The message names the file, the field and what was expected.
-    Fixing the file is the only cure, so a task that meets it fails without retries."""
-
-    def __init__(self, path: Path | str, problems: list[tuple[str, str]]) -> None:
-        self.path = str(path)
-        self.problems = problems
-        lines = [f"{field}: {message}" for field, message in problems]
-        super().__init__(f"invalid pipeline spec {self.path}:\n  " + "\n  ".join(lines))
 
 
 class _Strict(BaseModel):
@@ -513,40 +512,6 @@ class PipelineSpec(_Strict):
         return f"{self.name}_features"
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    parts: list[str] = []
-    for item in loc:
-        if isinstance(item, int):
-            parts.append(f"[{item}]")
-        elif item in ("simulator", "file", "sql") and parts and parts[-1] == "source":
-            continue  # the discriminator tag adds nothing for a reader
-        else:
-            parts.append(("." if parts else "") + str(item))
-    return "".join(parts) or "(top level)"
-
-
-def _problems(error: ValidationError) -> list[tuple[str, str]]:
-    problems = []
-    for item in error.errors():
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "missing":
-            message = "is required"
-        elif item["type"] == "extra_forbidden":
-            message = "is not a known field"
-        elif "input" in item and item["type"] != "model_type" and not isinstance(
-            item["input"], dict
-        ) and repr(item["input"]) not in message:
-            message = f"{message} (got {item['input']!r})"
-        field = _field_path(item["loc"])
-        # Checks across fields name their field at the start of the message.
-        named = re.match(r"^([a-z_]+(?:[.\[][\w.\[\]]*)?): (.*)$", message, re.DOTALL)
-        if named and named.group(1).split(".")[0].split("[")[0] in PipelineSpec.model_fields:
-            prefix = "" if field == "(top level)" else f"{field}."
-            field, message = prefix + named.group(1), named.group(2)
-        problems.append((field, message))
-    return problems
-
-
 def parse_spec(data: Any, path: Path | str = "<memory>", *,
                data_roots: Sequence[Path] | None = None) -> PipelineSpec:
     """Validate a spec given as a mapping; raise :class:`SpecError` on any bad field.
@@ -559,70 +524,18 @@ def parse_spec(data: Any, path: Path | str = "<memory>", *,
     try:
         return PipelineSpec.model_validate(data, context=context)
     except ValidationError as error:
-        raise SpecError(path, _problems(error)) from None
+        raise SpecError(path, validation_problems(error, PipelineSpec.model_fields)) from None
     except Exception as error:  # a validator's own bug must still name the spec
         raise SpecError(path, [("(top level)", f"cannot be validated: "
                                                f"{type(error).__name__}")]) from None
 
 
-class _SpecLoader(yaml.SafeLoader):
-    """YAML's safe loader without anchors and aliases (no expansion bombs; a spec never needs
-    them) and with a nesting limit."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise yaml.MarkedYAMLError(None, None, "anchors and aliases (&name, *name) are not "
-                                       "allowed in a spec", event.start_mark)
-        self._depth = getattr(self, "_depth", 0) + 1
-        try:
-            if self._depth > MAX_NESTING:
-                raise yaml.MarkedYAMLError(None, None, f"nested deeper than {MAX_NESTING} "
-                                           "levels", event.start_mark)
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-# YAML 1.2's booleans only: ``yes``/``no``/``on``/``off`` stay text, so a category
-# ``values: [yes, no]`` means the strings a CSV holds, not true/false.
-_SpecLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def read_spec_bytes(path: Path | str) -> bytes:
-    """A spec file's bytes, at most :data:`MAX_SPEC_BYTES` (:class:`SpecError` otherwise)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_SPEC_BYTES + 1)
-    except OSError as error:
-        raise SpecError(path, [("(file)", f"cannot be read: {error.strerror}")]) from None
-    if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError(path, [("(file)", f"is larger than {MAX_SPEC_BYTES // 1024} KiB")])
-    return raw
-
-
-def _decode_spec(raw: bytes, path: Path) -> str:
-    if len(raw) > MAX_SPEC_BYTES:
-        raise SpecError(path, [("(file)", f"is larger than {MAX_SPEC_BYTES // 1024} KiB")])
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise SpecError(path, [("(file)", f"is not UTF-8 text (byte 0x{raw[error.start]:02x} "
-                                          f"at offset {error.start})")]) from None
-
-
 def load_spec(path: Path | str, *, data_roots: Sequence[Path] | None = None) -> PipelineSpec:
     """Read and validate one spec file; any failure is a :class:`SpecError` naming the file.
 
-    The file is treated as untrusted data: at most :data:`MAX_SPEC_BYTES`, UTF-8, plain YAML
-    (no tags beyond the standard ones, no anchors or aliases, at most :data:`MAX_NESTING`
-    levels deep).
+    The file is treated as untrusted data (:mod:`airmlops.spec_parsing`): at most
+    ``MAX_SPEC_BYTES``, UTF-8, plain YAML (no tags beyond the standard ones, no anchors or
+    aliases, at most ``MAX_NESTING`` levels deep).
     """
     return parse_spec_bytes(read_spec_bytes(path), path, data_roots=data_roots)
 
@@ -632,21 +545,7 @@ def parse_spec_bytes(raw: bytes, path: Path | str = "<memory>", *,
     """Validate a spec given as the bytes of its file (see :func:`load_spec`); ``path`` only
     names it in errors. A run pins these bytes (:mod:`airmlops.spec_pin`)."""
     path = Path(path)
-    try:
-        text = _decode_spec(raw, path)
-        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
-    except SpecError:
-        raise
-    except yaml.YAMLError as error:
-        raise SpecError(path, [("(file)", f"is not valid YAML: {error}")]) from None
-    except Exception as error:  # e.g. RecursionError, or a too long integer literal
-        raise SpecError(path, [("(file)", f"cannot be parsed: {type(error).__name__}")]) from None
-    return parse_spec(data, path, data_roots=data_roots)
-
-
-def spec_paths(pipelines_dir: Path) -> list[Path]:
-    """The spec files of a folder, in a stable order."""
-    return sorted([*pipelines_dir.glob("*.yaml"), *pipelines_dir.glob("*.yml")])
+    return parse_spec(load_spec_yaml(raw, path), path, data_roots=data_roots)
 
 
 def resolve_estimator(spec: PipelineSpec, path: Path | str = "<memory>") -> type:
@@ -676,9 +575,5 @@ def resolve_estimator(spec: PipelineSpec, path: Path | str = "<memory>") -> type
         if validate is not None:
             validate()
     except Exception as error:  # scikit-learn's InvalidParameterError names the parameter
-        raise SpecError(path, [("estimator.params", _one_line(str(error)))]) from None
+        raise SpecError(path, [("estimator.params", one_line(error, 500))]) from None
     return estimator
-
-
-def _one_line(text: str, limit: int = 500) -> str:
-    return " ".join(text.split())[:limit]

@@ -189,7 +189,7 @@ def test_every_task_of_a_spec_with_alerts_alerts_its_failure(tmp_path):
     from airflow.serialization.serialized_objects import DagSerialization
 
     from airmlops.alerts import AlertsConfig
-    from airmlops.notifiers import PipelineFailureNotifier
+    from airmlops.dags.callbacks import PipelineFailureNotifier
 
     alerts = {"webhook": {"url": "http://127.0.0.1:9/hooks"}}
     dags = _build_with_alerts(tmp_path, alerts)

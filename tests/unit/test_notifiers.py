@@ -27,7 +27,8 @@ import pytest
 from test_alerts import HttpSink, SmtpSink, serve_in_thread
 
 from airmlops.alerts import HELD_BACK_KEY, AlertsConfig, AlertThrottle, notify_config
-from airmlops.notifiers import PipelineFailureNotifier, task_failure
+from airmlops.dags.callbacks import PipelineFailureNotifier
+from airmlops.notifiers import task_failure
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))

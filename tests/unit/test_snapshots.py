@@ -104,7 +104,7 @@ def test_same_data_twice_is_one_immutable_file(tmp_path: Path) -> None:
     back = read_snapshot(first, verify=True)
     pd.testing.assert_frame_equal(back, frame)
     pd.testing.assert_frame_equal(read_snapshot(str(first.path)), frame)
-    assert SnapshotRef.from_dict(json.loads(json.dumps(first.to_dict()))) == first
+    assert SnapshotRef.from_xcom(json.loads(json.dumps(first.to_xcom()))) == first
 
 
 def test_different_data_gets_a_different_snapshot(tmp_path: Path) -> None:
@@ -130,8 +130,8 @@ def test_names_and_intervals_are_validated(tmp_path: Path) -> None:
     start, end = interval(0)
     with pytest.raises(ValueError, match="before its start"):
         write_snapshot(frame, "churn", tmp_path, (end, start))
-    with pytest.raises(ValueError, match="invalid snapshot digest"):
-        SnapshotRef.from_dict({**write_snapshot(frame, "churn", tmp_path, interval(0)).to_dict(),
+    with pytest.raises(ValueError, match=r"SnapshotRef\.digest: expected 64 hex digits"):
+        SnapshotRef.from_xcom({**write_snapshot(frame, "churn", tmp_path, interval(0)).to_xcom(),
                                "digest": "../../x"})
 
 

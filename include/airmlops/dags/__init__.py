@@ -27,8 +27,9 @@ from airmlops.dags.monitoring import build_monitoring_dag
 from airmlops.dags.rollback import build_rollback_dag
 from airmlops.dags.training import build_training_dag
 from airmlops.errors import NonRetryable
+from airmlops.names import is_name
 from airmlops.settings import get_settings
-from airmlops.spec import NAME_PATTERN, PipelineSpec, SpecError, load_spec, spec_paths
+from airmlops.spec import PipelineSpec, SpecError, load_spec, spec_paths
 
 __all__ = ["build_all", "build_features_dag", "build_invalid_spec_dag", "build_monitoring_dag",
            "build_rollback_dag", "build_training_dag"]
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def _placeholder_name(path: Path) -> str:
     stem = re.sub(r"[^a-z0-9_]", "_", path.stem.lower())
-    return stem if re.match(NAME_PATTERN, stem) else f"pipeline_{stem}"[:60]
+    return stem if is_name(stem) else f"pipeline_{stem}"[:60]
 
 
 def build_invalid_spec_dag(path: Path, error: Exception) -> DAG:

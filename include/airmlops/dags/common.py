@@ -21,8 +21,8 @@ from airflow.sdk import Param, get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from airmlops.contracts import Contract
+from airmlops.dags.callbacks import PipelineFailureNotifier
 from airmlops.errors import NonRetryable
-from airmlops.notifiers import PipelineFailureNotifier
 from airmlops.settings import get_settings
 from airmlops.spec import PipelineSpec, SimulatorSource
 
@@ -92,9 +92,9 @@ def failure_callbacks(spec: PipelineSpec) -> dict[str, Any]:
 
 
 def run_context():
-    """The current task's :class:`~airmlops.stages.RunContext`, from Airflow's context and the
+    """The current task's :class:`~airmlops.runs.RunContext`, from Airflow's context and the
     run's params."""
-    from airmlops.stages import RunContext, resolve_git_commit
+    from airmlops.runs import RunContext, resolve_git_commit
 
     context = get_current_context()
     dag_run = context["dag_run"]

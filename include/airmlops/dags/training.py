@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from airflow.sdk import DAG, Asset, dag, get_current_context, task
+from airflow.sdk import DAG, Asset, XComArg, dag, get_current_context, task
 
 from airmlops.contracts import (
     DataCheck,
@@ -67,7 +67,6 @@ def run_spec():
 
 def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
     """The ``<name>_training`` DAG: ingest → … → register → … → monitor."""
-    from airmlops import stages
 
     @dag(
         dag_id=spec.training_dag_id,
@@ -82,81 +81,95 @@ def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         params=training_params(),
     )
     def training() -> None:
-        @task(outlets=[snapshot_asset(spec)] if spec.feature_store else [])
-        @stage
-        def ingest() -> Snapshot:
-            """Pin the spec file as it is now, then snapshot the run's data interval."""
-            from airmlops.spec_pin import read_spec
-
-            current, raw = read_spec(spec_path)
-            return stages.ingest(current, run_context(), get_settings(), spec_bytes=raw)
-
-        @task
-        @stage
-        def validate_data(snapshot: Snapshot) -> DataCheck:
-            """Data contract; a failing batch is quarantined and the run fails without retries."""
-            return stages.validate_data(run_spec().spec, snapshot, get_settings())
-
-        @task
-        @stage
-        def preprocess(snapshot: Snapshot) -> TrainingSet:
-            """Point-in-time training set with a time-based split."""
-            return stages.preprocess(run_spec().spec, snapshot, get_settings())
-
-        @task
-        @stage
-        def train(training_set: TrainingSet) -> TrainedModel:
-            """Fit and track the model."""
-            return stages.train(run_spec().spec, training_set, run_context(), get_settings())
-
-        @task.short_circuit
-        @stage
-        def validate_model(trained: TrainedModel) -> bool:
-            """Gates; False skips everything downstream (the run still succeeds)."""
-            return stages.validate_model(run_spec().spec, trained, get_settings()).blessed
-
-        @task
-        @stage
-        def register(trained: TrainedModel) -> RegisteredVersion:
-            """New model version with alias ``challenger``."""
-            return stages.register(run_spec().spec, trained, get_settings())
-
-        @task.short_circuit(ignore_downstream_trigger_rules=True)
-        def should_deploy() -> bool:
-            """The ``skip_deploy`` param stops here (the run still succeeds)."""
-            return not get_current_context()["params"].get("skip_deploy")
-
-        @task
-        @stage
-        def containerize(registered: RegisteredVersion) -> Package:
-            """A bento of that exact version and the pinned spec, and an image when a Docker
-            engine is reachable."""
-            pinned = run_spec()
-            return stages.containerize(pinned.spec, pinned.path, registered, get_settings())
-
-        @task
-        @stage
-        def deploy(packaged: Package, trained: TrainedModel) -> Deployment:
-            """Blue/green behind the stable address; any failure leaves the old version."""
-            return stages.deploy(run_spec().spec, packaged, trained, run_context(),
-                                 get_settings())
-
-        @task
-        @stage
-        def monitor(deployed: Deployment, trained: TrainedModel) -> MonitorResult:
-            """Bake period with automatic rollback, then champion and reference data."""
-            return stages.monitor(run_spec().spec, deployed, trained, run_context(),
-                                  get_settings())
-
-        snapshot = ingest()
-        checked = validate_data(snapshot)
-        training_set = preprocess(snapshot)
-        checked >> training_set
-        trained = train(training_set)
-        registered = register(trained)
-        validate_model(trained) >> registered
-        packaged = containerize(registered)
-        registered >> should_deploy() >> packaged
-        monitor(deploy(packaged, trained), trained)
+        _release_tasks(_training_tasks(spec, spec_path))
 
     return training()
+
+
+def _training_tasks(spec: PipelineSpec, spec_path: Path) -> XComArg:
+    """ingest → validate_data → preprocess → train, in the DAG being built; the ``train``
+    task's output."""
+    from airmlops import stages
+
+    @task(outlets=[snapshot_asset(spec)] if spec.feature_store else [])
+    @stage
+    def ingest() -> Snapshot:
+        """Pin the spec file as it is now, then snapshot the run's data interval."""
+        from airmlops.spec_pin import read_spec
+
+        current, raw = read_spec(spec_path)
+        return stages.ingest(current, run_context(), get_settings(), spec_bytes=raw)
+
+    @task
+    @stage
+    def validate_data(snapshot: Snapshot) -> DataCheck:
+        """Data contract; a failing batch is quarantined and the run fails without retries."""
+        return stages.validate_data(run_spec().spec, snapshot, get_settings())
+
+    @task
+    @stage
+    def preprocess(snapshot: Snapshot) -> TrainingSet:
+        """Point-in-time training set with a time-based split."""
+        return stages.preprocess(run_spec().spec, snapshot, get_settings())
+
+    @task
+    @stage
+    def train(training_set: TrainingSet) -> TrainedModel:
+        """Fit and track the model."""
+        return stages.train(run_spec().spec, training_set, run_context(), get_settings())
+
+    snapshot = ingest()
+    checked = validate_data(snapshot)
+    training_set = preprocess(snapshot)
+    checked >> training_set
+    return train(training_set)
+
+
+def _release_tasks(model: XComArg) -> None:
+    """validate_model → register → should_deploy → containerize → deploy → monitor, after the
+    ``train`` task whose output is ``model``, in the DAG being built."""
+    from airmlops import stages
+
+    @task.short_circuit
+    @stage
+    def validate_model(trained: TrainedModel) -> bool:
+        """Gates; False skips everything downstream (the run still succeeds)."""
+        return stages.validate_model(run_spec().spec, trained, get_settings()).blessed
+
+    @task
+    @stage
+    def register(trained: TrainedModel) -> RegisteredVersion:
+        """New model version with alias ``challenger``."""
+        return stages.register(run_spec().spec, trained, get_settings())
+
+    @task.short_circuit(ignore_downstream_trigger_rules=True)
+    def should_deploy() -> bool:
+        """The ``skip_deploy`` param stops here (the run still succeeds)."""
+        return not get_current_context()["params"].get("skip_deploy")
+
+    @task
+    @stage
+    def containerize(registered: RegisteredVersion) -> Package:
+        """A bento of that exact version and the pinned spec, and an image when a Docker
+        engine is reachable."""
+        pinned = run_spec()
+        return stages.containerize(pinned.spec, pinned.path, registered, get_settings())
+
+    @task
+    @stage
+    def deploy(packaged: Package, trained: TrainedModel) -> Deployment:
+        """Blue/green behind the stable address; any failure leaves the old version."""
+        return stages.deploy(run_spec().spec, packaged, trained, run_context(), get_settings())
+
+    @task
+    @stage
+    def monitor(deployed: Deployment, trained: TrainedModel) -> MonitorResult:
+        """Bake period with automatic rollback, then champion and reference data."""
+        return stages.monitor(run_spec().spec, deployed, trained, run_context(),
+                              get_settings())
+
+    registered = register(model)
+    validate_model(model) >> registered
+    packaged = containerize(registered)
+    registered >> should_deploy() >> packaged
+    monitor(deploy(packaged, model), model)

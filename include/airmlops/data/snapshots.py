@@ -21,55 +21,21 @@ import io
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from airmlops.contracts import SnapshotRef
+from airmlops.names import NAME_PATTERN, is_name
 from airmlops.paths import atomic_write_bytes, atomic_write_json, atomic_write_text, safe_join
-from airmlops.spec import NAME_PATTERN, PipelineSpec
+from airmlops.spec import PipelineSpec
+from airmlops.times import utc
+
+__all__ = ["SnapshotRef", "canonicalize", "frame_digest", "latest_validated", "mark_validated",
+           "quarantine_snapshot", "read_snapshot", "snapshot_for_interval", "write_snapshot"]
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class SnapshotRef:
-    """Where one raw batch lives and what it holds; small enough for XCom (see ``to_dict``)."""
-
-    pipeline: str
-    digest: str
-    path: Path
-    rows: int
-    interval_start: dt.datetime
-    interval_end: dt.datetime
-    created: bool = field(default=False, compare=False)
-    """True only for the write that stored the file; not part of a ref's identity."""
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form (ISO timestamps, string path)."""
-        return {
-            "pipeline": self.pipeline,
-            "digest": self.digest,
-            "path": str(self.path),
-            "rows": self.rows,
-            "interval_start": self.interval_start.isoformat(),
-            "interval_end": self.interval_end.isoformat(),
-            "created": self.created,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SnapshotRef:
-        """The inverse of :meth:`to_dict`; checks the pipeline name and digest."""
-        return cls(
-            pipeline=_check_pipeline(str(data["pipeline"])),
-            digest=_check_digest(str(data["digest"])),
-            path=Path(data["path"]),
-            rows=int(data["rows"]),
-            interval_start=_aware(dt.datetime.fromisoformat(data["interval_start"])),
-            interval_end=_aware(dt.datetime.fromisoformat(data["interval_end"])),
-            created=bool(data.get("created", False)),
-        )
 
 
 def canonicalize(df: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
@@ -184,7 +150,7 @@ def latest_validated(pipeline: str, root: Path) -> SnapshotRef | None:
 
 
 def _check_pipeline(pipeline: str) -> str:
-    if not re.fullmatch(NAME_PATTERN, pipeline):
+    if not is_name(pipeline):
         raise ValueError(f"invalid pipeline name {pipeline!r} (expected {NAME_PATTERN})")
     return pipeline
 
@@ -195,14 +161,9 @@ def _check_digest(digest: str) -> str:
     return digest
 
 
-def _aware(value: dt.datetime) -> dt.datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"interval bounds must be timezone-aware, got {value.isoformat()}")
-    return value.astimezone(dt.UTC)
-
-
 def _check_interval(interval: tuple[dt.datetime, dt.datetime]) -> tuple[dt.datetime, dt.datetime]:
-    start, end = (_aware(pd.Timestamp(bound).to_pydatetime()) for bound in interval)
+    start, end = (utc(pd.Timestamp(bound).to_pydatetime(), "interval bound")
+                  for bound in interval)
     if end < start:
         raise ValueError(f"interval end {end.isoformat()} is before its start {start.isoformat()}")
     return start, end
@@ -245,7 +206,7 @@ def _read_pointer(path: Path, root: Path, require_file: bool = True) -> Snapshot
     snapshot = _snapshot_path(root, _check_pipeline(data["pipeline"]), data["digest"])
     if require_file and not snapshot.exists():
         return None
-    return SnapshotRef.from_dict({**data, "path": str(snapshot), "created": False})
+    return SnapshotRef.from_xcom({**data, "path": str(snapshot), "created": False})
 
 
 def _remove_pointer_if(path: Path, digest: str) -> None:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from airmlops.paths import confined_files
 from airmlops.spec import FileSource, PipelineSpec, SimulatorSource, SqlSource
+from airmlops.times import utc
 
 ConnectionGetter = Callable[[str], Any]
 """Takes a ``conn_id`` and returns a new DB-API or SQLAlchemy connection (closed after use)."""
@@ -49,7 +50,7 @@ def load_batch(
     ``connection_getter`` replaces the Airflow connection lookup of SQL sources (tests).
     ``data_root`` is where relative file paths live (default: the settings' data root).
     """
-    start_utc, end_utc = _utc(start, "start"), _utc(end, "end")
+    start_utc, end_utc = pd.Timestamp(utc(start, "start")), pd.Timestamp(utc(end, "end"))
     if end_utc < start_utc:
         raise ValueError(f"end ({end_utc}) is before start ({start_utc})")
     source = spec.source
@@ -70,14 +71,6 @@ def load_batch(
     frame = _parse_timestamp(frame, spec, _describe(source))
     in_interval = (frame[spec.timestamp] >= start_utc) & (frame[spec.timestamp] < end_utc)
     return frame.loc[in_interval].reset_index(drop=True)
-
-
-def _utc(value: dt.datetime, name: str) -> pd.Timestamp:
-    if not isinstance(value, dt.datetime):
-        raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
-    return pd.Timestamp(value).tz_convert("UTC")
 
 
 def _describe(source: FileSource | SqlSource) -> str:

@@ -159,61 +159,19 @@ def decide(
     ``-max_regression``. ``comparison`` must be oriented so that positive means the challenger
     is better (as :func:`evaluate_against_champion` returns it).
     """
-    from airmlops.spec import HIGHER_IS_BETTER
-
     gates = spec.gates
-    checks: list[dict[str, Any]] = []
-    reasons: list[str] = []
-
-    def record(check: str, metric: str, value: Any, bound: Any, passed: bool, why: str) -> None:
-        checks.append(
-            {"check": check, "metric": metric, "value": value, "bound": bound, "passed": passed}
-        )
-        if not passed:
-            reasons.append(why)
-
     primary = gates.primary_metric
     primary_value = _number(challenger_metrics.get(primary))
-    record(
-        "primary_metric_present", primary, primary_value, None, primary_value is not None,
-        f"{primary} is missing or not a number",
-    )
-
-    for metric, bound in sorted(gates.thresholds.items()):
-        value = _number(challenger_metrics.get(metric))
-        higher = HIGHER_IS_BETTER[metric]
-        kind = "min" if higher else "max"
-        if value is None:
-            record(kind, metric, None, bound, False, f"{metric} is missing or not a number")
-            continue
-        passed = value >= bound if higher else value <= bound
-        sign = ">=" if higher else "<="
-        record(kind, metric, value, bound, passed,
-               f"{metric} = {value:.4f} does not meet {sign} {bound}")
-
+    results = [
+        _check("primary_metric_present", primary, primary_value, None,
+               primary_value is not None, f"{primary} is missing or not a number"),
+        *_threshold_checks(gates.thresholds, challenger_metrics),
+    ]
     if champion_version is not None:
-        bound = -gates.champion.max_regression
-        ci_low = _number(comparison.ci_low) if comparison is not None else None
-        if comparison is None:
-            why = f"no comparison with champion version {champion_version} was made"
-            if comparison_error:
-                why += f": {comparison_error}"
-        elif comparison.metric != primary:
-            why = f"the comparison is on {comparison.metric}, not the primary metric {primary}"
-            ci_low = None
-        elif ci_low is None:
-            why = (
-                f"the {primary} confidence interval against champion version "
-                f"{champion_version} is not a number ({comparison.n_effective} usable resamples)"
-            )
-        else:
-            why = (
-                f"{primary} may regress against champion version {champion_version}: lower "
-                f"{comparison.confidence:.0%} bound of the improvement is {ci_low:.4f} < {bound}"
-            )
-        record("champion_ci_low", primary, ci_low, bound,
-               ci_low is not None and ci_low >= bound, why)
-
+        results.append(_champion_check(primary, -gates.champion.max_regression, comparison,
+                                       champion_version, comparison_error))
+    checks = [check for check, _ in results]
+    reasons = [why for check, why in results if not check["passed"]]
     blessed = all(check["passed"] for check in checks)
     if blessed:
         against = (
@@ -230,6 +188,63 @@ def decide(
         champion_version=champion_version,
         comparison=comparison,
     )
+
+
+def _check(check: str, metric: str, value: Any, bound: Any, passed: bool,
+           why: str) -> tuple[dict[str, Any], str]:
+    """One gate check as the decision records it, with the reason it gives when it fails."""
+    return {"check": check, "metric": metric, "value": value, "bound": bound,
+            "passed": passed}, why
+
+
+def _threshold_checks(thresholds: dict[str, float],
+                      metrics: dict[str, float]) -> list[tuple[dict[str, Any], str]]:
+    """A ``min`` (higher-is-better metric) or ``max`` check per ``gates.thresholds`` entry, in
+    name order; a metric that is missing or not a number fails its check."""
+    from airmlops.spec import HIGHER_IS_BETTER
+
+    results = []
+    for metric, bound in sorted(thresholds.items()):
+        value = _number(metrics.get(metric))
+        higher = HIGHER_IS_BETTER[metric]
+        kind = "min" if higher else "max"
+        if value is None:
+            results.append(_check(kind, metric, None, bound, False,
+                                  f"{metric} is missing or not a number"))
+            continue
+        passed = value >= bound if higher else value <= bound
+        sign = ">=" if higher else "<="
+        results.append(_check(kind, metric, value, bound, passed,
+                              f"{metric} = {value:.4f} does not meet {sign} {bound}"))
+    return results
+
+
+def _champion_check(primary: str, bound: float, comparison: BootstrapResult | None,
+                    champion_version: str, comparison_error: str | None,
+                    ) -> tuple[dict[str, Any], str]:
+    """The ``champion_ci_low`` check: the lower confidence bound of the primary metric's
+    improvement over the champion is a number and at least ``bound``; it fails closed when no
+    comparison was made (``comparison_error`` says why) or it is on another metric."""
+    ci_low = _number(comparison.ci_low) if comparison is not None else None
+    if comparison is None:
+        why = f"no comparison with champion version {champion_version} was made"
+        if comparison_error:
+            why += f": {comparison_error}"
+    elif comparison.metric != primary:
+        why = f"the comparison is on {comparison.metric}, not the primary metric {primary}"
+        ci_low = None
+    elif ci_low is None:
+        why = (
+            f"the {primary} confidence interval against champion version "
+            f"{champion_version} is not a number ({comparison.n_effective} usable resamples)"
+        )
+    else:
+        why = (
+            f"{primary} may regress against champion version {champion_version}: lower "
+            f"{comparison.confidence:.0%} bound of the improvement is {ci_low:.4f} < {bound}"
+        )
+    return _check("champion_ci_low", primary, ci_low, bound,
+                  ci_low is not None and ci_low >= bound, why)
 
 
 MIN_UNSEEN_ROWS = 100

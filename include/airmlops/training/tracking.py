@@ -9,21 +9,32 @@ Airflow run produced the model, and the model version registered from it copies 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from airmlops.model_files import (
+    DIGEST_TAGS,
+    ModelDigests,
+    check_model_dir,
+    digest_model_dir,
+    trusted_types_of,
+    using_tracking_uri,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
     from mlflow import MlflowClient
 
-    from airmlops.model_files import ModelDigests
     from airmlops.spec import PipelineSpec
+
+__all__ = ["LINEAGE_TAGS", "MODEL_NAME", "TrainResult", "dataset_digest", "dataset_input",
+           "fit_params", "get_or_create_experiment", "lineage_tags", "log_fitted_model",
+           "pinned_requirements", "record_digests", "skops_trusted_types", "train_and_log",
+           "using_tracking_uri"]
 
 LINEAGE_TAGS = (
     "git_commit",
@@ -64,25 +75,6 @@ class TrainResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-@contextlib.contextmanager
-def using_tracking_uri(tracking_uri: str | None) -> Iterator[None]:
-    """Point MLflow's fluent API (runs, model logging and loading) at ``tracking_uri`` for a while.
-
-    With None, nothing changes. The previous URI is restored afterwards.
-    """
-    import mlflow
-
-    if tracking_uri is None:
-        yield
-        return
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 def get_or_create_experiment(
@@ -130,76 +122,110 @@ def train_and_log(
     lineage and params) exists in the experiment, it is returned (``reused=True``) and nothing
     is trained or logged again.
     """
-    import mlflow
-    import pandas as pd
     from mlflow import MlflowClient
 
-    from airmlops.spec import resolve_estimator
     from airmlops.training.dataset import read_split_info
-    from airmlops.training.model import build_pipeline, feature_frame, label_array, score
 
-    train_path, test_path = Path(train_path), Path(test_path)
-    train_digest, test_digest = _file_digest(train_path), _file_digest(test_path)
+    train = _RunData(Path(train_path), "train", "training")
+    test = _RunData(Path(test_path), "test", "testing")
     tags = lineage_tags(spec, lineage, data_digest)
     params = _params(spec, extra_params)
-    split = read_split_info(train_path)
+    split = read_split_info(train.path)
     if split is not None:
         params.update({f"split.{k}": v for k, v in split.to_dict().items()})
-    training_key = hashlib.sha256(
-        json.dumps(
-            {"train": train_digest, "test": test_digest, "tags": tags, "params": params},
-            sort_keys=True,
-            default=str,
-        ).encode()
-    ).hexdigest()
+    training_key = _training_key(train, test, tags, params)
 
     client = MlflowClient(tracking_uri)
     experiment_id = get_or_create_experiment(client, spec.name, artifact_location)
     previous = _finished_run(client, experiment_id, training_key)
     if previous is not None:
         return previous
+    run_tags = {**tags, "training_key": training_key, "pipeline": spec.name}
+    return _train_in_new_run(spec, train, test, params, client=client, tracking_uri=tracking_uri,
+                             experiment_id=experiment_id,
+                             run_name=f"{spec.name}-{data_digest[:12]}", tags=run_tags)
 
-    train = pd.read_parquet(train_path)
-    test = pd.read_parquet(test_path)
-    X_train, y_train = feature_frame(spec, train), label_array(spec, train)
-    X_test, y_test = feature_frame(spec, test), label_array(spec, test)
-    params.update({"data.train_rows": len(train), "data.test_rows": len(test)})
 
+@dataclasses.dataclass
+class _RunData:
+    """One side (train or test) of a run's data: its file and digest, then what is read."""
+
+    path: Path
+    name: str
+    context: str
+    digest: str = dataclasses.field(init=False)
+    frame: pd.DataFrame | None = dataclasses.field(init=False, default=None)
+    X: pd.DataFrame | None = dataclasses.field(init=False, default=None)
+    y: Any = dataclasses.field(init=False, default=None)
+    dataset: Any = dataclasses.field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        self.digest = _file_digest(self.path)
+
+    def read(self, spec: PipelineSpec) -> None:
+        """Read the Parquet file: the frame, its features and labels, its MLflow dataset."""
+        import pandas as pd
+
+        from airmlops.training.model import feature_frame, label_array
+
+        self.frame = pd.read_parquet(self.path)
+        self.X, self.y = feature_frame(spec, self.frame), label_array(spec, self.frame)
+        self.dataset = dataset_input(self.frame, self.path, spec.label, self.name, self.digest)
+
+
+def _training_key(train: _RunData, test: _RunData, tags: dict[str, str],
+                  params: dict[str, Any]) -> str:
+    """What makes two training runs the same: the data's bytes, the tags and the params."""
+    inputs = {"train": train.digest, "test": test.digest, "tags": tags, "params": params}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _train_in_new_run(
+    spec: PipelineSpec, train: _RunData, test: _RunData, params: dict[str, Any], *,
+    client: MlflowClient, tracking_uri: str, experiment_id: str, run_name: str,
+    tags: dict[str, str],
+) -> TrainResult:
+    """Read the data, then in a new MLflow run: log params and inputs, fit, log the model, its
+    metrics on both sides and its digests."""
+    import mlflow
+
+    from airmlops.spec import resolve_estimator
+    from airmlops.training.model import build_pipeline
+
+    train.read(spec)
+    test.read(spec)
+    params.update({"data.train_rows": len(train.frame), "data.test_rows": len(test.frame)})
     with using_tracking_uri(tracking_uri), mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=f"{spec.name}-{data_digest[:12]}",
-        tags={**tags, "training_key": training_key, "pipeline": spec.name},
+        experiment_id=experiment_id, run_name=run_name, tags=tags,
     ) as run:
         mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-        train_dataset = dataset_input(train, train_path, spec.label, "train", train_digest)
-        test_dataset = dataset_input(test, test_path, spec.label, "test", test_digest)
-        mlflow.log_input(train_dataset, context="training")
-        mlflow.log_input(test_dataset, context="testing")
-
+        for side in (train, test):
+            mlflow.log_input(side.dataset, context=side.context)
         pipeline = build_pipeline(spec, resolve_estimator(spec))
-        pipeline.fit(X_train, y_train)
+        pipeline.fit(train.X, train.y)
         model_info, digests = log_fitted_model(
-            pipeline, X_train, name=MODEL_NAME, client=client, tracking_uri=tracking_uri
+            pipeline, train.X, name=MODEL_NAME, client=client, tracking_uri=tracking_uri
         )
-        test_metrics = score(spec, pipeline, X_test, y_test)
-        train_metrics = score(spec, pipeline, X_train, y_train)
-        mlflow.log_metrics(
-            {f"test_{k}": v for k, v in test_metrics.items()},
-            model_id=model_info.model_id, dataset=test_dataset,
-        )
-        mlflow.log_metrics(
-            {f"train_{k}": v for k, v in train_metrics.items()},
-            model_id=model_info.model_id, dataset=train_dataset,
-        )
+        test_metrics = _log_scores(spec, pipeline, test, model_info.model_id)
+        _log_scores(spec, pipeline, train, model_info.model_id)
         mlflow.set_tags({"model_uri": model_info.model_uri, "model_id": model_info.model_id,
                          **digests.to_tags()})
+    return TrainResult(run_id=run.info.run_id, model_uri=model_info.model_uri,
+                       metrics=test_metrics, experiment_id=experiment_id)
 
-    return TrainResult(
-        run_id=run.info.run_id,
-        model_uri=model_info.model_uri,
-        metrics=test_metrics,
-        experiment_id=experiment_id,
-    )
+
+def _log_scores(spec: PipelineSpec, pipeline: Any, side: _RunData,
+                model_id: str) -> dict[str, float]:
+    """Score the fitted pipeline on one side's rows and log the metrics, prefixed with the
+    side's name, against the model and that side's dataset; return them unprefixed."""
+    import mlflow
+
+    from airmlops.training.model import score
+
+    metrics = score(spec, pipeline, side.X, side.y)
+    mlflow.log_metrics({f"{side.name}_{k}": v for k, v in metrics.items()},
+                       model_id=model_id, dataset=side.dataset)
+    return metrics
 
 
 def log_fitted_model(
@@ -250,8 +276,6 @@ def skops_trusted_types(model: Any) -> list[str]:
     anything else raises :class:`~airmlops.model_files.ModelLoadError` rather than widening
     what loading a model may construct.
     """
-    from airmlops.model_files import trusted_types_of
-
     return trusted_types_of(model)
 
 
@@ -266,8 +290,6 @@ def record_digests(
     import tempfile
 
     import mlflow
-
-    from airmlops.model_files import check_model_dir, digest_model_dir
 
     with tempfile.TemporaryDirectory(prefix="airmlops-logged-") as scratch:
         local = Path(mlflow.artifacts.download_artifacts(
@@ -349,8 +371,6 @@ def _file_digest(path: Path) -> str:
 def _finished_run(
     client: MlflowClient, experiment_id: str, training_key: str
 ) -> TrainResult | None:
-    from airmlops.model_files import DIGEST_TAGS
-
     runs = client.search_runs(
         [experiment_id],
         filter_string=f"tags.training_key = '{training_key}' and attributes.status = 'FINISHED'",
