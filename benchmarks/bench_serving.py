@@ -92,7 +92,7 @@ def train_and_register(work: Path, redis_url: str) -> dict[str, Any]:
     registered = stages.register(spec, trained, settings)
     timings["train_register_s"] = time.perf_counter() - began
     return {"spec": spec, "spec_path": spec_path, "settings": settings, "trained": trained,
-            "version": registered["version"], "timings": timings}
+            "version": registered.version, "timings": timings}
 
 
 def log_without_signature(setup: dict[str, Any]) -> str:
@@ -139,7 +139,7 @@ def request_bodies(setup: dict[str, Any], work: Path, count: int = 500) -> dict[
     from airmlops.training.model import feature_frame
 
     spec, settings = setup["spec"], setup["settings"]
-    test = pd.read_parquet(setup["trained"]["test_path"])
+    test = pd.read_parquet(setup["trained"].test_path)
     with RedisOnlineStore(settings.redis_url, spec.name) as store:
         ids = list(dict.fromkeys(test[spec.entity_key].astype(str)))
         known = [e for e in ids if not store.read(spec.feature_store.views, [e]).missing]
