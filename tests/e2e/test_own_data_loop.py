@@ -46,6 +46,7 @@ import httpx
 import pytest
 import yaml
 from airflow_api import AirflowClient
+from log_polling import wait_logged
 
 from airmlops.platform import Platform, free_port, set_dag_paused, wait_for_dag
 from airmlops.settings import PROJECT_ROOT, Settings
@@ -261,7 +262,7 @@ def _play_week(loop: Loop, number: int, windows: dict[int, tuple[dt.datetime, dt
     result = _replay_file(loop, loop.source / batch.name)
     assert result["errors"] == 0 and result["labels_dropped"] == 0, result
     assert result["rows_answered"] == result["rows_sent"] > 0, result
-    time.sleep(1.0)  # the service writes its log in the background (a few ms behind)
+    wait_logged(PIPELINE, start, result["rows_answered"], loop.settings)
     end = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
     while dt.datetime.now(dt.UTC) < end:
         time.sleep(0.05)

@@ -45,6 +45,7 @@ import httpx
 import pytest
 import yaml
 from airflow_api import AirflowClient
+from log_polling import wait_logged
 
 from airmlops.platform import (
     Platform,
@@ -200,7 +201,7 @@ def _replay_window(loop: Loop, scenario_day: dt.date, start: dt.datetime, seed: 
                     max_seconds=WINDOW_SECONDS - 1.5, seed=seed)
     assert result.errors == 0, result.error_samples
     assert result.world_warning is None
-    time.sleep(1.0)  # the service writes its log in the background (a few ms behind)
+    wait_logged(PIPELINE, start, result.rows_answered, loop.settings)
     end = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=1)
     return end, result
 

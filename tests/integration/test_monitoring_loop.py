@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 from airflow_api import AirflowClient
+from log_polling import wait_logged
 
 from airmlops.platform import Platform, free_port, set_dag_paused, wait_for_dag
 from airmlops.settings import PROJECT_ROOT, Settings
@@ -174,7 +175,7 @@ def _replay_window(loop: Loop, scenario: str, start: dt.datetime, seed: int):
                     batch_size=BATCH, label_delay=LABEL_DELAY, day=start.date(), days=28,
                     max_seconds=WINDOW_SECONDS - 1.5, seed=seed)
     assert result.errors == 0, result.error_samples
-    time.sleep(1.0)  # the service writes its log in the background (a few ms behind)
+    wait_logged(PIPELINE, start, result.rows_answered, loop.settings)
     now = dt.datetime.now(dt.UTC)
     end = now.replace(microsecond=0) + dt.timedelta(seconds=1)
     return end, result

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
+from airmlops.monitoring.judgement import WindowNumbers
+from airmlops.monitoring.measurement import ColumnDriftResult, WindowReport
 from airmlops.monitoring.policy import (
     Decision,
     WindowRecord,
     counted_breaches,
     decide,
     dedup_key,
+    judged_breaches,
 )
+from airmlops.monitoring.store import MonitoringStore
 from airmlops.spec import parse_spec
 
 T0 = dt.datetime(2026, 4, 1, tzinfo=dt.UTC)
@@ -148,6 +153,65 @@ def test_decide_checks_its_inputs() -> None:
     with pytest.raises(ValueError, match="latest window"):
         decide([], CONFIG, now=T0, last_retraining_at=None, active_retrainings=0,
                window_id="w001")
+
+
+# --- recorded windows are judged again under the current config ------------------------------
+
+def recorded(store: MonitoringStore, i: int, *, drift_share: float) -> None:
+    """Record window ``i`` with the breaches its numbers meet under CONFIG (0.3)."""
+    start = T0 + dt.timedelta(hours=i)
+    store.record_window("churn", WindowReport(
+        window_id=f"w{i:03d}", start=start, end=start + dt.timedelta(hours=1), rows=1000,
+        sampled=500, columns={"sessions": ColumnDriftResult("wasserstein", 0.1, 0.2, True),
+                              "plan": ColumnDriftResult("jensenshannon", 0.1, 0.01, False)},
+        drift_share=drift_share, prediction_drift=None, quality={}, performance=None,
+        label_count=0, breaches=["drift_share"] if drift_share >= 0.3 else []),
+        created=start + dt.timedelta(hours=1))
+
+
+def with_max_drift_share(share: float) -> MonitoringConfig:
+    """CONFIG with another ``policy.max_drift_share``."""
+    return MonitoringConfig(**{**CONFIG.model_dump(),
+                               "policy": {**CONFIG.policy.model_dump(), "max_drift_share": share}})
+
+
+def test_a_changed_threshold_changes_the_decision_on_recorded_windows(tmp_path: Path) -> None:
+    store = MonitoringStore(tmp_path)
+    for i in range(2):
+        recorded(store, i, drift_share=0.4)
+    history = store.history("churn", 3)
+    assert [r.breaches for r in history] == [("drift_share",)] * 2  # as recorded under 0.3
+    now = history[-1].end
+    under_recorded = decide(history, CONFIG, now=now, last_retraining_at=None,
+                            active_retrainings=0, window_id="w001")
+    assert under_recorded.action == "retrain"
+
+    laxer = with_max_drift_share(0.5)
+    decision = decide(history, laxer, now=now, last_retraining_at=None, active_retrainings=0,
+                      window_id="w001")
+    assert decision.action == "none"
+    assert decision.reason == "latest window w001 not breached (0 of last 3 windows breached)"
+    latest = decision.evidence["windows"][-1]
+    assert (latest["breaches"], latest["recorded_breaches"]) == ([], ["drift_share"])
+
+    # A stricter threshold turns a recorded calm window into a breached one.
+    recorded(store, 2, drift_share=0.25)
+    stricter = with_max_drift_share(0.2)
+    history = store.history("churn", 3)
+    assert history[-1].breaches == ()
+    assert decide(history, CONFIG, now=now, last_retraining_at=None, active_retrainings=0,
+                  window_id="w002").action == "none"
+    assert decide(history, stricter, now=now, last_retraining_at=None, active_retrainings=0,
+                  window_id="w002").action == "retrain"
+
+
+def test_a_record_without_numbers_keeps_its_recorded_breaches() -> None:
+    bare = window(0, "drift_share")
+    assert judged_breaches(bare, CONFIG) == ("drift_share",)
+    measured = WindowRecord(window_id="w000", start=bare.start, end=bare.end,
+                            breaches=("drift_share",), numbers=WindowNumbers(drift_share=0.1))
+    assert judged_breaches(measured, CONFIG) == ()
+    assert counted_breaches(measured, CONFIG) == []
 
 
 # --- config ----------------------------------------------------------------------------------

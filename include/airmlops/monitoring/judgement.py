@@ -54,8 +54,8 @@ class WindowNumbers:
 
     @classmethod
     def from_report(cls, report: Any) -> WindowNumbers:
-        """The numbers of a :class:`~airmlops.monitoring.drift.WindowMeasurement` (or of a
-        ``WindowReport``, whose breaches are ignored)."""
+        """The numbers of a :class:`~airmlops.monitoring.measurement.WindowMeasurement` (or of
+        a ``WindowReport``, whose breaches are ignored)."""
         prediction = report.prediction_drift
         return cls(
             drift_share=report.drift_share,

@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from airmlops.monitoring.sampling import stratified_sample
+from airmlops.paths import atomic_replace, atomic_write_text
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -166,8 +167,6 @@ def summarize_reference(frame: pd.DataFrame, spec: PipelineSpec, config: Monitor
     time when it is there) and optionally the champion's predictions as ``prediction``. With a
     ``directory`` the profile is also written there (see :func:`save_reference`).
     """
-    from airmlops.monitoring.drift import stratified_sample
-
     if len(frame) == 0:
         raise ReferenceError("the reference frame is empty")
     types = spec.input_types
@@ -208,19 +207,6 @@ def _plain_sample(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
     return frame.iloc[rows].reset_index(drop=True)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(temp_path)`` on a temporary name beside ``path``, then rename it over."""
-    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    try:
-        write(Path(temp))
-        os.chmod(temp, 0o644)  # mkstemp makes it private; reports are read by the UI too
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -233,12 +219,11 @@ def save_reference(profile: ReferenceProfile, directory: Path | str) -> Referenc
     """Write the sample (Parquet) then the statistics (JSON) atomically; return the profile
     with its ``sample_digest`` set. Writing the same profile again leaves the same files."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     sample_path = directory / SAMPLE_FILE
-    _atomic_write(sample_path, lambda temp: profile.sample.to_parquet(temp, index=False))
+    atomic_replace(sample_path, lambda temp: profile.sample.to_parquet(temp, index=False))
     profile = dataclasses.replace(profile, sample_digest=_sha256(sample_path))
     text = json.dumps(profile.to_json_dict(), indent=2, sort_keys=True)
-    _atomic_write(directory / PROFILE_FILE, lambda temp: temp.write_text(text, encoding="utf-8"))
+    atomic_write_text(directory / PROFILE_FILE, text)
     return profile
 
 

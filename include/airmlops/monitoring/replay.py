@@ -381,6 +381,106 @@ def labelled_requests(requests: int, label_share: float, seed: int) -> Any:
     return np.random.default_rng([seed, 0x4C41_4245]).random(requests) < label_share
 
 
+@dataclasses.dataclass
+class _Sender:
+    """One run of :func:`send_and_label`: its pacing, the labels waiting for their time, and
+    its progress reports. ``pending`` holds (due time, request id, label items), oldest first."""
+
+    base: str
+    http: httpx.Client
+    headers: dict[str, str]
+    result: ReplayResult
+    rows: int
+    requests_total: int
+    label_delay: float
+    label_share: float
+    interval: float
+    started: float
+    deadline: float
+    clock: Callable[[], float]
+    sleep: Callable[[float], None]
+    report: Report | None
+    pending: collections.deque[tuple[float, str, list[dict[str, Any]]]] = dataclasses.field(
+        default_factory=collections.deque)
+
+    def eta(self, now: float) -> float:
+        """Seconds left: the requests still to send at the pace so far, then the label delay;
+        once all are sent, until the last waiting label is due (never past the deadline)."""
+        result = self.result
+        left = self.requests_total - result.requests
+        if left:
+            pace = max(self.interval,
+                       (now - self.started) / result.requests if result.requests else 0)
+            seconds = left * pace + (self.label_delay if self.label_share > 0 else 0.0)
+        else:
+            seconds = self.pending[-1][0] - now if self.pending else 0.0
+        return max(0.0, min(seconds, self.deadline - now))
+
+    def tick(self, final: bool = False) -> None:
+        """Report the progress (when there is a report to give it to)."""
+        if self.report is not None:
+            now = self.clock()
+            self.report(Progress(self.result, self.rows, now - self.started, self.eta(now),
+                                 final))
+
+    def wait_until(self, moment: float) -> None:
+        """Sleep until ``moment``, reporting at most every :data:`PROGRESS_STEP` seconds."""
+        if self.report is None:
+            if (left := moment - self.clock()) > 0:
+                self.sleep(left)
+            return
+        while (left := moment - self.clock()) > 0:
+            step = min(left, PROGRESS_STEP)
+            self.sleep(step)
+            if step == left:
+                return
+            self.tick()
+
+    def post_due_labels(self, now: float) -> None:
+        """Post every waiting label that is due at ``now``."""
+        while self.pending and self.pending[0][0] <= now:
+            _, request_id, items = self.pending.popleft()
+            _post_labels(self.http, self.base, self.headers, request_id, items, self.result)
+
+    def send(self, instances: list[dict[str, Any]], entities: list[Any], labels: list[Any],
+             labelled: Any, batch_size: int) -> None:
+        """Send the rows at the pace, queueing the labels of the ``labelled`` requests."""
+        next_send = self.started
+        for number, offset in enumerate(range(0, self.rows, batch_size)):
+            now = self.clock()
+            if now >= self.deadline:
+                self.result.stopped_by_time = True
+                return
+            self.post_due_labels(now)
+            if next_send > now:
+                self.wait_until(min(next_send, self.deadline))
+                if self.clock() >= self.deadline:
+                    self.result.stopped_by_time = True
+                    return
+            next_send += self.interval
+            stop = min(offset + batch_size, self.rows)
+            request_id = predict_once(self.http, self.base, self.headers,
+                                      instances[offset:stop], self.result)
+            if request_id is not None and labelled[number]:
+                items = label_items(entities, labels, offset, stop)
+                if items:
+                    self.pending.append((self.clock() + self.label_delay, request_id, items))
+            self.tick()
+
+    def drain(self) -> None:
+        """Post the waiting labels as they fall due, until none is left or time is up."""
+        while self.pending:
+            now = self.clock()
+            if now >= self.deadline:
+                self.result.stopped_by_time = True
+                return
+            if self.pending[0][0] > now:
+                self.wait_until(min(self.pending[0][0], self.deadline))
+                continue
+            self.post_due_labels(now)
+            self.tick()
+
+
 def send_and_label(base: str, instances: list[dict[str, Any]], entities: list[Any],
                    labels: list[Any], result: ReplayResult, *, http: httpx.Client,
                    headers: dict[str, str], rate: float, batch_size: int, label_delay: float,
@@ -398,75 +498,16 @@ def send_and_label(base: str, instances: list[dict[str, Any]], entities: list[An
     rows = len(instances)
     requests_total = math.ceil(rows / batch_size)
     labelled = labelled_requests(requests_total, label_share, seed)
-    pending: collections.deque[tuple[float, str, list[dict[str, Any]]]] = collections.deque()
     started = clock()
-    deadline = started + max_seconds
-    interval = 1.0 / rate
-
-    def eta(now: float) -> float:
-        left = requests_total - result.requests
-        if left:
-            pace = max(interval, (now - started) / result.requests if result.requests else 0)
-            seconds = left * pace + (label_delay if label_share > 0 else 0.0)
-        else:
-            seconds = pending[-1][0] - now if pending else 0.0
-        return max(0.0, min(seconds, deadline - now))
-
-    def tick(final: bool = False) -> None:
-        if report is not None:
-            now = clock()
-            report(Progress(result, rows, now - started, eta(now), final))
-
-    def wait_until(moment: float) -> None:
-        if report is None:
-            if (left := moment - clock()) > 0:
-                sleep(left)
-            return
-        while (left := moment - clock()) > 0:
-            step = min(left, PROGRESS_STEP)
-            sleep(step)
-            if step == left:
-                return
-            tick()
-
-    def post_due_labels(now: float) -> None:
-        while pending and pending[0][0] <= now:
-            _, request_id, items = pending.popleft()
-            _post_labels(http, base, headers, request_id, items, result)
-
-    next_send = started
-    for number, offset in enumerate(range(0, rows, batch_size)):
-        now = clock()
-        if now >= deadline:
-            result.stopped_by_time = True
-            break
-        post_due_labels(now)
-        if next_send > now:
-            wait_until(min(next_send, deadline))
-            if clock() >= deadline:
-                result.stopped_by_time = True
-                break
-        next_send += interval
-        stop = min(offset + batch_size, rows)
-        request_id = predict_once(http, base, headers, instances[offset:stop], result)
-        if request_id is not None and labelled[number]:
-            items = label_items(entities, labels, offset, stop)
-            if items:
-                pending.append((clock() + label_delay, request_id, items))
-        tick()
-    while pending:
-        now = clock()
-        if now >= deadline:
-            result.stopped_by_time = True
-            break
-        if pending[0][0] > now:
-            wait_until(min(pending[0][0], deadline))
-            continue
-        post_due_labels(now)
-        tick()
-    result.labels_dropped = sum(len(items) for _, _, items in pending)
+    sender = _Sender(base=base, http=http, headers=headers, result=result, rows=rows,
+                     requests_total=requests_total, label_delay=label_delay,
+                     label_share=label_share, interval=1.0 / rate, started=started,
+                     deadline=started + max_seconds, clock=clock, sleep=sleep, report=report)
+    sender.send(instances, entities, labels, labelled, batch_size)
+    sender.drain()
+    result.labels_dropped = sum(len(items) for _, _, items in sender.pending)
     result.seconds = round(clock() - started, 3)
-    tick(final=True)
+    sender.tick(final=True)
     return result
 
 

@@ -14,18 +14,19 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.monitoring.judgement import WindowNumbers
 from airmlops.monitoring.policy import Decision, WindowRecord, check_window_id
-from airmlops.spec import NAME_PATTERN
+from airmlops.names import NAME_PATTERN, is_name
+from airmlops.times import assume_utc, utc
 
 if TYPE_CHECKING:
-    from airmlops.monitoring.drift import WindowReport
+    from airmlops.monitoring.measurement import WindowReport
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS windows (
@@ -55,6 +56,8 @@ CREATE TABLE IF NOT EXISTS windows (
 CREATE INDEX IF NOT EXISTS windows_by_start ON windows ("start");
 """
 
+JSON_COLUMNS = ("columns", "prediction_drift", "breaches", "performance", "quality", "notes",
+                "evidence")
 REPORT_COLUMNS = ("start", "end", "rows", "sampled", "drift_share", "columns",
                   "prediction_drift", "breaches", "performance", "label_count", "quality",
                   "notes", "html_path", "updated")
@@ -70,14 +73,9 @@ class Retraining:
     reason: str
 
 
-def _utc(value: dt.datetime, name: str) -> str:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware (got {value!r})")
-    return value.astimezone(dt.UTC).isoformat()
-
-
 def _time(text: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(text) if text else None
+    """A stored time (ISO 8601 in UTC), or None."""
+    return assume_utc(text) if text else None
 
 
 def _json(value: Any) -> str | None:
@@ -92,7 +90,7 @@ class MonitoringStore:
 
     def path(self, pipeline: str) -> Path:
         """The SQLite file of ``pipeline`` (the name is validated: it becomes a file name)."""
-        if not isinstance(pipeline, str) or not re.match(NAME_PATTERN, pipeline):
+        if not is_name(pipeline):
             raise ValueError(f"pipeline {pipeline!r} must match {NAME_PATTERN}")
         return self.directory / f"{pipeline}.sqlite"
 
@@ -115,13 +113,14 @@ class MonitoringStore:
         check_window_id(report.window_id)
         data = report.to_dict()
         values = {
-            "start": _utc(report.start, "start"), "end": _utc(report.end, "end"),
+            "start": utc(report.start, "start").isoformat(),
+            "end": utc(report.end, "end").isoformat(),
             "rows": report.rows, "sampled": report.sampled, "drift_share": report.drift_share,
             "columns": _json(data["columns"]), "prediction_drift": _json(data["prediction_drift"]),
             "breaches": _json(list(report.breaches)), "performance": _json(report.performance),
             "label_count": report.label_count, "quality": _json(report.quality),
             "notes": _json(list(report.notes)), "html_path": report.html_path,
-            "updated": _utc(created, "created"),
+            "updated": utc(created, "created").isoformat(),
         }
         names = ", ".join(f'"{c}"' for c in REPORT_COLUMNS)
         marks = ", ".join(f":{c}" for c in REPORT_COLUMNS)
@@ -151,7 +150,7 @@ class MonitoringStore:
                 "decided_at = COALESCE(CASE WHEN decision = 'retrain' THEN decided_at END, ?), "
                 "triggered_run_id = COALESCE(?, triggered_run_id) WHERE window_id = ?",
                 (decision.action, decision.reason, _json(decision.evidence), decision.dedup_key,
-                 _utc(decided_at, "decided_at"), triggered_run_id, window_id),
+                 utc(decided_at, "decided_at").isoformat(), triggered_run_id, window_id),
             )
         return True
 
@@ -163,7 +162,7 @@ class MonitoringStore:
             rows = connection.execute(
                 'SELECT * FROM windows ORDER BY "start" DESC, window_id DESC LIMIT ?', (n,)
             ).fetchall()
-        return [self._record(row) for row in reversed(rows)]
+        return [_record(_decoded(row)) for row in reversed(rows)]
 
     def window(self, pipeline: str, window_id: str) -> dict[str, Any] | None:
         """One window's full row, JSON columns decoded (for the UI and tests)."""
@@ -171,13 +170,7 @@ class MonitoringStore:
         with self._connect(pipeline) as connection:
             row = connection.execute("SELECT * FROM windows WHERE window_id = ?",
                                      (window_id,)).fetchone()
-        if row is None:
-            return None
-        data = dict(row)
-        for name in ("columns", "prediction_drift", "breaches", "performance", "quality",
-                     "notes", "evidence"):
-            data[name] = json.loads(data[name]) if data[name] is not None else None
-        return data
+        return None if row is None else _decoded(row)
 
     def count(self, pipeline: str) -> int:
         with self._connect(pipeline) as connection:
@@ -195,11 +188,22 @@ class MonitoringStore:
         return Retraining(window_id=row["window_id"], decided_at=_time(row["decided_at"]),
                           triggered_run_id=row["triggered_run_id"], reason=row["reason"])
 
-    @staticmethod
-    def _record(row: sqlite3.Row) -> WindowRecord:
-        return WindowRecord(
-            window_id=row["window_id"], start=_time(row["start"]), end=_time(row["end"]),
-            breaches=tuple(json.loads(row["breaches"])), label_count=row["label_count"],
-            decision=row["decision"], reason=row["reason"],
-            triggered_run_id=row["triggered_run_id"], decided_at=_time(row["decided_at"]),
-        )
+
+def _decoded(row: sqlite3.Row) -> dict[str, Any]:
+    """A window row as a dict, its JSON columns decoded."""
+    data = dict(row)
+    for name in JSON_COLUMNS:
+        data[name] = json.loads(data[name]) if data[name] is not None else None
+    return data
+
+
+def _record(row: dict[str, Any]) -> WindowRecord:
+    """What the policy reads of a decoded window row: its recorded breaches and its numbers,
+    which the policy judges again under the current config."""
+    return WindowRecord(
+        window_id=row["window_id"], start=_time(row["start"]), end=_time(row["end"]),
+        breaches=tuple(row["breaches"]), label_count=row["label_count"],
+        decision=row["decision"], reason=row["reason"],
+        triggered_run_id=row["triggered_run_id"], decided_at=_time(row["decided_at"]),
+        numbers=WindowNumbers.from_row(row),
+    )

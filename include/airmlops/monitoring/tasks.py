@@ -10,10 +10,11 @@ reads the clock (window bounds and the decision time come in). Each is safe to r
   (:mod:`airmlops.monitoring.judgement`), saves the HTML under
   ``<data_root>/reports/<pipeline>/monitoring/<window_id>.html``, upserts the window in the
   :class:`~airmlops.monitoring.store.MonitoringStore` and logs the numbers to one MLflow run per
-  window (experiment ``<pipeline>-monitoring``, found again by its ``window_id`` tag);
-- :func:`decide_window` applies the retraining policy to the recorded history and records the
-  decision and why, "none" included; a window that already decided to retrain replays that
-  decision, so the trigger is sent again with the same run id and Airflow ignores it.
+  window (:mod:`airmlops.monitoring.mlflow_report`);
+- :func:`decide_window` applies the retraining policy to the recorded history (each window
+  judged again from its numbers under the current spec) and records the decision and why, "none"
+  included; a window that already decided to retrain replays that decision, so the trigger is
+  sent again with the same run id and Airflow ignores it.
 
 Delayed labels: a window's performance is measured on the labels that *arrived* during the
 window, joined with their predictions from up to
@@ -39,18 +40,20 @@ import dataclasses
 import datetime as dt
 import itertools
 import logging
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.monitoring.measurement import WindowMeasurement, WindowReport
+from airmlops.monitoring.mlflow_report import log_report_to_mlflow
 from airmlops.monitoring.policy import Decision, check_window_id
 from airmlops.paths import safe_join
+from airmlops.times import utc
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from airmlops.monitoring.drift import WindowMeasurement, WindowReport
+    from airmlops.monitoring.reference import ReferenceProfile
     from airmlops.settings import Settings
     from airmlops.spec import PipelineSpec
 
@@ -73,16 +76,6 @@ WINDOW_ID = re.compile(r"^(\d{8}T\d{4}(?:\d{2})?)-(\d{8}T\d{4}(?:\d{2})?)$")
 # --- windows ----------------------------------------------------------------------------------
 
 
-def _aware(value: dt.datetime, name: str) -> dt.datetime:
-    """``value`` in UTC as a plain :class:`datetime.datetime` (Airflow hands out pendulum
-    datetimes, whose ``replace`` and arithmetic do not always keep the time zone)."""
-    if not isinstance(value, dt.datetime) or value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be a timezone-aware datetime (got {value!r})")
-    utc = value.astimezone(dt.UTC)
-    return dt.datetime(utc.year, utc.month, utc.day, utc.hour, utc.minute, utc.second,
-                       utc.microsecond, tzinfo=dt.UTC)
-
-
 def window_bounds(interval_start: dt.datetime | None, interval_end: dt.datetime,
                   window_minutes: int) -> tuple[dt.datetime, dt.datetime]:
     """The window a monitoring run covers: ``window_minutes`` ending at ``interval_end``.
@@ -92,9 +85,9 @@ def window_bounds(interval_start: dt.datetime | None, interval_end: dt.datetime,
     (the REST API accepts ``data_interval_start``/``data_interval_end``) covers exactly that
     interval, e.g. to report a past window again. Bounds are UTC, to the second.
     """
-    end = _aware(interval_end, "interval_end").replace(microsecond=0)
+    end = utc(interval_end, "interval_end").replace(microsecond=0)
     if interval_start is not None:
-        start = _aware(interval_start, "interval_start").replace(microsecond=0)
+        start = utc(interval_start, "interval_start").replace(microsecond=0)
         if start < end:
             return start, end
         if start > end:
@@ -110,7 +103,7 @@ def _stamp(moment: dt.datetime, seconds: bool) -> str:
 
 def window_id_for(start: dt.datetime, end: dt.datetime) -> str:
     """``20260601T1000-20260601T1100`` (UTC; seconds only when a bound is not a whole minute)."""
-    start, end = _aware(start, "start"), _aware(end, "end")
+    start, end = utc(start, "start"), utc(end, "end")
     if end <= start:
         raise ValueError(f"window end {end} must be after its start {start}")
     if start.microsecond or end.microsecond:
@@ -247,7 +240,7 @@ def collect_window(spec: PipelineSpec, window_start: dt.datetime, window_end: dt
 
     from airmlops.serving.prediction_log import read_labels
 
-    start, end = _aware(window_start, "window_start"), _aware(window_end, "window_end")
+    start, end = utc(window_start, "window_start"), utc(window_end, "window_end")
     window_id = window_id_for(start, end)
     directory = window_dir(settings, spec.name, window_id)
     current = _read_window(spec, start, end, settings)
@@ -292,8 +285,7 @@ def collect_window(spec: PipelineSpec, window_start: dt.datetime, window_end: dt
 
 def _empty_report(window_id: str, start: dt.datetime, end: dt.datetime, rows: int,
                   why: str) -> WindowReport:
-    from airmlops.monitoring.drift import WindowReport
-
+    """A window recorded without numbers, with the note why."""
     return WindowReport(window_id=window_id, start=start, end=end, rows=rows, sampled=0,
                         columns={}, drift_share=None, prediction_drift=None, quality={},
                         performance=None, label_count=0, breaches=[], notes=[why])
@@ -313,64 +305,87 @@ def _with_delayed_performance(measurement: WindowMeasurement, performance: Windo
                                seconds=seconds)
 
 
-def _metrics_of(report: WindowReport) -> dict[str, float]:
-    """The report's numbers as flat MLflow metrics (only finite values)."""
-    values: dict[str, Any] = {
-        "rows": report.rows, "sampled": report.sampled, "label_count": report.label_count,
-        "drift_share": report.drift_share, "breaches": len(report.breaches),
-        "drifted_columns": sum(1 for c in report.columns.values() if c.drifted),
+def _champion_reference(spec: PipelineSpec, settings: Settings
+                        ) -> tuple[Any, ReferenceProfile | None, str | None]:
+    """The current champion, its reference profile, and why there is none (None if there is)."""
+    from airmlops.monitoring.reference import ReferenceError, load_reference
+    from airmlops.training import registry
+
+    champion = registry.get_alias_version(spec.registered_model_name, "champion",
+                                          settings.mlflow_tracking_uri)
+    if champion is None:
+        return None, None, (f"no champion: model {spec.registered_model_name} has no "
+                            "'champion' alias yet")
+    where = safe_join(settings.data_root, "monitoring", spec.name, "reference",
+                      str(champion.version))
+    try:
+        return champion, load_reference(where), None
+    except ReferenceError as error:
+        return champion, None, f"no reference data for champion version {champion.version}: {error}"
+
+
+def _measure_and_judge(spec: PipelineSpec, collected: dict[str, Any], settings: Settings,
+                       reference: ReferenceProfile, frame: pd.DataFrame
+                       ) -> tuple[WindowReport, str | None]:
+    """The window measured against ``reference`` (performance on the labels that arrived in
+    it) and judged; with the performance HTML's path when there is one."""
+    import pandas as pd
+
+    from airmlops.monitoring.drift import measure_performance, measure_window
+    from airmlops.monitoring.judgement import WindowNumbers, judge
+
+    window_id = collected["window_id"]
+    start, end = parse_window_id(window_id)
+    config = spec.monitoring
+    measured = measure_window(reference, frame, None, spec, config, window_id=window_id,
+                              html_path=report_html_path(settings, spec.name, window_id),
+                              start=start, end=end)
+    labelled = pd.read_parquet(collected["labelled_path"])
+    performance_html = None
+    if len(labelled):
+        # Performance only: this frame holds the predictions that labels arrived for, not
+        # a window of model inputs, so neither drift nor data quality is measured on it.
+        target = report_html_path(settings, spec.name, window_id, ".performance.html")
+        performance = measure_performance(
+            labelled, labelled, spec, config, window_id=window_id, html_path=target,
+            start=start, end=end, label_keys=("request_id", "entity_id"),
+            label_column="label")
+        performance_html = performance.html_path
+        measured = _with_delayed_performance(measured, performance,
+                                             collected.get("label_lookback_start", "?"))
+    judgement = judge(WindowNumbers.from_report(measured), config, spec)
+    for breach, reason in judgement.reasons.items():
+        log.info("report %s window %s: breach %s: %s", spec.name, window_id, breach, reason)
+    return WindowReport.judged(measured, judgement), performance_html
+
+
+def _report_summary(spec: PipelineSpec, report: WindowReport, *, champion: Any,
+                    performance_html: str | None, mlflow_run_id: str,
+                    skipped: str | None) -> dict[str, Any]:
+    """The report task's XCom summary of ``report``, also logged line by line."""
+    drifted = sorted(name for name, c in report.columns.items() if c.drifted)
+    summary = {
+        "pipeline": spec.name, "window_id": report.window_id,
+        "start": report.start.isoformat(), "end": report.end.isoformat(), "rows": report.rows,
+        "sampled": report.sampled, "drift_share": report.drift_share, "drifted": drifted,
+        "prediction_drift": (report.prediction_drift.score
+                             if report.prediction_drift is not None else None),
+        "breaches": list(report.breaches), "performance": report.performance,
+        "label_count": report.label_count, "html_path": report.html_path,
+        "performance_html": performance_html,
+        "champion_version": str(champion.version) if champion else None,
+        "mlflow_run_id": mlflow_run_id, "notes": list(report.notes),
+        "seconds": report.seconds, "skipped": skipped,
     }
-    for name, result in report.columns.items():
-        values[f"drift.{name}"] = result.score
-    if report.prediction_drift is not None:
-        values["drift.prediction"] = report.prediction_drift.score
-    for name, value in (report.performance or {}).items():
-        values[f"performance.{name}"] = value
-    for name, entry in report.quality.items():
-        for kind in ("missing_share", "out_of_range_share", "new_category_share"):
-            if kind in entry:
-                values[f"quality.{name}.{kind}"] = entry[kind]
-    metrics = {}
-    for key, value in values.items():
-        if isinstance(value, bool) or value is None:
-            continue
-        number = float(value)
-        if math.isfinite(number):
-            metrics[key] = number
-    return metrics
-
-
-def log_report_to_mlflow(spec: PipelineSpec, report: WindowReport, tags: dict[str, str],
-                         tracking_uri: str) -> str:
-    """Log the window's numbers to its MLflow run (created once, found again by window id)."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, RunTag
-
-    from airmlops.training.tracking import get_or_create_experiment
-
-    window_id = check_window_id(report.window_id)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = get_or_create_experiment(client, f"{spec.name}-monitoring")
-    # window_id matches WINDOW_ID_PATTERN (no quotes), so it is safe inside the filter.
-    found = client.search_runs([experiment_id], f"tags.window_id = '{window_id}'",
-                               max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-    else:
-        run_id = client.create_run(experiment_id, run_name=window_id,
-                                   tags={"window_id": window_id}).info.run_id
-    stamp = int(report.end.timestamp() * 1000)
-    metrics = [Metric(key, value, stamp, 0) for key, value in _metrics_of(report).items()]
-    all_tags = {"pipeline": spec.name, "window_id": window_id,
-                "window_start": report.start.isoformat(), "window_end": report.end.isoformat(),
-                "breaches": ", ".join(report.breaches) or "none", **tags}
-    run_tags = [RunTag(key, str(value)[:5000]) for key, value in all_tags.items()]
-    for offset in range(0, max(len(metrics), 1), 900):
-        client.log_batch(run_id, metrics=metrics[offset:offset + 900],
-                         tags=run_tags if offset == 0 else [])
-    client.log_dict(run_id, report.to_dict(), "window_report.json")
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    log.info("report %s window %s: %d rows (%d sampled), drift share %s, drifted %s, "
+             "breaches %s, performance %s on %d labels; HTML report: %s%s; MLflow run %s",
+             spec.name, report.window_id, report.rows, report.sampled, report.drift_share,
+             drifted, report.breaches or "none", report.performance, report.label_count,
+             report.html_path or "none (nothing to report)",
+             f" (performance: {performance_html})" if performance_html else "", mlflow_run_id)
+    for note in report.notes:
+        log.info("report %s window %s: note: %s", spec.name, report.window_id, note)
+    return summary
 
 
 def compute_report(spec: PipelineSpec, collected: dict[str, Any], settings: Settings, *,
@@ -384,84 +399,29 @@ def compute_report(spec: PipelineSpec, collected: dict[str, Any], settings: Sett
     """
     import pandas as pd
 
-    from airmlops.monitoring.drift import WindowReport, measure_performance, measure_window
-    from airmlops.monitoring.judgement import WindowNumbers, judge
-    from airmlops.monitoring.reference import ReferenceError, load_reference
     from airmlops.monitoring.store import MonitoringStore
-    from airmlops.training import registry
 
     window_id = check_window_id(collected["window_id"])
     start, end = parse_window_id(window_id)
-    config = spec.monitoring
-    uri = settings.mlflow_tracking_uri
     frame = pd.read_parquet(collected["predictions_path"])
-    champion = registry.get_alias_version(spec.registered_model_name, "champion", uri)
-    reference, why = None, None
-    if champion is None:
-        why = f"no champion: model {spec.registered_model_name} has no 'champion' alias yet"
-    else:
-        where = safe_join(settings.data_root, "monitoring", spec.name, "reference",
-                          str(champion.version))
-        try:
-            reference = load_reference(where)
-        except ReferenceError as error:
-            why = f"no reference data for champion version {champion.version}: {error}"
-    html_path = report_html_path(settings, spec.name, window_id)
+    champion, reference, why = _champion_reference(spec, settings)
     performance_html = None
     if reference is None:
         log.warning("report %s window %s: %s; the window is recorded without numbers",
                     spec.name, window_id, why)
         report = _empty_report(window_id, start, end, len(frame), why)
     else:
-        measured = measure_window(reference, frame, None, spec, config, window_id=window_id,
-                                  html_path=html_path, start=start, end=end)
-        labelled = pd.read_parquet(collected["labelled_path"])
-        if len(labelled):
-            # Performance only: this frame holds the predictions that labels arrived for, not
-            # a window of model inputs, so neither drift nor data quality is measured on it.
-            target = report_html_path(settings, spec.name, window_id, ".performance.html")
-            performance = measure_performance(
-                labelled, labelled, spec, config, window_id=window_id, html_path=target,
-                start=start, end=end, label_keys=("request_id", "entity_id"),
-                label_column="label")
-            performance_html = performance.html_path
-            measured = _with_delayed_performance(measured, performance,
-                                                 collected.get("label_lookback_start", "?"))
-        judgement = judge(WindowNumbers.from_report(measured), config, spec)
-        report = WindowReport.judged(measured, judgement)
-        for breach, reason in judgement.reasons.items():
-            log.info("report %s window %s: breach %s: %s", spec.name, window_id, breach, reason)
-    store = MonitoringStore(settings.data_root)
-    store.record_window(spec.name, report, created=now or end)
+        report, performance_html = _measure_and_judge(spec, collected, settings, reference,
+                                                      frame)
+    MonitoringStore(settings.data_root).record_window(spec.name, report, created=now or end)
     tags = {"champion_version": str(champion.version) if champion else "none",
             "report_html": report.html_path or "none",
             "performance_html": performance_html or "none"}
     if airflow_run_id:
         tags["airflow_run_id"] = airflow_run_id
-    mlflow_run_id = log_report_to_mlflow(spec, report, tags, uri)
-    drifted = sorted(name for name, c in report.columns.items() if c.drifted)
-    summary = {
-        "pipeline": spec.name, "window_id": window_id, "start": start.isoformat(),
-        "end": end.isoformat(), "rows": report.rows, "sampled": report.sampled,
-        "drift_share": report.drift_share, "drifted": drifted,
-        "prediction_drift": (report.prediction_drift.score
-                             if report.prediction_drift is not None else None),
-        "breaches": list(report.breaches), "performance": report.performance,
-        "label_count": report.label_count, "html_path": report.html_path,
-        "performance_html": performance_html,
-        "champion_version": str(champion.version) if champion else None,
-        "mlflow_run_id": mlflow_run_id, "notes": list(report.notes),
-        "seconds": report.seconds, "skipped": why if reference is None else None,
-    }
-    log.info("report %s window %s: %d rows (%d sampled), drift share %s, drifted %s, "
-             "breaches %s, performance %s on %d labels; HTML report: %s%s; MLflow run %s",
-             spec.name, window_id, report.rows, report.sampled, report.drift_share, drifted,
-             report.breaches or "none", report.performance, report.label_count,
-             report.html_path or "none (nothing to report)",
-             f" (performance: {performance_html})" if performance_html else "", mlflow_run_id)
-    for note in report.notes:
-        log.info("report %s window %s: note: %s", spec.name, window_id, note)
-    return summary
+    mlflow_run_id = log_report_to_mlflow(spec, report, tags, settings.mlflow_tracking_uri)
+    return _report_summary(spec, report, champion=champion, performance_html=performance_html,
+                           mlflow_run_id=mlflow_run_id, skipped=why)
 
 
 # --- retain -------------------------------------------------------------------------------------
@@ -486,7 +446,7 @@ def prune_window_artifacts(spec: PipelineSpec, window_start: dt.datetime,
     """
     import shutil
 
-    start, end = _aware(window_start, "window_start"), _aware(window_end, "window_end")
+    start, end = utc(window_start, "window_start"), utc(window_end, "window_end")
     if end <= start:
         raise ValueError(f"window end {end} must be after its start {start}")
     horizon = end - spec.monitoring.retention_windows * (end - start)
@@ -585,7 +545,7 @@ def decide_window(spec: PipelineSpec, report: dict[str, Any], settings: Settings
     from airmlops.monitoring.store import MonitoringStore
 
     window_id = check_window_id(report["window_id"])
-    now = _aware(now, "now")
+    now = utc(now, "now")
     store = MonitoringStore(settings.data_root)
     config = spec.monitoring
     if report.get("skipped"):
@@ -603,7 +563,7 @@ def decide_window(spec: PipelineSpec, report: dict[str, Any], settings: Settings
         active_retrainings = count_active_runs(spec.training_dag_id)
     decision = decide(history, config, now=now,
                       last_retraining_at=last.decided_at if last else None,
-                      active_retrainings=active_retrainings, window_id=window_id)
+                      active_retrainings=active_retrainings, window_id=window_id, spec=spec)
     replayed = bool(decision.evidence.get("replayed"))
     if dry_run and decision.action == "retrain" and not replayed:
         decision = Decision("none", f"dry run, would retrain: {decision.reason}",
