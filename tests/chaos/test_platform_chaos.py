@@ -3,8 +3,8 @@
 A platform of its own (own MLflow server, so the watchdog is in charge of it) runs a small copy
 of the demo pipeline's training DAG through the real scheduler. While ``train`` runs, the
 MLflow server is killed (-9); later, while ``containerize`` runs, the scheduler is. Nobody
-restarts anything by hand: the watchdog (:mod:`airmlops.platform.watchdog`) does, and the run must end
-in success with exactly one model version registered.
+restarts anything by hand: the watchdog (:mod:`airmlops.platform.watchdog`) does, and the run
+must end in success with exactly one model version registered.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ wheelhouse cannot serve or that would put credentials into the image.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -22,12 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from airmlops.paths import atomic_write_json
+from airmlops.paths import atomic_write_json, exclusive_lock
 from airmlops.serving.build_common import PYTHON_MINOR_RE, ContainerBuildError, Progress
 
 logger = logging.getLogger(__name__)
@@ -141,7 +139,7 @@ def prepare_wheelhouse(
     sets.mkdir(parents=True, exist_ok=True)
     manifest_path = sets / f"{key}.json"
 
-    with _locked(wheelhouse / ".lock"):
+    with exclusive_lock(wheelhouse / ".lock"):
         cached = _read_wheel_set(manifest_path, pool)
         if cached is not None:
             say(f"wheelhouse: set {key} cached ({len(cached)} wheels)")
@@ -335,14 +333,3 @@ def _read_wheel_set(manifest_path: Path, pool: Path) -> tuple[str, ...] | None:
     ):
         return None
     return tuple(files)
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) meanwhile."""
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

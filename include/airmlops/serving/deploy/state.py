@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import json
 import re
 import secrets
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from airmlops.names import is_name
-from airmlops.paths import atomic_write_json, safe_join
+from airmlops.paths import atomic_write_json, exclusive_lock, safe_join
 from airmlops.processes import MODEL_SERVICE, child_env
 from airmlops.serving.deploy.errors import DeployError
 
@@ -189,14 +188,8 @@ def save_state(pipeline: str, root: Path, state: Mapping[str, Any]) -> None:
 @contextlib.contextmanager
 def locked(pipeline: str, root: Path) -> Iterator[None]:
     """One deploy, rollback or undeploy at a time per pipeline (blocking)."""
-    directory = deployment_dir(pipeline, root)
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(deployment_dir(pipeline, root) / ".lock"):
+        yield
 
 
 def iso(now: dt.datetime | None) -> str | None:
