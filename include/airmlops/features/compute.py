@@ -32,10 +32,12 @@ O(entities x days x window) numpy operations: 100k entities x 30 days with 6 fea
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from airmlops.features.definitions import FEATURE_TIMESTAMP, FeatureView
+from airmlops.times import EPOCH, assume_utc, epoch_us
 
 if TYPE_CHECKING:
     import numpy as np
@@ -70,17 +72,12 @@ NAT_US = -(2**63)
 
 def epoch_us_to_datetime(micros: int) -> dt.datetime:
     """The UTC datetime of an epoch-microsecond integer."""
-    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=int(micros))
+    return EPOCH + dt.timedelta(microseconds=int(micros))
 
 
 def datetime_to_epoch_us(value: dt.datetime | str) -> int:
     """Epoch microseconds of one datetime (or ISO 8601 string); naive = UTC."""
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.UTC)
-    delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return epoch_us(assume_utc(value))
 
 
 def sorted_unique_order(keys: Any, micros: np.ndarray) -> np.ndarray | None:
@@ -203,10 +200,8 @@ def _aggregate_rows(
     codes, entities = pd.factorize(events[view.join_key][keep], sort=True)
     n_entities, n_days = len(entities), end_day - first_day + 1
     flat = codes.astype(np.int64) * n_days + (days[keep] - first_day)
-    micros_kept = micros[keep]
-    size = n_entities * n_days
 
-    presence = np.bincount(flat, minlength=size).reshape(n_entities, n_days)
+    presence = np.bincount(flat, minlength=n_entities * n_days).reshape(n_entities, n_days)
     # A row for day d when any event fell in d-lookback .. d (the last window, plus one day).
     cumulative = np.zeros((n_entities, n_days + 1), dtype=np.int64)
     np.cumsum(presence, axis=1, out=cumulative[:, 1:])
@@ -220,22 +215,53 @@ def _aggregate_rows(
         view.join_key: entities.take(entity_of_row),
         FEATURE_TIMESTAMP: pd.to_datetime(stamps, unit="us", utc=True).as_unit("us"),
     }
+    grid = _Grid(flat=flat, micros=micros[keep], n_entities=n_entities, n_days=n_days,
+                 lookback=lookback, entity_of_row=entity_of_row, grid_col=grid_col,
+                 out_flat=entity_of_row * (n_days - lookback) + day_of_row)
 
     by_column: dict[str, list[Any]] = {}
     for aggregation in view.aggregations:
         by_column.setdefault(aggregation.column, []).append(aggregation)
     features: dict[str, np.ndarray] = {}
     for column, aggregations in by_column.items():
-        raw = events[column][keep]
-        features.update(
-            _column_features(
-                view, column, aggregations, raw, flat, micros_kept, n_entities, n_days,
-                lookback, entity_of_row, grid_col,
-            )
-        )
+        features.update(_column_features(view, column, aggregations, events[column][keep], grid))
     for name in view.feature_names:
         columns[name] = features[name]
     return pd.DataFrame(columns)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Grid:
+    """The entity x day grid one view's kept events are bucketed into, and its output rows.
+
+    ``flat``/``micros``: each kept event's cell (``entity * n_days + day``) and time. The grid
+    starts ``lookback`` days before the first output day; output row i is entity
+    ``entity_of_row[i]`` on grid column ``grid_col[i]``, and ``out_flat[i]`` its cell in a grid
+    of the output days only.
+    """
+
+    flat: np.ndarray
+    micros: np.ndarray
+    n_entities: int
+    n_days: int
+    lookback: int
+    entity_of_row: np.ndarray
+    grid_col: np.ndarray
+    out_flat: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Cells in the grid."""
+        return self.n_entities * self.n_days
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(entities, days) of the grid."""
+        return self.n_entities, self.n_days
+
+    def pick(self, window_grid: np.ndarray) -> np.ndarray:
+        """The output rows' values of an entities x output-days, C-contiguous grid."""
+        return window_grid.ravel().take(self.out_flat)
 
 
 def _window_stack(grid: np.ndarray, windows: list[int], lookback: int, op: Any) -> dict:
@@ -257,14 +283,9 @@ def _column_features(
     column: str,
     aggregations: list,
     raw: pd.Series,
-    flat: np.ndarray,
-    micros: np.ndarray,
-    n_entities: int,
-    n_days: int,
-    lookback: int,
-    entity_of_row: np.ndarray,
-    grid_col: np.ndarray,
+    grid: _Grid,
 ) -> dict[str, np.ndarray]:
+    """The features of ``view`` aggregated from the raw values of one ``column``."""
     import numpy as np
     import pandas as pd
 
@@ -277,74 +298,94 @@ def _column_features(
             f"but it holds {raw.dtype}"
         )
     notna = raw.notna().to_numpy()
-    size = n_entities * n_days
-    shape = (n_entities, n_days)
     values = raw.to_numpy(dtype="float64", na_value=np.nan) if numeric else None
-    out_col = grid_col - lookback
-    result: dict[str, np.ndarray] = {}
+    stacks = _window_stacks(aggregations, grid, notna, values)
+    last = None
+    if "last" in functions:
+        source = values[notna] if numeric else raw.to_numpy(dtype=object)[notna]
+        last = _LastValues(grid, notna, source, numeric)
+    return {f"{view.name}__{aggregation.suffix}": _aggregation_values(aggregation, stacks, last,
+                                                                      grid)
+            for aggregation in aggregations}
+
+
+def _window_stacks(aggregations: list, grid: _Grid, notna: np.ndarray,
+                   values: np.ndarray | None) -> dict[str, dict[int, np.ndarray]]:
+    """Per function among count, sum, min and max that ``aggregations`` need (a mean needs
+    count and sum): its window grids (entities x output days) by window length."""
+    import numpy as np
+
+    functions = {a.function for a in aggregations}
 
     def windows_of(*names: str) -> list[int]:
         return [a.window_days for a in aggregations if a.function in names]
 
-    out_flat = entity_of_row * (n_days - lookback) + out_col
-
-    def pick(grid: np.ndarray) -> np.ndarray:  # grid: entities x output days, C-contiguous
-        return grid.ravel().take(out_flat)
-
+    stacks: dict[str, dict[int, np.ndarray]] = {}
     if functions & {"count", "mean"}:
-        counts = np.bincount(flat, weights=notna, minlength=size).astype(np.int64).reshape(shape)
-        count_windows = _window_stack(counts, windows_of("count", "mean"), lookback, np.add)
+        counts = np.bincount(grid.flat, weights=notna, minlength=grid.size).astype(np.int64)
+        stacks["count"] = _window_stack(counts.reshape(grid.shape), windows_of("count", "mean"),
+                                        grid.lookback, np.add)
     if functions & {"sum", "mean"}:
-        sums = np.bincount(flat, weights=np.where(notna, values, 0.0), minlength=size)
-        sums = sums.reshape(shape)
-        sum_windows = _window_stack(sums, windows_of("sum", "mean"), lookback, np.add)
-    if "min" in functions:
-        mins = np.full(size, np.nan)
-        np.fmin.at(mins, flat[notna], values[notna])
-        min_windows = _window_stack(mins.reshape(shape), windows_of("min"), lookback, np.fmin)
-    if "max" in functions:
-        maxs = np.full(size, np.nan)
-        np.fmax.at(maxs, flat[notna], values[notna])
-        max_windows = _window_stack(maxs.reshape(shape), windows_of("max"), lookback, np.fmax)
-    if "last" in functions:
-        # The newest non-null value of each cell, then the newest cell within the window.
-        cells, stamps = flat[notna], micros[notna]
+        sums = np.bincount(grid.flat, weights=np.where(notna, values, 0.0), minlength=grid.size)
+        stacks["sum"] = _window_stack(sums.reshape(grid.shape), windows_of("sum", "mean"),
+                                      grid.lookback, np.add)
+    for function, op in (("min", np.fmin), ("max", np.fmax)):
+        if function in functions:
+            cells = np.full(grid.size, np.nan)
+            op.at(cells, grid.flat[notna], values[notna])
+            stacks[function] = _window_stack(cells.reshape(grid.shape), windows_of(function),
+                                             grid.lookback, op)
+    return stacks
+
+
+class _LastValues:
+    """The newest non-null value of each cell (``cells``, entities x days) and, per output
+    row, the grid column of the newest cell holding one at or before it (``newest``, -1 for
+    none)."""
+
+    def __init__(self, grid: _Grid, notna: np.ndarray, source: np.ndarray,
+                 numeric: bool) -> None:
+        import numpy as np
+
+        cells, stamps = grid.flat[notna], grid.micros[notna]
         order = np.lexsort((stamps, cells))
         cells = cells[order]
         is_last = np.append(cells[1:] != cells[:-1], True)
-        source = values[notna] if numeric else raw.to_numpy(dtype=object)[notna]
-        last_grid = np.full(size, np.nan) if numeric else np.full(size, None, dtype=object)
-        last_grid[cells[is_last]] = source[order][is_last]
-        last_grid = last_grid.reshape(shape)
-        has_value = np.zeros(size, dtype=bool)
+        last = np.full(grid.size, np.nan) if numeric else np.full(grid.size, None, dtype=object)
+        last[cells[is_last]] = source[order][is_last]
+        self.cells = last.reshape(grid.shape)
+        self.numeric = numeric
+        has_value = np.zeros(grid.size, dtype=bool)
         has_value[cells[is_last]] = True
-        newest = np.where(has_value.reshape(shape), np.arange(n_days), -1)
+        newest = np.where(has_value.reshape(grid.shape), np.arange(grid.n_days), -1)
         np.maximum.accumulate(newest, axis=1, out=newest)
-        newest_for_row = newest[entity_of_row, grid_col]
+        self.newest = newest[grid.entity_of_row, grid.grid_col]
 
-    for aggregation in aggregations:
-        name = f"{view.name}__{aggregation.suffix}"
-        window = aggregation.window_days
-        if aggregation.function == "count":
-            result[name] = pick(count_windows[window])
-        elif aggregation.function == "sum":
-            result[name] = pick(sum_windows[window])
-        elif aggregation.function == "mean":
-            total, count = pick(sum_windows[window]), pick(count_windows[window])
-            mean = np.full(len(total), np.nan)
-            np.divide(total, count, out=mean, where=count > 0)
-            result[name] = mean
-        elif aggregation.function == "min":
-            result[name] = pick(min_windows[window])
-        elif aggregation.function == "max":
-            result[name] = pick(max_windows[window])
-        else:  # last
-            fresh = (newest_for_row >= 0) & (grid_col - newest_for_row < window)
-            picked = last_grid[entity_of_row, np.maximum(newest_for_row, 0)]
-            if numeric:
-                result[name] = np.where(fresh, picked, np.nan)
-            else:
-                picked = picked.copy()
-                picked[~fresh] = None
-                result[name] = picked
-    return result
+    def within(self, grid: _Grid, window: int) -> np.ndarray:
+        """Per output row, the newest value within ``window`` days (missing if none)."""
+        import numpy as np
+
+        fresh = (self.newest >= 0) & (grid.grid_col - self.newest < window)
+        picked = self.cells[grid.entity_of_row, np.maximum(self.newest, 0)]
+        if self.numeric:
+            return np.where(fresh, picked, np.nan)
+        picked = picked.copy()
+        picked[~fresh] = None
+        return picked
+
+
+def _aggregation_values(aggregation: Any, stacks: dict[str, dict[int, np.ndarray]],
+                        last: _LastValues | None, grid: _Grid) -> np.ndarray:
+    """One aggregation's value on every output row."""
+    import numpy as np
+
+    function, window = aggregation.function, aggregation.window_days
+    if function == "mean":
+        total, count = grid.pick(stacks["sum"][window]), grid.pick(stacks["count"][window])
+        mean = np.full(len(total), np.nan)
+        np.divide(total, count, out=mean, where=count > 0)
+        return mean
+    if function == "last":
+        assert last is not None
+        return last.within(grid, window)
+    return grid.pick(stacks[function][window])

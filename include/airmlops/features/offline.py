@@ -345,125 +345,183 @@ def _pit_rows(
     n_rows: int,
 ) -> dict[str, np.ndarray]:
     """The point-in-time feature columns of ``views`` (which share one join key)."""
+    usable = (codes.left >= 0) & (left_us != NAT_US)
+    needles = None
+    if usable.any():
+        needles = _Needles(codes, left_us, usable, max(v.ttl_days for v in views))
+    features: dict[str, np.ndarray] = {}
+    for view in views:
+        if needles is None:
+            features.update(_all_missing(view, n_rows))
+        else:
+            features.update(_view_features(view, needles, codes, root, pipeline, n_rows))
+    return features
+
+
+def _all_missing(view: FeatureView, n_rows: int) -> dict[str, np.ndarray]:
+    """Every feature of ``view`` missing on every row."""
+    import numpy as np
+
+    return {name: np.full(n_rows, np.nan) for name in view.feature_names}
+
+
+class _Needles:
+    """The entity rows that can be joined (known key, known time), shared by the views of one
+    key: their rows, codes and times, the time range in reach and, when (code, time) packs into
+    one int64 (``compact``), those rows sorted once by that packed key for every view."""
+
+    def __init__(self, codes: _EntityCodes, left_us: np.ndarray, usable: np.ndarray,
+                 max_ttl_days: int) -> None:
+        import numpy as np
+
+        self.rows = np.flatnonzero(usable)
+        self.codes, self.times = codes.left[self.rows], left_us[self.rows]
+        self.t_min, self.t_max = int(self.times.min()), int(self.times.max())
+        self.base = self.t_min - max_ttl_days * DAY_US
+        self.span = self.t_max - self.base + 1
+        self.compact = codes.count * self.span < 2**62
+        self.sorted: tuple[np.ndarray, ...] = ()
+        if self.compact:
+            combined = self.codes * self.span + (self.times - self.base)
+            order = np.argsort(combined)
+            self.sorted = (combined[order], self.rows[order], self.codes[order],
+                           self.times[order])
+
+
+def _view_features(view: FeatureView, needles: _Needles, codes: _EntityCodes, root: Path,
+                   pipeline: str, n_rows: int) -> dict[str, np.ndarray]:
+    """The point-in-time feature columns of one view, from the partitions in reach."""
+    import numpy as np
+
+    first = _EPOCH + dt.timedelta(days=(needles.t_min - view.ttl_days * DAY_US) // DAY_US)
+    last = _EPOCH + dt.timedelta(days=needles.t_max // DAY_US)
+    files = partition_files(view, root, pipeline, start=first, end=last)
+    if not files:
+        return _all_missing(view, n_rows)
+    offsets, target, source = _chosen_rows(view, files, needles, codes)
+    outputs = _copy_chosen(view, files, offsets, target, source, n_rows)
+    log.info("point-in-time join: view %s, %d of %d rows found", view.name, len(target), n_rows)
+    return {name: outputs[name] if name in outputs else np.full(n_rows, np.nan)
+            for name in view.feature_names}
+
+
+def _chosen_rows(view: FeatureView, files: Sequence[Path], needles: _Needles,
+                 codes: _EntityCodes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1, keys and times only: which stored row each entity row gets.
+
+    Returns the files' row offsets (``len(files) + 1`` of them), the entity rows that get a
+    value (``target``) and, for each, the stored row's index over all files (``source``).
+    """
     import numpy as np
     import pyarrow as pa
 
-    features: dict[str, np.ndarray] = {}
+    us_parts, code_parts = [], []
+    for path in files:
+        part = read_partition_file(path, [view.join_key, FEATURE_TIMESTAMP])
+        stamps = part.column(FEATURE_TIMESTAMP).cast(pa.timestamp("us", tz="UTC"))
+        us_parts.append(stamps.cast(pa.int64()).to_numpy())
+        code_parts.append(codes.right(part.column(view.join_key).to_numpy()))
+    offsets = np.cumsum([0, *(len(u) for u in us_parts)])
+    right_us, right_codes = np.concatenate(us_parts), np.concatenate(code_parts)
+    del us_parts, code_parts
+    keep = np.flatnonzero((right_codes >= 0) & (right_us > needles.base)
+                          & (right_us <= needles.t_max))
+    if len(keep) < len(right_us):
+        right_codes, right_us = right_codes[keep], right_us[keep]
+    target, source = _match(needles, right_us, right_codes, view.ttl_days * DAY_US)
+    if len(keep) < offsets[-1]:
+        source = keep[source]
+    return offsets, target, source
 
-    def all_missing(view: FeatureView) -> None:
-        for name in view.feature_names:
-            features[name] = np.full(n_rows, np.nan)
 
-    usable = (codes.left >= 0) & (left_us != NAT_US)
-    if not usable.any():
-        for view in views:
-            all_missing(view)
-        return features
-    rows = np.flatnonzero(usable)
-    left_codes, left_t = codes.left[rows], left_us[rows]
-    t_min, t_max = int(left_t.min()), int(left_t.max())
-    base = t_min - max(v.ttl_days for v in views) * DAY_US
-    span = t_max - base + 1
-    compact = codes.count * span < 2**62
-    if compact:  # one sort of the entity rows serves every view of this key
-        left_combined = left_codes * span + (left_t - base)
-        left_order = np.argsort(left_combined)
-        sorted_needles = (
-            left_combined[left_order], rows[left_order], left_codes[left_order],
-            left_t[left_order],
-        )
-        del left_combined, left_order
+def _match(needles: _Needles, right_us: np.ndarray, right_codes: np.ndarray,
+           ttl_us: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each entity row, the newest stored row of its key at or before its time and within
+    ``ttl_us``: the entity rows that have one and the index of that row in ``right_*``."""
+    import numpy as np
 
-    for view in views:
-        ttl_us = view.ttl_days * DAY_US
-        first = _EPOCH + dt.timedelta(days=(t_min - ttl_us) // DAY_US)
-        last = _EPOCH + dt.timedelta(days=t_max // DAY_US)
-        files = partition_files(view, root, pipeline, start=first, end=last)
-        # Pass 1: keys and times only, to decide which stored row each entity row gets.
-        us_parts, code_parts = [], []
-        for path in files:
-            part = read_partition_file(path, [view.join_key, FEATURE_TIMESTAMP])
-            stamps = part.column(FEATURE_TIMESTAMP).cast(pa.timestamp("us", tz="UTC"))
-            us_parts.append(stamps.cast(pa.int64()).to_numpy())
-            code_parts.append(codes.right(part.column(view.join_key).to_numpy()))
-        if not files:
-            all_missing(view)
+    if needles.compact:
+        combined = right_codes * needles.span
+        combined += right_us
+        combined -= needles.base
+        # Partitions are stored sorted by (key, time) and codes follow the key order, so
+        # this is a merge of a few sorted runs (timsort), not a full sort.
+        order = np.argsort(combined, kind="stable")
+        right_sorted = combined[order]
+        del combined
+        needles_key, needle_rows, needle_codes, needle_t = needles.sorted
+    else:  # combine codes with the rank of the time instead (exact, slower)
+        times = np.unique(np.concatenate([right_us, needles.times]))
+        right_combined = right_codes * len(times) + np.searchsorted(times, right_us)
+        order = np.argsort(right_combined, kind="stable")
+        right_sorted = right_combined[order]
+        needles_all = needles.codes * len(times) + np.searchsorted(times, needles.times)
+        needle_order = np.argsort(needles_all)
+        needles_key, needle_rows = needles_all[needle_order], needles.rows[needle_order]
+        needle_codes, needle_t = needles.codes[needle_order], needles.times[needle_order]
+    position = np.searchsorted(right_sorted, needles_key, side="right") - 1
+    del right_sorted
+    candidate = order[np.maximum(position, 0)]
+    good = (
+        (position >= 0)
+        & (right_codes[candidate] == needle_codes)
+        & (right_us[candidate] > needle_t - ttl_us)
+    )
+    return needle_rows[good], candidate[good]
+
+
+def _copy_chosen(view: FeatureView, files: Sequence[Path], offsets: np.ndarray,
+                 target: np.ndarray, source: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
+    """Pass 2: per partition, read the features and copy the chosen rows only (a feature with
+    no value anywhere is absent from the result)."""
+    import numpy as np
+    import pyarrow as pa
+
+    by_file = np.searchsorted(offsets, source, side="right") - 1
+    if len(files) < 2**16:  # 16-bit keys sort by radix
+        by_file = by_file.astype(np.uint16)
+    file_order = np.argsort(by_file, kind="stable")
+    bounds = np.searchsorted(by_file[file_order], np.arange(len(files) + 1))
+    outputs: dict[str, np.ndarray] = {}
+    for index, path in enumerate(files):
+        chosen = file_order[bounds[index] : bounds[index + 1]]
+        if not len(chosen):
             continue
-        offsets = np.cumsum([0, *(len(u) for u in us_parts)])
-        right_us, right_codes = np.concatenate(us_parts), np.concatenate(code_parts)
-        del us_parts, code_parts
-        keep = np.flatnonzero((right_codes >= 0) & (right_us > base) & (right_us <= t_max))
-        if len(keep) < len(right_us):
-            right_codes, right_us = right_codes[keep], right_us[keep]
-        if compact:
-            combined = right_codes * span
-            combined += right_us
-            combined -= base
-            # Partitions are stored sorted by (key, time) and codes follow the key order, so
-            # this is a merge of a few sorted runs (timsort), not a full sort.
-            order = np.argsort(combined, kind="stable")
-            right_sorted = combined[order]
-            del combined
-            needles, needle_rows, needle_codes, needle_t = sorted_needles
-        else:  # combine codes with the rank of the time instead (exact, slower)
-            times = np.unique(np.concatenate([right_us, left_t]))
-            right_combined = right_codes * len(times) + np.searchsorted(times, right_us)
-            order = np.argsort(right_combined, kind="stable")
-            right_sorted = right_combined[order]
-            needles_all = left_codes * len(times) + np.searchsorted(times, left_t)
-            needle_order = np.argsort(needles_all)
-            needles, needle_rows = needles_all[needle_order], rows[needle_order]
-            needle_codes, needle_t = left_codes[needle_order], left_t[needle_order]
-        position = np.searchsorted(right_sorted, needles, side="right") - 1
-        del right_sorted
-        candidate = order[np.maximum(position, 0)]
-        good = (
-            (position >= 0)
-            & (right_codes[candidate] == needle_codes)
-            & (right_us[candidate] > needle_t - ttl_us)
-        )
-        target = needle_rows[good]
-        source = candidate[good]
-        source = keep[source] if len(keep) < offsets[-1] else source
-        del right_us, right_codes, keep, order, position, candidate, good
-        # Pass 2: per partition, read the features and copy the chosen rows only.
-        by_file = np.searchsorted(offsets, source, side="right") - 1
-        if len(files) < 2**16:  # 16-bit keys sort by radix
-            by_file = by_file.astype(np.uint16)
-        file_order = np.argsort(by_file, kind="stable")
-        bounds = np.searchsorted(by_file[file_order], np.arange(len(files) + 1))
-        outputs: dict[str, np.ndarray] = {}
-        for index, path in enumerate(files):
-            chosen = file_order[bounds[index] : bounds[index + 1]]
-            if not len(chosen):
-                continue
-            part = read_partition_file(path, view.feature_names)
-            local = pa.array(source[chosen] - offsets[index])
-            rows_out = target[chosen]
-            for name in view.feature_names:
-                column = part.column(name)
-                if pa.types.is_null(column.type):
-                    continue
-                numeric = _is_numeric_type(column.type)
-                out = outputs.get(name)
-                if out is None:
-                    out = np.full(n_rows, np.nan) if numeric else np.full(n_rows, None, object)
-                    outputs[name] = out
-                taken = column.take(local)
-                if out.dtype == object:
-                    out[rows_out] = taken.to_numpy(zero_copy_only=False)
-                elif numeric:
-                    out[rows_out] = taken.cast(pa.float64()).to_numpy(zero_copy_only=False)
-                else:
-                    raise ValueError(
-                        f"view '{view.name}': feature '{name}' is numeric in some partitions "
-                        f"and {column.type} in {path.parent.name}"
-                    )
+        part = read_partition_file(path, view.feature_names)
+        local = pa.array(source[chosen] - offsets[index])
+        rows_out = target[chosen]
         for name in view.feature_names:
-            features[name] = outputs[name] if name in outputs else np.full(n_rows, np.nan)
-        log.info("point-in-time join: view %s, %d of %d rows found", view.name, len(target),
-                 n_rows)
-    return features
+            column = part.column(name)
+            if pa.types.is_null(column.type):
+                continue
+            if not _copy_column(outputs, name, column.take(local), rows_out, n_rows):
+                raise ValueError(
+                    f"view '{view.name}': feature '{name}' is numeric in some partitions "
+                    f"and {column.type} in {path.parent.name}"
+                )
+    return outputs
+
+
+def _copy_column(outputs: dict[str, np.ndarray], name: str, taken: pa.ChunkedArray,
+                 rows_out: np.ndarray, n_rows: int) -> bool:
+    """Copy the ``taken`` values of feature ``name`` to ``rows_out`` of its output column
+    (created on first use: ``float64`` for numbers, ``object`` otherwise); False, copying
+    nothing, for values that are not numbers arriving in a numeric column."""
+    import numpy as np
+    import pyarrow as pa
+
+    numeric = _is_numeric_type(taken.type)
+    out = outputs.get(name)
+    if out is None:
+        out = np.full(n_rows, np.nan) if numeric else np.full(n_rows, None, object)
+        outputs[name] = out
+    if out.dtype == object:
+        out[rows_out] = taken.to_numpy(zero_copy_only=False)
+    elif numeric:
+        out[rows_out] = taken.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    else:
+        return False
+    return True
 
 
 def _is_numeric_type(kind: pa.DataType) -> bool:

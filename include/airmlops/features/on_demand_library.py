@@ -26,6 +26,8 @@ import math
 from collections.abc import Callable
 from typing import Any, Literal
 
+from airmlops.times import assume_utc
+
 FeatureType = Literal["numeric", "categorical"]
 
 
@@ -131,13 +133,11 @@ def _utc_datetime(value: Any) -> dt.datetime | None:
         return None
     if isinstance(value, str):
         try:
-            value = dt.datetime.fromisoformat(value)
+            return assume_utc(value)
         except ValueError:
             return None
     if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            return value.replace(tzinfo=dt.UTC)
-        return value.astimezone(dt.UTC)
+        return assume_utc(value)
     if isinstance(value, dt.date):
         return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
     return None

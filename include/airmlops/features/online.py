@@ -10,7 +10,10 @@ One small interface, :class:`OnlineStore`, two backends:
   Writes go through a Lua script, so "write only when newer than the stored ``__ts``" is atomic.
   Redis Cluster is not supported (a batched write touches many keys in one script).
 
-:func:`make_online_store` picks the backend from the settings.
+:func:`make_online_store` picks the backend from the settings. The interface and what the
+backends share live in :mod:`~airmlops.features.online_base`, the SQLite backend in
+:mod:`~airmlops.features.online_sqlite`, the Redis backend here; every name is importable
+from this module.
 
 Semantics shared by both backends (one test body runs on both):
 
@@ -34,366 +37,41 @@ Semantics shared by both backends (one test body runs on both):
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import logging
-import math
 import os
 import re
-import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
-from airmlops.features.compute import DAY_US, NAT_US, datetime_to_epoch_us, to_epoch_us
-from airmlops.features.definitions import FEATURE_TIMESTAMP, NAME_PATTERN, FeatureView
+from airmlops.features.definitions import FeatureView
+from airmlops.features.online_base import (
+    OnlineResult,
+    OnlineStore,
+    assemble,
+    check_namespace,
+    python_value,
+    rows_columns,
+    unique_entities,
+)
+from airmlops.features.online_sqlite import SqliteOnlineStore
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from airmlops.settings import Settings
 
+__all__ = [
+    "TS_FIELD", "OnlineResult", "OnlineStore", "RedisOnlineStore", "SqliteOnlineStore",
+    "decode_value", "encode_value", "make_online_store", "python_value",
+]
+
 log = logging.getLogger(__name__)
 
 TS_FIELD = "__ts"
 """The Redis hash field holding the row's event time (epoch microseconds)."""
-
-_SQLITE_MAX_VARIABLES = 30_000
-
-
-@dataclasses.dataclass
-class OnlineResult:
-    """What a read found.
-
-    ``values[entity]`` has every requested feature of every requested view (``None`` where the
-    view had no row for the entity); ``missing`` lists the requested entities found in no view
-    (unknown, expired or too old for ``as_of``), in request order; ``event_ts[entity][view]`` is
-    the event time (epoch microseconds) of the row served, or ``None``.
-    """
-
-    values: dict[Any, dict[str, Any]]
-    missing: list[Any]
-    event_ts: dict[Any, dict[str, int | None]]
-
-    def __getitem__(self, entity_id: Any) -> dict[str, Any]:
-        return self.values[entity_id]
-
-    def is_unknown(self, entity_id: Any) -> bool:
-        return entity_id in self._missing_set
-
-    @property
-    def _missing_set(self) -> set:
-        return set(self.missing)
-
-
-@runtime_checkable
-class OnlineStore(Protocol):
-    """The interface of every online store backend."""
-
-    namespace: str
-    round_trips: int
-
-    @property
-    def location(self) -> str:
-        """Where the rows live, without secrets (keys the materialization watermarks)."""
-        ...
-
-    def write(
-        self,
-        view: FeatureView,
-        rows: pd.DataFrame | Sequence[Mapping[str, Any]],
-        *,
-        ttl_seconds: int | None = None,
-    ) -> int: ...
-
-    def read(
-        self,
-        views: Sequence[FeatureView],
-        entity_ids: Iterable[Any],
-        *,
-        as_of: dt.datetime | None = None,
-    ) -> OnlineResult: ...
-
-    def close(self) -> None: ...
-
-
-# --- shared helpers ------------------------------------------------------------------------
-
-
-def python_value(value: Any) -> Any:
-    """The stored form of a feature value: bool, int, float, str or None (NaN -> None)."""
-    if value is None or type(value) in (bool, str, int):
-        return value
-    if isinstance(value, bool):
-        return bool(value)
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):  # numpy float64 included (a float subclass)
-        return None if math.isnan(value) else float(value)
-    item = getattr(value, "item", None)  # numpy scalars
-    if callable(item) and type(value).__module__ == "numpy":
-        return python_value(item())
-    try:
-        import pandas as pd
-
-        if value is pd.NA or value is pd.NaT:
-            return None
-    except ImportError:  # pragma: no cover - pandas is always installed here
-        pass
-    return str(value)
-
-
-def _rows_columns(
-    view: FeatureView, rows: pd.DataFrame | Sequence[Mapping[str, Any]]
-) -> tuple[list[str], list[int], list[list[Any]]]:
-    """(entity strings, event times in epoch us, per-feature value lists) of the input rows."""
-    names = view.feature_names
-    if hasattr(rows, "columns"):
-        frame = rows
-        missing = [c for c in (view.join_key, FEATURE_TIMESTAMP) if c not in frame.columns]
-        if missing:
-            raise ValueError(f"view '{view.name}': rows have no column(s) {missing}")
-        if frame[view.join_key].isna().any():
-            raise ValueError(f"view '{view.name}': rows with a missing key")
-        entities = [str(e) for e in frame[view.join_key].tolist()]
-        stamps = to_epoch_us(frame[FEATURE_TIMESTAMP]).tolist()
-        columns = [
-            _series_values(frame[n]) if n in frame.columns else [None] * len(frame)
-            for n in names
-        ]
-        if any(s == NAT_US for s in stamps):
-            raise ValueError(f"view '{view.name}': rows with a missing timestamp")
-        return entities, stamps, columns
-    else:
-        entities, stamps, columns = [], [], [[] for _ in names]
-        for row in rows:
-            if view.join_key not in row or FEATURE_TIMESTAMP not in row:
-                raise ValueError(
-                    f"view '{view.name}': a row lacks '{view.join_key}' or '{FEATURE_TIMESTAMP}'"
-                )
-            if row[view.join_key] is None:
-                raise ValueError(f"view '{view.name}': a row with a missing key")
-            entities.append(str(row[view.join_key]))
-            stamps.append(_epoch_us(row[FEATURE_TIMESTAMP]))
-            for i, name in enumerate(names):
-                columns[i].append(row.get(name))
-    if any(s == NAT_US for s in stamps):
-        raise ValueError(f"view '{view.name}': rows with a missing timestamp")
-    return entities, stamps, [[python_value(v) for v in column] for column in columns]
-
-
-def _series_values(series: pd.Series) -> list[Any]:
-    """A column as stored Python values, fast for the common dtypes."""
-    kind = series.dtype.kind
-    if kind == "f":
-        return [None if v != v else v for v in series.tolist()]  # NaN != NaN
-    if kind in "iub":
-        return series.tolist()
-    return [python_value(v) for v in series.tolist()]
-
-
-def _epoch_us(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, dt.datetime | str):
-        return datetime_to_epoch_us(value)
-    return int(to_epoch_us([value])[0])
-
-
-def _unique_entities(entity_ids: Iterable[Any]) -> list[Any]:
-    return list(dict.fromkeys(entity_ids))
-
-
-def _assemble(
-    views: Sequence[FeatureView],
-    entity_ids: list[Any],
-    found: dict[tuple[str, str], tuple[int, list[Any]]],
-    as_of: dt.datetime | None,
-    names: Sequence[list[str]] | None = None,
-) -> OnlineResult:
-    """Build the result from {(view, entity string): (event_ts, values in feature order)}.
-
-    ``names``: each view's feature names, when the caller has them already."""
-    as_of_us = datetime_to_epoch_us(as_of) if as_of is not None else None
-    plan = [
-        (
-            view.name,
-            names[i] if names is not None else view.feature_names,
-            None if as_of_us is None else as_of_us - view.ttl_days * DAY_US,
-        )
-        for i, view in enumerate(views)
-    ]
-    values: dict[Any, dict[str, Any]] = {}
-    stamps: dict[Any, dict[str, int | None]] = {}
-    missing = []
-    for entity in entity_ids:
-        key = str(entity)
-        row: dict[str, Any] = {}
-        entity_stamps: dict[str, int | None] = {}
-        known = False
-        for view_name, names, too_old in plan:
-            hit = found.get((view_name, key))
-            if hit is None or (too_old is not None and hit[0] <= too_old):
-                entity_stamps[view_name] = None
-                row.update(dict.fromkeys(names))
-            else:
-                known = True
-                entity_stamps[view_name] = hit[0]
-                row.update(zip(names, hit[1], strict=True))
-        values[entity] = row
-        stamps[entity] = entity_stamps
-        if not known:
-            missing.append(entity)
-    return OnlineResult(values=values, missing=missing, event_ts=stamps)
-
-
-def _check_namespace(namespace: str) -> str:
-    if not re.match(NAME_PATTERN, namespace):
-        raise ValueError(f"namespace {namespace!r} does not match {NAME_PATTERN}")
-    return namespace
-
-
-# --- SQLite --------------------------------------------------------------------------------
-
-
-class SqliteOnlineStore:
-    """The embedded online store: one SQLite file in WAL mode, safe across threads.
-
-    ``clock`` (seconds since the epoch) decides key expiry, like the Redis server's clock does
-    for :class:`RedisOnlineStore`; tests may pass their own.
-    """
-
-    def __init__(
-        self,
-        path: Path | str,
-        namespace: str = "default",
-        *,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.path = Path(path)
-        self.namespace = _check_namespace(namespace)
-        self.round_trips = 0
-        self._clock = clock
-        self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False,
-                                   isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS online_features ("
-            " namespace TEXT NOT NULL, view TEXT NOT NULL, entity TEXT NOT NULL,"
-            " event_ts INTEGER NOT NULL, expires_at REAL NOT NULL, payload TEXT NOT NULL,"
-            " PRIMARY KEY (namespace, view, entity)) WITHOUT ROWID"
-        )
-
-    def write(
-        self,
-        view: FeatureView,
-        rows: pd.DataFrame | Sequence[Mapping[str, Any]],
-        *,
-        ttl_seconds: int | None = None,
-    ) -> int:
-        """Upsert ``rows``, each only if newer than the stored row; return rows stored."""
-        entities, stamps, columns = _rows_columns(view, rows)
-        names = view.feature_names
-        now = self._clock()
-        expires_at = now + (ttl_seconds if ttl_seconds is not None else view.ttl_seconds)
-        params = [
-            (
-                self.namespace, view.name, entity, stamp, expires_at,
-                json.dumps(dict(zip(names, values, strict=True)), allow_nan=False),
-                now,
-            )
-            for entity, stamp, *values in zip(entities, stamps, *columns, strict=True)
-        ]
-        with self._lock:
-            cursor = self._db.cursor()
-            cursor.execute("BEGIN IMMEDIATE")
-            try:
-                cursor.executemany(
-                    "INSERT INTO online_features"
-                    " (namespace, view, entity, event_ts, expires_at, payload)"
-                    " VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-                    " ON CONFLICT (namespace, view, entity) DO UPDATE SET"
-                    " event_ts = excluded.event_ts, expires_at = excluded.expires_at,"
-                    " payload = excluded.payload"
-                    " WHERE excluded.event_ts > online_features.event_ts"
-                    " OR online_features.expires_at <= ?7",
-                    params,
-                )
-                written = cursor.rowcount
-                cursor.execute("COMMIT")
-            except BaseException:
-                cursor.execute("ROLLBACK")
-                raise
-            self.round_trips += 1
-        return max(int(written), 0)
-
-    def read(
-        self,
-        views: Sequence[FeatureView],
-        entity_ids: Iterable[Any],
-        *,
-        as_of: dt.datetime | None = None,
-    ) -> OnlineResult:
-        """The newest unexpired row of each (view, entity): one query (per 30k entities)."""
-        entity_ids = _unique_entities(entity_ids)
-        keys = [str(e) for e in entity_ids]
-        view_names = [v.name for v in views]
-        names_of = {v.name: v.feature_names for v in views}
-        found: dict[tuple[str, str], tuple[int, list[Any]]] = {}
-        if keys and views:
-            chunk = max(1, _SQLITE_MAX_VARIABLES - len(view_names) - 2)
-            with self._lock:
-                now = self._clock()
-                for offset in range(0, len(keys), chunk):
-                    part = keys[offset : offset + chunk]
-                    # Only placeholders are formatted in; every value is a bound parameter.
-                    query = (
-                        "SELECT view, entity, event_ts, payload FROM online_features"  # noqa: S608
-                        " WHERE namespace = ? AND expires_at > ?"
-                        f" AND view IN ({','.join('?' * len(view_names))})"
-                        f" AND entity IN ({','.join('?' * len(part))})"
-                    )
-                    rows = self._db.execute(
-                        query, [self.namespace, now, *view_names, *part]
-                    ).fetchall()
-                    self.round_trips += 1
-                    for view_name, entity, stamp, payload in rows:
-                        stored = json.loads(payload)
-                        found[(view_name, entity)] = (
-                            stamp, [stored.get(n) for n in names_of[view_name]]
-                        )
-        return _assemble(views, entity_ids, found, as_of)
-
-    @property
-    def location(self) -> str:
-        return f"sqlite:{self.path.resolve()}"
-
-    def purge_expired(self) -> int:
-        """Delete expired rows (reads already ignore them); return how many."""
-        with self._lock:
-            cursor = self._db.execute(
-                "DELETE FROM online_features WHERE expires_at <= ?", (self._clock(),)
-            )
-            self.round_trips += 1
-            return cursor.rowcount
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def __enter__(self) -> SqliteOnlineStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 # --- Redis ---------------------------------------------------------------------------------
@@ -499,7 +177,7 @@ class RedisOnlineStore:
         if not re.match(r"^(redis|rediss|unix)://", url):
             raise ValueError("the Redis URL must start with redis://, rediss:// or unix://")
         self.url = url
-        self.namespace = _check_namespace(namespace)
+        self.namespace = check_namespace(namespace)
         self.prefix = f"airmlops:{self.namespace}"
         self.round_trips = 0
         self._client = client or redis.Redis.from_url(url, decode_responses=False)
@@ -514,6 +192,7 @@ class RedisOnlineStore:
 
     @property
     def location(self) -> str:
+        """The server's URL without credentials or query."""
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.url)
@@ -533,7 +212,7 @@ class RedisOnlineStore:
         ttl_seconds: int | None = None,
     ) -> int:
         """Write ``rows`` (only newer ones take effect), pipelined in Lua batches."""
-        entities, stamps, columns = _rows_columns(view, rows)
+        entities, stamps, columns = rows_columns(view, rows)
         if not entities:
             return 0
         ttl = int(ttl_seconds if ttl_seconds is not None else view.ttl_seconds)
@@ -607,7 +286,7 @@ class RedisOnlineStore:
         as_of: dt.datetime | None = None,
     ) -> OnlineResult:
         """HMGET every (view, entity) in one pipeline: exactly one round trip."""
-        entity_ids = _unique_entities(entity_ids)
+        entity_ids = unique_entities(entity_ids)
         keys = [str(e).encode() for e in entity_ids]
         plans = [self._view_plan(view) for view in views]
         found: dict[tuple[str, str], tuple[int, list[Any]]] = {}
@@ -634,7 +313,7 @@ class RedisOnlineStore:
                             for raw in reply[:width]
                         ])
             next(replies, None)  # lets the exchange finish: the connection goes back idle
-        return _assemble(views, entity_ids, found, as_of, [plan[1] for plan in plans])
+        return assemble(views, entity_ids, found, as_of, [plan[1] for plan in plans])
 
     def _view_plan(self, view: FeatureView) -> tuple[str, list[str], bytes, bytes, bytes]:
         """(name, feature names, and the RESP pieces of ``HMGET <key> <fields...>``: the
@@ -725,6 +404,7 @@ class RedisOnlineStore:
             return
 
     def close(self) -> None:
+        """Disconnect the idle read connections and the client's pool."""
         while self._idle:
             self._idle.pop().disconnect()
         self._client.close()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airmlops.features.definitions import FEATURE_TIMESTAMP, FeatureView, OnDemandFeature
+from airmlops.times import assume_utc
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -148,8 +149,7 @@ def check_parity(
     from airmlops.features.offline import get_historical_features
     from airmlops.features.on_demand import apply_on_demand
 
-    if as_of.tzinfo is None:
-        as_of = as_of.replace(tzinfo=dt.UTC)
+    as_of = assume_utc(as_of)
     requests = sample.reset_index(drop=True).copy()
     requests[timestamp_column] = pd.Timestamp(as_of)
     offline = get_historical_features(

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from airmlops.model_files import ModelDigests
     from airmlops.spec import PipelineSpec
 
 log = logging.getLogger(__name__)
@@ -205,13 +206,9 @@ def build_bento(
     fails; :class:`~airmlops.spec_pin.SpecHashMismatch` when the version's ``spec_hash`` tag is
     not the hash of ``spec``.
     """
-    import mlflow
     from mlflow import MlflowClient
 
-    from airmlops.model_files import ModelDigests, ModelLoadError, check_model_dir
-    from airmlops.serving.service import CONFIG_FILE, ServingConfig
     from airmlops.spec import load_spec
-    from airmlops.training.tracking import using_tracking_uri
 
     version = str(version)
     if not _VERSION.fullmatch(version):
@@ -232,27 +229,7 @@ def build_bento(
     scratch.mkdir(parents=True, exist_ok=True)
     context = Path(tempfile.mkdtemp(prefix="bento-context-", dir=scratch))
     try:
-        model_uri = f"models:/{name}/{version}"
-        with using_tracking_uri(tracking_uri):
-            downloaded = Path(mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri, dst_path=str(context / "model"),
-                tracking_uri=tracking_uri, registry_uri=tracking_uri))
-        if downloaded.resolve() != (context / "model").resolve():
-            raise BentoBuildError(f"{model_uri} downloaded to {downloaded}, not a directory")
-        try:
-            digests = ModelDigests.from_tags(model_version.tags, model_uri)
-            check_model_dir(context / "model", digests)
-        except ModelLoadError as error:
-            raise BentoBuildError(f"{model_uri} cannot be served: {error}") from None
-        shutil.copyfile(spec_path, context / "spec.yaml")
-        config = ServingConfig(
-            pipeline=spec.name, model_name=name, model_version=version,
-            run_id=model_version.run_id, model_uri=model_uri, spec_hash=spec.spec_hash(),
-            features_hash=spec.features_hash(), **digests.to_tags(),
-        )
-        (context / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
-        (context / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
-        _package_source(context / "airmlops")
+        _fill_context(context, spec, spec_path, version, model_version, tracking_uri)
         bento_version = f"v{version}-{_context_digest(context, requirements)[:12]}"
         tag = f"{bento_name}:{bento_version}"
         export_path = export_dir / f"{bento_name}-{bento_version}.bento"
@@ -270,6 +247,49 @@ def build_bento(
     log.info("bento %s built from %s version %s; exported to %s", ref.tag, name, version,
              ref.export_path)
     return ref
+
+
+def _fill_context(context: Path, spec: PipelineSpec, spec_path: Path, version: str,
+                  model_version: Any, tracking_uri: str) -> None:
+    """Write the build context of ``version`` (its registry entry ``model_version``): the
+    checked model, the spec, the serving config, the entry module and the platform's source."""
+    from airmlops.serving.service import CONFIG_FILE, ServingConfig
+
+    name = spec.registered_model_name
+    model_uri = f"models:/{name}/{version}"
+    digests = _download_model(context / "model", model_uri, model_version, tracking_uri)
+    shutil.copyfile(spec_path, context / "spec.yaml")
+    config = ServingConfig(
+        pipeline=spec.name, model_name=name, model_version=version,
+        run_id=model_version.run_id, model_uri=model_uri, spec_hash=spec.spec_hash(),
+        features_hash=spec.features_hash(), **digests.to_tags(),
+    )
+    (context / CONFIG_FILE).write_text(config.model_dump_json(indent=2) + "\n")
+    (context / f"{ENTRY_MODULE}.py").write_text(ENTRY_SOURCE)
+    _package_source(context / "airmlops")
+
+
+def _download_model(destination: Path, model_uri: str, model_version: Any,
+                    tracking_uri: str) -> ModelDigests:
+    """Download ``model_uri`` to the directory ``destination`` and check its files against
+    the digests the version is tagged with; BentoBuildError if it cannot be served."""
+    import mlflow
+
+    from airmlops.model_files import ModelDigests, ModelLoadError, check_model_dir
+    from airmlops.training.tracking import using_tracking_uri
+
+    with using_tracking_uri(tracking_uri):
+        downloaded = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=str(destination),
+            tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    if downloaded.resolve() != destination.resolve():
+        raise BentoBuildError(f"{model_uri} downloaded to {downloaded}, not a directory")
+    try:
+        digests = ModelDigests.from_tags(model_version.tags, model_uri)
+        check_model_dir(destination, digests)
+    except ModelLoadError as error:
+        raise BentoBuildError(f"{model_uri} cannot be served: {error}") from None
+    return digests
 
 
 def _run_build(context: Path, bento_name: str, bento_version: str, requirements: list[str],

@@ -1,28 +1,33 @@
-"""Deploy, rollback, undeploy and status: the operations, each under the pipeline's lock."""
+"""Deploy, rollback, undeploy and status: the operations, each under the pipeline's lock.
+
+:func:`deploy` (the blue/green rollout) lives in :mod:`.rollout` and is re-exported here.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airmlops.processes import free_port, marked_processes, process_alive, stop_process, terminate
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.container import ContainerResources
-from airmlops.serving.deploy.errors import DeployError, DeployFailed, NotReady, RollbackFailed
-from airmlops.serving.deploy.proxy_control import ProxyHandle, ensure_proxy_locked
+from airmlops.serving.deploy.errors import DeployError, NotReady, RollbackFailed
+from airmlops.serving.deploy.proxy_control import ensure_proxy_locked
+from airmlops.serving.deploy.rollout import (
+    DeployResult,
+    deploy,
+    register_standby,
+    resupervise,
+)
 from airmlops.serving.deploy.slots import (
-    SmokeResult,
-    Validator,
     slot_alive,
     slot_log_tail,
-    smoke,
     start_slot,
     stop_slot,
     wait_ready,
@@ -32,10 +37,8 @@ from airmlops.serving.deploy.state import (
     LABEL_DEPLOYMENT,
     SLOTS,
     SlotHandle,
-    Target,
     deployment_dir,
     handle_from_record,
-    handles_from_record,
     instances,
     iso,
     load_state,
@@ -44,47 +47,17 @@ from airmlops.serving.deploy.state import (
     save_state,
     slot_record,
     upstreams,
-    validate_artifact,
     validate_env,
-    validate_path,
     validate_pipeline,
-    validate_port,
-    validate_target,
-    validate_version,
 )
-from airmlops.serving.deploy.supervisor import (
-    restart_supervisor,
-    stop_supervisor,
-    supervisor_alive,
-)
+from airmlops.serving.deploy.supervisor import stop_supervisor, supervisor_alive
 
 if TYPE_CHECKING:
     from docker import DockerClient
 
+__all__ = ["DeployResult", "RollbackResult", "deploy", "rollback", "status", "undeploy"]
+
 logger = logging.getLogger("airmlops.serving.deploy")
-
-
-@dataclasses.dataclass(frozen=True)
-class DeployResult:
-    """A successful deploy: which version serves from which slot, and how long each step took."""
-
-    pipeline: str
-    version: str
-    slot: str
-    previous_slot: str | None
-    previous_version: str | None
-    target: str
-    artifact: str
-    upstream: str
-    stable_url: str
-    started_at: str
-    timings: dict[str, float]
-    smoke: SmokeResult
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["smoke"] = self.smoke.to_dict()
-        return data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,229 +72,6 @@ class RollbackResult:
     stable_url: str
     restarted: bool
     seconds: float
-
-
-
-def deploy(
-    pipeline: str,
-    version: str,
-    artifact: str,
-    target: Target,
-    golden: Sequence[Mapping[str, Any]],
-    *,
-    root: Path,
-    proxy_port: int,
-    ready_timeout: float,
-    latency_budget_ms: float,
-    now: dt.datetime,
-    validate: Validator | None = None,
-    path: str = "/predict",
-    env: Mapping[str, str] | None = None,
-    bentoml_home: Path | None = None,
-    docker_client: DockerClient | None = None,
-    stop_timeout: float = 10.0,
-    headers: Mapping[str, str] | None = None,
-    resources: ContainerResources | None = None,
-    replicas: int = 1,
-    spares: int = 0,
-    alerts: Mapping[str, Any] | None = None,
-    supervise: bool = True,
-) -> DeployResult:
-    """Blue/green deploy of ``version`` (a bento tag for ``process``, an image for ``docker``).
-
-    Starts ``replicas`` model servers of it in the idle slot, plus ``spares`` hot spares (each
-    on a free port), waits until every one is ready, smoke-tests each with ``golden`` and
-    switches the stable address (``proxy_port``) to them: the replicas share the traffic, the
-    spares take it when no replica is healthy. The previous version keeps running in the other
-    slot (the rollback target, registered with the address as standby). Any failure raises
-    :class:`DeployFailed`, with the new version stopped, the old one serving and the state file
-    untouched. ``resources`` limits a ``docker`` version's containers (spec
-    ``deploy.resources``). With ``supervise`` the deployment's supervisor is (re)started
-    afterwards with ``env`` and the spec's ``alerts`` section, so what dies later is restarted
-    and reported (:mod:`airmlops.serving.deploy.supervisor`).
-    """
-    validate_pipeline(pipeline)
-    validate_version(version)
-    validate_target(target)
-    validate_artifact(target, artifact)
-    validate_port(proxy_port)
-    validate_path(path)
-    validate_env(env)
-    for name, value, low in (("replicas", replicas, 1), ("spares", spares, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 8:
-            raise ValueError(f"invalid {name} {value!r}: expected an int in {low}..8")
-    started_at = iso(now)
-    root = Path(root)
-    directory = deployment_dir(pipeline, root)
-    timings = _Laps()
-
-    with locked(pipeline, root):
-        state = load_state(pipeline, root)
-        original = json.loads(json.dumps(state))
-        try:
-            proxy = ensure_proxy_locked(pipeline, proxy_port, root, state, timeout=20.0)
-        except (DeployError, proxy_mod.ProxyAdminError, OSError) as exc:
-            raise DeployFailed("proxy", str(exc)) from None
-        if state != original:  # a (re)started proxy is infrastructure, not the deploy
-            save_state(pipeline, root, state)
-            original = json.loads(json.dumps(state))
-        timings.lap("proxy_s")
-
-        active = state.get("active")
-        active_record = state["slots"].get(active) if active else None
-        slot = other_slot(active)
-        handles: list[SlotHandle] = []
-        switched = False
-        try:
-            for _ in range(replicas + spares):
-                handles.append(_start(pipeline, slot, target, artifact, env, directory,
-                                      bentoml_home, state["deployment_id"], docker_client,
-                                      resources))
-            timings.lap("start_s")
-            for handle in handles:
-                _ready(handle, ready_timeout, docker_client)
-            timings.lap("ready_s")
-            results = [smoke(handle.upstream, golden, path, latency_budget_ms, validate,
-                             headers=headers) for handle in handles]
-            failures = [failure for result in results for failure in result.failures]
-            if failures:
-                raise DeployFailed("smoke", "; ".join(failures[:5]))
-            timings.lap("smoke_s")
-
-            upstream_urls = [handle.upstream for handle in handles]
-            try:
-                proxy_mod.switch(proxy.port, proxy.token, upstream_urls, slot, version=version,
-                                 spares=spares)
-            except (proxy_mod.ProxyAdminError, ValueError) as exc:
-                raise DeployFailed("switch", str(exc)) from None
-            switched = True
-            timings.lap("switch_s")
-
-            replaced = state["slots"].get(slot)
-            state["slots"][slot] = slot_record(handles, version, started_at, spares)
-            state["active"] = slot
-            state["switched_at"] = started_at
-            try:
-                save_state(pipeline, root, state)
-            except OSError as exc:
-                raise DeployFailed("record", f"state could not be written: {exc}") from None
-        except BaseException:
-            if switched:
-                _switch_back(proxy, active, active_record)
-            for handle in handles:
-                with contextlib.suppress(Exception):
-                    stop_slot(handle, timeout=stop_timeout, docker_client=docker_client)
-            if state != original:
-                with contextlib.suppress(OSError):
-                    save_state(pipeline, root, original)
-            raise
-
-        if active and active_record:
-            _register_standby(proxy, active, active_record)
-        if replaced:  # the version before the previous one: no longer a rollback target
-            _stop_record(replaced, slot, stop_timeout, docker_client)
-        if supervise:
-            _supervise(pipeline, root, state, env, alerts)
-        timings.lap("cleanup_s")
-        timings.total()
-
-    logger.info("%s version %s serves from %s (%s) at %s", pipeline, version, slot,
-                ", ".join(upstream_urls), proxy.url)
-    return DeployResult(
-        pipeline=pipeline,
-        version=version,
-        slot=slot,
-        previous_slot=active if active_record else None,
-        previous_version=active_record["model_version"] if active_record else None,
-        target=target,
-        artifact=artifact,
-        upstream=upstream_urls[0],
-        stable_url=proxy.url,
-        started_at=started_at or "",
-        timings=timings.timings,
-        smoke=results[0],
-    )
-
-
-class _Laps:
-    """Seconds each step of a deploy took (``timings``), and the total."""
-
-    def __init__(self) -> None:
-        self.timings: dict[str, float] = {}
-        self._started = self._last = time.monotonic()
-
-    def lap(self, name: str) -> None:
-        now = time.monotonic()
-        self.timings[name] = round(now - self._last, 3)
-        self._last = now
-
-    def total(self) -> None:
-        self.timings["total_s"] = round(time.monotonic() - self._started, 3)
-
-
-def _start(pipeline: str, slot: str, target: Target, artifact: str,
-           env: Mapping[str, str] | None, directory: Path, bentoml_home: Path | None,
-           deployment_id: str, docker_client: DockerClient | None,
-           resources: ContainerResources | None) -> SlotHandle:
-    port = free_port()
-    try:
-        return start_slot(
-            target, artifact, port, env,
-            name=f"{pipeline}-{slot}-{port}".replace("_", "-"),
-            log_dir=directory / "logs", bentoml_home=bentoml_home,
-            deployment_id=deployment_id, docker_client=docker_client, resources=resources,
-        )
-    except Exception as exc:
-        raise DeployFailed("start", f"{type(exc).__name__}: {exc}") from None
-
-
-def _ready(handle: SlotHandle, timeout: float, docker_client: DockerClient | None) -> None:
-    try:
-        wait_ready(handle.upstream, timeout, alive=lambda: slot_alive(handle, docker_client))
-    except NotReady as exc:
-        raise DeployFailed("readiness", str(exc), slot_log_tail(handle, docker_client)) from None
-
-
-def _register_standby(proxy: ProxyHandle, slot: str, record: Mapping[str, Any]) -> None:
-    """Tell the address the rollback target's servers and version (it may fail over to a slot
-    of the live version, never to another version)."""
-    try:
-        proxy_mod.register(proxy.port, proxy.token, slot, upstreams(record),
-                           record.get("model_version"), spares=record.get("spares", 0))
-    except proxy_mod.ProxyAdminError as exc:
-        logger.warning("could not register %s as standby with the proxy: %s", slot, exc)
-
-
-def _stop_record(record: Mapping[str, Any], slot: str, timeout: float,
-                 docker_client: DockerClient | None) -> None:
-    for handle in handles_from_record(record):
-        try:
-            stop_slot(handle, timeout=timeout, docker_client=docker_client)
-        except Exception as exc:  # the deploy stands; the leftover is reported, not fatal
-            logger.warning("could not stop the replaced %s version: %s", slot, exc)
-
-
-def _supervise(pipeline: str, root: Path, state: dict[str, Any],
-               env: Mapping[str, str] | None, alerts: Mapping[str, Any] | None) -> None:
-    try:
-        restart_supervisor(pipeline, root, state, env, alerts)
-        save_state(pipeline, root, state)
-    except Exception as exc:  # serving works without it; what dies is then not restarted
-        logger.error("the supervisor of %s could not be started: %s", pipeline, exc)
-
-
-def _switch_back(
-    proxy: ProxyHandle, active: str | None, active_record: Mapping[str, Any] | None
-) -> None:
-    """After a switch whose deploy then failed: point the proxy at the old version again."""
-    if not active or not active_record:
-        return
-    try:
-        proxy_mod.switch(proxy.port, proxy.token, upstreams(active_record), active,
-                         version=active_record.get("model_version"), verify=False,
-                         spares=active_record.get("spares", 0))
-    except proxy_mod.ProxyAdminError as exc:
-        logger.error("could not switch %s back to %s: %s", proxy.pipeline, active, exc)
 
 
 def rollback(
@@ -363,17 +113,8 @@ def rollback(
             raise RollbackFailed(f"the proxy of {pipeline} is not available: {exc}") from None
         save_state(pipeline, root, state)  # a restarted proxy is recorded whatever follows
 
-        restarted = False
-        handles = []
-        for one in instances(record):
-            handle = handle_from_record(record, one)
-            if not (slot_alive(handle, docker_client) and _ready_now(handle.upstream)):
-                with contextlib.suppress(Exception):
-                    stop_slot(handle, timeout=5.0, docker_client=docker_client)
-                handle = _restart_slot(pipeline, slot, record, extra, directory,
-                                       state["deployment_id"], ready_timeout, docker_client)
-                restarted = True
-            handles.append(handle)
+        handles, restarted = _revive(pipeline, slot, record, extra, directory,
+                                     state["deployment_id"], ready_timeout, docker_client)
         if restarted:
             record = slot_record(handles, record["model_version"],
                                  restarted_at or record.get("started_at"),
@@ -391,9 +132,9 @@ def rollback(
         state["active"] = slot
         state["switched_at"] = restarted_at or state.get("switched_at")
         save_state(pipeline, root, state)
-        _register_standby(proxy, active, state["slots"][active])
+        register_standby(proxy, active, state["slots"][active])
         if not supervisor_alive(state):
-            _supervise(pipeline, root, state, extra, None)
+            resupervise(pipeline, root, state, extra, None)
     return RollbackResult(
         pipeline=pipeline,
         slot=slot,
@@ -404,6 +145,32 @@ def rollback(
         restarted=restarted,
         seconds=round(time.monotonic() - clock, 3),
     )
+
+
+def _revive(
+    pipeline: str,
+    slot: str,
+    record: Mapping[str, Any],
+    env: Mapping[str, str],
+    directory: Path,
+    deployment_id: str,
+    ready_timeout: float,
+    docker_client: DockerClient | None,
+) -> tuple[list[SlotHandle], bool]:
+    """The handles of the recorded slot's servers, each dead or unready one stopped and started
+    again; and whether any was."""
+    restarted = False
+    handles = []
+    for one in instances(record):
+        handle = handle_from_record(record, one)
+        if not (slot_alive(handle, docker_client) and _ready_now(handle.upstream)):
+            with contextlib.suppress(Exception):
+                stop_slot(handle, timeout=5.0, docker_client=docker_client)
+            handle = _restart_slot(pipeline, slot, record, env, directory, deployment_id,
+                                   ready_timeout, docker_client)
+            restarted = True
+        handles.append(handle)
+    return handles, restarted
 
 
 def _restart_slot(
@@ -450,6 +217,7 @@ def _restart_slot(
 
 
 def _ready_now(upstream: str) -> bool:
+    """Whether the server at ``upstream`` answers ready within 3 s."""
     try:
         wait_ready(upstream, timeout=3.0)
     except NotReady:
@@ -504,6 +272,7 @@ def undeploy(
 
 
 def _uses_docker(state: Mapping[str, Any]) -> bool:
+    """Whether either slot runs a ``docker`` version."""
     return any((record or {}).get("target") == "docker" for record in state["slots"].values())
 
 
