@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+EPOCH_DATE = EPOCH.date()
 
 
 def utc(value: dt.datetime, name: str) -> dt.datetime:

@@ -37,14 +37,13 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from airmlops.features.definitions import FEATURE_TIMESTAMP, FeatureView
-from airmlops.times import EPOCH, assume_utc, epoch_us
+from airmlops.times import EPOCH, EPOCH_DATE, assume_utc, epoch_us
 
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
 DAY_US = 86_400_000_000
-_EPOCH = dt.date(1970, 1, 1)
 
 
 def to_epoch_us(values: Any) -> np.ndarray:
@@ -106,7 +105,7 @@ def sorted_unique_order(keys: Any, micros: np.ndarray) -> np.ndarray | None:
 
 def day_index(day: dt.date) -> int:
     """Days since 1970-01-01."""
-    return (day - _EPOCH).days
+    return (day - EPOCH_DATE).days
 
 
 def compute_view(

@@ -18,21 +18,19 @@ are not re-materialized; run with ``full=True`` to push them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airmlops.features.compute import datetime_to_epoch_us, epoch_us_to_datetime
 from airmlops.features.definitions import FEATURE_TIMESTAMP, FeatureView
 from airmlops.features.offline import partition_files, pipeline_dir, read_partition_file
-from airmlops.paths import atomic_write_json
+from airmlops.paths import atomic_write_json, exclusive_lock
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,17 +65,6 @@ def store_location(store: OnlineStore) -> str:
     return store.location
 
 
-@contextlib.contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "_watermarks.lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def read_watermarks(root: Path, pipeline: str) -> dict[str, dict[str, int]]:
     """{store location: {view: watermark in epoch microseconds}}."""
     path = pipeline_dir(root, pipeline) / WATERMARKS_FILE
@@ -92,7 +79,7 @@ def read_watermarks(root: Path, pipeline: str) -> dict[str, dict[str, int]]:
 
 def _save_watermark(root: Path, pipeline: str, store: str, view: str, micros: int) -> None:
     folder = pipeline_dir(root, pipeline)
-    with _locked(folder):
+    with exclusive_lock(folder / "_watermarks.lock"):
         path = folder / WATERMARKS_FILE
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         stores = data.setdefault("stores", {})

@@ -49,6 +49,7 @@ from airmlops.features.compute import (
 )
 from airmlops.features.definitions import FEATURE_TIMESTAMP, NAME_PATTERN, FeatureView
 from airmlops.paths import atomic_write_bytes, safe_join
+from airmlops.times import EPOCH_DATE
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_EPOCH = dt.date(1970, 1, 1)
 
 
 def _check_pipeline(pipeline: str) -> str:
@@ -198,7 +198,7 @@ def write_view_rows(
         wanted |= {day_index(d) for d in days}
     written = []
     for index in sorted(wanted):
-        day = _EPOCH + dt.timedelta(days=index)
+        day = EPOCH_DATE + dt.timedelta(days=index)
         part = rows[row_days == index].reset_index(drop=True)
         path = _replace_partition(part, view, root, pipeline, day)
         if path is not None:
@@ -393,8 +393,8 @@ def _view_features(view: FeatureView, needles: _Needles, codes: _EntityCodes, ro
     """The point-in-time feature columns of one view, from the partitions in reach."""
     import numpy as np
 
-    first = _EPOCH + dt.timedelta(days=(needles.t_min - view.ttl_days * DAY_US) // DAY_US)
-    last = _EPOCH + dt.timedelta(days=needles.t_max // DAY_US)
+    first = EPOCH_DATE + dt.timedelta(days=(needles.t_min - view.ttl_days * DAY_US) // DAY_US)
+    last = EPOCH_DATE + dt.timedelta(days=needles.t_max // DAY_US)
     files = partition_files(view, root, pipeline, start=first, end=last)
     if not files:
         return _all_missing(view, n_rows)
