@@ -87,7 +87,7 @@ MODEL_SERVICE = ChildKind(
     },
 )
 """A ``bentoml serve`` slot: its store, data root, online store / prediction log and serving
-settings (``MLOPS_SERVING_*``, ``MLOPS_PREDICTION_LOG_*``, see :mod:`airmlops.serving.service`)."""
+settings (``MLOPS_SERVING_*``, ``MLOPS_PREDICTION_LOG_*``, see :mod:`airmlops.settings`)."""
 
 PROXY = ChildKind(
     name="stable-address proxy",

@@ -8,7 +8,9 @@
   input example, dataset inputs and lineage tags.
 - :mod:`~airmlops.training.gates`: absolute thresholds and a paired bootstrap against the
   champion; decisions fail closed and are recorded on the run.
-- :mod:`~airmlops.training.registry`: model versions and aliases (``challenger``, ``champion``).
+- :mod:`~airmlops.training.registry`: model versions and aliases (``challenger``, ``champion``);
+  :mod:`~airmlops.training.registry_rest` reads them over MLflow's REST API for the MLOps view.
+- :mod:`~airmlops.training.refit`: the blessed estimator refit on every labelled row.
 
 Nothing is imported here: each module imports pandas, scikit-learn or MLflow itself, so that a
 DAG file can import this package at parse time for nothing.
