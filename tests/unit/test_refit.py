@@ -21,6 +21,7 @@ import yaml
 from airmlops import stages
 from airmlops.contracts import Snapshot
 from airmlops.model_files import load_registered_model
+from airmlops.monitoring.estimation import load_run_calibration
 from airmlops.monitoring.policy import dedup_key
 from airmlops.settings import Settings
 from airmlops.spec import PipelineSpec, parse_spec, resolve_estimator
@@ -168,6 +169,11 @@ def test_a_retraining_registers_the_blessed_model_refit_on_every_labelled_row(ho
     assert version.tags["heldout.model_uri"] == trained.model_uri
     assert version.tags["refit.model_uri"] == version.source != trained.model_uri
     assert version.run_id == trained.run_id == version.tags["mlflow_run_id"]
+    # Its calibration (monitoring's estimate reads it from the run) is the held-out fit's: the
+    # refit has no unseen rows left to be calibrated on.
+    calibration = load_run_calibration(version.run_id, settings.mlflow_tracking_uri)
+    assert calibration is not None and calibration.rows == split["test_rows"]
+    assert trained.model_uri in calibration.fitted_on
     # The version's digests are the refit's files, not the held-out model's.
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.name == refit.REFIT_MODEL_NAME

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_diabetes
 
+from airmlops.monitoring.estimation import load_run_calibration
 from airmlops.spec import parse_spec
 from airmlops.training.dataset import time_split, write_training_set
 from airmlops.training.registry import (
@@ -263,6 +264,7 @@ def test_regression_on_diabetes_with_ridge(mlflow_home, tmp_path):
     assert 0 < result.metrics["mae"] < result.metrics["rmse"]
     metrics = MlflowClient(mlflow_home["uri"]).get_run(result.run_id).data.metrics
     assert metrics["test_rmse"] == pytest.approx(result.metrics["rmse"])
+    assert load_run_calibration(result.run_id, mlflow_home["uri"]) is None  # no probabilities
 
 
 def test_get_or_create_experiment_survives_a_concurrent_create():

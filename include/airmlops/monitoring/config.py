@@ -24,12 +24,15 @@ A window is *breached* by any of: the share of drifted model inputs reaching
 ``policy.max_drift_share`` (``drift_share``), a drifted column marked ``critical``
 (``feature:<name>``), prediction drift when ``drift.prediction.breach`` is on
 (``prediction_drift``), the performance floor once at least ``performance.min_labels`` labels
-have arrived (``performance``), and the data quality limits (``quality:<kind>:<column>``).
-Which of these may trigger a retraining is ``policy.triggers``; quality breaches are recorded
-and alerted on but do not retrain by default, because retraining on broken inputs makes the
-model worse, not better. The report only measures; these breaches are decided afterwards from
-its numbers by :func:`airmlops.monitoring.judgement.judge`, so a recorded window can be judged
-again under a changed config without measuring it again.
+have arrived (``performance``), the same floor on the label-free estimate of a binary
+classifier's performance (``estimated_performance``), and the data quality limits
+(``quality:<kind>:<column>``). Which of these may trigger a retraining is ``policy.triggers``;
+quality breaches are recorded and alerted on but do not retrain by default, because retraining
+on broken inputs makes the model worse, not better; ``estimated_performance`` is opt-in, because
+the estimate cannot see concept drift and is only as good as the model's calibration. The
+report only measures; these breaches are decided afterwards from its numbers by
+:func:`airmlops.monitoring.judgement.judge`, so a recorded window can be judged again under a
+changed config without measuring it again.
 
 ``policy.drift_share`` is the former name of ``policy.max_drift_share``: it is still accepted,
 with a logged deprecation warning (the measured share of a window keeps the name
@@ -64,7 +67,8 @@ if TYPE_CHECKING:
 
 DriftMethod = Literal["psi", "wasserstein", "ks", "chisquare", "jensenshannon"]
 PerformanceMetric = Literal["roc_auc", "precision", "recall", "mae", "rmse"]
-TriggerKind = Literal["drift_share", "feature", "prediction_drift", "performance", "quality"]
+TriggerKind = Literal["drift_share", "feature", "prediction_drift", "performance", "quality",
+                      "estimated_performance"]
 
 PVALUE_METHODS = frozenset({"ks", "chisquare"})
 """Methods whose score is a p-value: drift when the score is below the threshold."""
@@ -429,5 +433,11 @@ def validate_against_spec(config: MonitoringConfig, spec: PipelineSpec) -> None:
     if metric is not None and metric not in METRICS_BY_TASK[spec.task]:
         problems.append(f"monitoring.performance.metric: '{metric}' is not a {spec.task} metric; "
                         f"expected one of {list(METRICS_BY_TASK[spec.task])}")
+    if "estimated_performance" in config.policy.triggers and (
+            spec.task != "binary_classification" or metric is None):
+        problems.append("monitoring.policy.triggers: 'estimated_performance' needs a "
+                        "binary_classification pipeline and a floor to judge the estimate "
+                        "against (monitoring.performance.metric: roc_auc, precision or recall, "
+                        "with min)")
     if problems:
         raise ValueError("; ".join(problems))

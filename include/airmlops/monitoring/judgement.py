@@ -10,6 +10,10 @@ drift share, the prediction drift, the performance and the data quality shares),
 - ``feature:<name>``: a column marked ``critical`` in ``drift.columns`` drifted;
 - ``prediction_drift``: the prediction drifted and ``drift.prediction.breach`` is on;
 - ``performance``: with at least ``performance.min_labels`` labels, the metric is past its floor;
+- ``estimated_performance``: the label-free estimate of the same metric
+  (:mod:`airmlops.monitoring.estimation`), on at least ``performance.min_labels`` predictions,
+  is past the same floor (it counts towards a retraining only when listed in
+  ``policy.triggers``: it is blind to concept drift, and wrong when the model is not calibrated);
 - ``quality:<kind>:<column>``: a share of missing values, out-of-range values or new categories
   is above its limit (the missing limit of a declared feature is at least its spec
   ``max_null_fraction``).
@@ -42,7 +46,9 @@ class WindowNumbers:
     was not tested); ``prediction_drifted``: the prediction's verdict (None when not tested);
     ``performance``: metric name -> value (None when not computed); ``label_count``: the
     labelled rows it was computed on; ``quality``: column -> ``{"missing_share": ...,
-    "out_of_range_share" | "new_category_share": ...}`` (other keys are ignored).
+    "out_of_range_share" | "new_category_share": ...}`` (other keys are ignored);
+    ``estimated_performance``: metric name -> estimated value, and ``rows`` (None when there is
+    no estimate).
     """
 
     drift_share: float | None = None
@@ -51,6 +57,7 @@ class WindowNumbers:
     performance: Mapping[str, float | None] | None = None
     label_count: int = 0
     quality: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    estimated_performance: Mapping[str, float | int | None] | None = None
 
     @classmethod
     def from_report(cls, report: Any) -> WindowNumbers:
@@ -63,6 +70,7 @@ class WindowNumbers:
             prediction_drifted=prediction.drifted if prediction is not None else None,
             performance=report.performance, label_count=report.label_count,
             quality=report.quality,
+            estimated_performance=getattr(report, "estimated_performance", None),
         )
 
     @classmethod
@@ -81,6 +89,7 @@ class WindowNumbers:
             prediction_drifted=prediction.get("drifted") if prediction else None,
             performance=row.get("performance"), label_count=int(row["label_count"] or 0),
             quality=row["quality"] or {},
+            estimated_performance=row.get("estimated_performance"),
         )
 
 
@@ -144,6 +153,21 @@ def _performance(numbers: WindowNumbers, config: MonitoringConfig) -> dict[str, 
                            f"{bound}"}
 
 
+def _estimated_performance(numbers: WindowNumbers, config: MonitoringConfig) -> dict[str, str]:
+    floor, estimate = config.performance, numbers.estimated_performance
+    if floor.metric is None or not estimate:
+        return {}
+    rows = int(estimate.get("rows") or 0)
+    if rows < floor.min_labels:
+        return {}  # as few predictions as too few labels: too noisy to judge
+    value = estimate.get(floor.metric)
+    if not floor.breached(value):
+        return {}
+    return {"estimated_performance": f"estimated {floor.metric} {value:.4g} on {rows} "
+                                     f"predictions (no labels), below performance.min "
+                                     f"({floor.min})"}
+
+
 def _quality(numbers: WindowNumbers, config: MonitoringConfig,
              spec: PipelineSpec | None) -> dict[str, str]:
     reasons = {}
@@ -170,7 +194,7 @@ def judge(numbers: WindowNumbers, config: MonitoringConfig,
     reasons = {
         **_drift_share(numbers, config), **_critical(numbers, config),
         **_prediction(numbers, config), **_performance(numbers, config),
-        **_quality(numbers, config, spec),
+        **_estimated_performance(numbers, config), **_quality(numbers, config, spec),
     }
     return Judgement(breaches=sorted(reasons), reasons=reasons)
 

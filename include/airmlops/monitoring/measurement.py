@@ -38,7 +38,10 @@ class WindowMeasurement:
     ``drift_share``: the measured share of drifted inputs (None when drift was not tested);
     ``quality``: per input the measured shares, with the limits and valid range they were
     measured against as metadata; ``performance``: metric -> value on ``label_count`` labelled
-    rows (None below ``performance.min_labels``).
+    rows (None below ``performance.min_labels``); ``estimated_performance``: the label-free
+    estimate of the same window (:mod:`airmlops.monitoring.estimation`: ``roc_auc``,
+    ``accuracy``, ``precision``, ``recall`` and ``rows``; None when the champion has no
+    calibration, or for regression).
     """
 
     window_id: str
@@ -55,6 +58,7 @@ class WindowMeasurement:
     notes: list[str] = field(default_factory=list)
     html_path: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    estimated_performance: dict[str, float | int | None] | None = None
 
     @property
     def drift_assessed(self) -> bool:

@@ -1,7 +1,8 @@
 """A monitoring window's numbers in MLflow: one run per window, found again by its id.
 
 Experiment ``<pipeline>-monitoring``; the run is tagged ``window_id`` and carries the numbers
-as flat metrics (``drift.<column>``, ``performance.<metric>``, ``quality.<column>.<share>``),
+as flat metrics (``drift.<column>``, ``performance.<metric>``, ``quality.<column>.<share>``,
+``estimated_<metric>`` for the label-free estimate and ``estimated_rows``),
 stamped with the window's end, and the whole report as ``window_report.json``. Logging the
 same window again updates its run instead of adding one.
 """
@@ -32,6 +33,8 @@ def _metrics_of(report: WindowReport) -> dict[str, float]:
         values["drift.prediction"] = report.prediction_drift.score
     for name, value in (report.performance or {}).items():
         values[f"performance.{name}"] = value
+    for name, value in (report.estimated_performance or {}).items():
+        values[f"estimated_{name}"] = value
     for name, entry in report.quality.items():
         for kind in ("missing_share", "out_of_range_share", "new_category_share"):
             if kind in entry:

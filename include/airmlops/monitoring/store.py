@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS windows (
     prediction_drift JSON,
     breaches JSON NOT NULL,
     performance JSON,
+    estimated_performance JSON,
     label_count INTEGER NOT NULL,
     quality JSON NOT NULL,
     notes JSON NOT NULL,
@@ -57,10 +58,12 @@ CREATE INDEX IF NOT EXISTS windows_by_start ON windows ("start");
 """
 
 JSON_COLUMNS = ("columns", "prediction_drift", "breaches", "performance", "quality", "notes",
-                "evidence")
+                "evidence", "estimated_performance")
 REPORT_COLUMNS = ("start", "end", "rows", "sampled", "drift_share", "columns",
                   "prediction_drift", "breaches", "performance", "label_count", "quality",
-                  "notes", "html_path", "updated")
+                  "notes", "html_path", "updated", "estimated_performance")
+ADDED_COLUMNS = {"estimated_performance": "JSON"}
+"""Columns added after the table was first released: a table made before gets them (null)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class MonitoringStore:
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
             connection.executescript(SCHEMA)
+            _add_missing_columns(connection)
             with connection:  # one transaction: commit, or roll back on error
                 yield connection
         finally:
@@ -120,6 +124,7 @@ class MonitoringStore:
             "breaches": _json(list(report.breaches)), "performance": _json(report.performance),
             "label_count": report.label_count, "quality": _json(report.quality),
             "notes": _json(list(report.notes)), "html_path": report.html_path,
+            "estimated_performance": _json(report.estimated_performance),
             "updated": utc(created, "created").isoformat(),
         }
         names = ", ".join(f'"{c}"' for c in REPORT_COLUMNS)
@@ -187,6 +192,19 @@ class MonitoringStore:
             return None
         return Retraining(window_id=row["window_id"], decided_at=_time(row["decided_at"]),
                           triggered_run_id=row["triggered_run_id"], reason=row["reason"])
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    """Add the :data:`ADDED_COLUMNS` a table made by an older release lacks."""
+    present = {row[1] for row in connection.execute("PRAGMA table_info(windows)")}
+    for name, kind in ADDED_COLUMNS.items():
+        if name in present:
+            continue
+        try:
+            connection.execute(f'ALTER TABLE windows ADD COLUMN "{name}" {kind}')
+        except sqlite3.OperationalError as error:  # another writer added it first
+            if "duplicate column" not in str(error):
+                raise
 
 
 def _decoded(row: sqlite3.Row) -> dict[str, Any]:

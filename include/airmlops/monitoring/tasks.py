@@ -44,6 +44,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.monitoring.estimation import with_window_estimate
 from airmlops.monitoring.measurement import WindowMeasurement, WindowReport
 from airmlops.monitoring.mlflow_report import log_report_to_mlflow
 from airmlops.monitoring.policy import Decision, check_window_id
@@ -325,10 +326,11 @@ def _champion_reference(spec: PipelineSpec, settings: Settings
 
 
 def _measure_and_judge(spec: PipelineSpec, collected: dict[str, Any], settings: Settings,
-                       reference: ReferenceProfile, frame: pd.DataFrame
+                       reference: ReferenceProfile, frame: pd.DataFrame, champion: Any
                        ) -> tuple[WindowReport, str | None]:
     """The window measured against ``reference`` (performance on the labels that arrived in
-    it) and judged; with the performance HTML's path when there is one."""
+    it, and estimated from the champion's probabilities without them) and judged; with the
+    performance HTML's path when there is one."""
     import pandas as pd
 
     from airmlops.monitoring.drift import measure_performance, measure_window
@@ -353,6 +355,9 @@ def _measure_and_judge(spec: PipelineSpec, collected: dict[str, Any], settings: 
         performance_html = performance.html_path
         measured = _with_delayed_performance(measured, performance,
                                              collected.get("label_lookback_start", "?"))
+    if spec.task == "binary_classification":  # the label-free estimate, beside the realized
+        measured = with_window_estimate(measured, frame, champion, settings.mlflow_tracking_uri,
+                                        config.performance.probability_threshold)
     judgement = judge(WindowNumbers.from_report(measured), config, spec)
     for breach, reason in judgement.reasons.items():
         log.info("report %s window %s: breach %s: %s", spec.name, window_id, breach, reason)
@@ -371,6 +376,7 @@ def _report_summary(spec: PipelineSpec, report: WindowReport, *, champion: Any,
         "prediction_drift": (report.prediction_drift.score
                              if report.prediction_drift is not None else None),
         "breaches": list(report.breaches), "performance": report.performance,
+        "estimated_performance": report.estimated_performance,
         "label_count": report.label_count, "html_path": report.html_path,
         "performance_html": performance_html,
         "champion_version": str(champion.version) if champion else None,
@@ -412,7 +418,7 @@ def compute_report(spec: PipelineSpec, collected: dict[str, Any], settings: Sett
         report = _empty_report(window_id, start, end, len(frame), why)
     else:
         report, performance_html = _measure_and_judge(spec, collected, settings, reference,
-                                                      frame)
+                                                      frame, champion)
     MonitoringStore(settings.data_root).record_window(spec.name, report, created=now or end)
     tags = {"champion_version": str(champion.version) if champion else "none",
             "report_html": report.html_path or "none",

@@ -208,6 +208,7 @@ def _train_in_new_run(
         )
         test_metrics = _log_scores(spec, pipeline, test, model_info.model_id)
         _log_scores(spec, pipeline, train, model_info.model_id)
+        _log_calibration(spec, pipeline, test, model_info.model_uri)
         mlflow.set_tags({"model_uri": model_info.model_uri, "model_id": model_info.model_id,
                          **digests.to_tags()})
     return TrainResult(run_id=run.info.run_id, model_uri=model_info.model_uri,
@@ -226,6 +227,29 @@ def _log_scores(spec: PipelineSpec, pipeline: Any, side: _RunData,
     mlflow.log_metrics({f"{side.name}_{k}": v for k, v in metrics.items()},
                        model_id=model_id, dataset=side.dataset)
     return metrics
+
+
+def _log_calibration(spec: PipelineSpec, pipeline: Any, test: _RunData, model_uri: str) -> None:
+    """Fit the model's probability calibration on the held-out rows and log it as the run's
+    ``calibration.json`` (binary classification only; JSON data, never a pickle).
+
+    Monitoring reads it to estimate a window's performance before its labels arrive
+    (:mod:`airmlops.monitoring.estimation`). A refit registered from this run (see
+    :mod:`airmlops.training.refit`) has no held-out rows left to calibrate on, so this one,
+    fitted on rows the held-out fit never saw, is the calibration that applies to it too.
+    """
+    import mlflow
+
+    from airmlops.monitoring.estimation import CALIBRATION_FILE, fit_calibration
+    from airmlops.training.model import predict_scores
+
+    if spec.task != "binary_classification":
+        return
+    scores = predict_scores(spec, pipeline, test.X)
+    calibration = fit_calibration(
+        scores, test.y, fitted_on=f"the {len(scores)} held-out (test) rows, scored by {model_uri}")
+    mlflow.log_dict(calibration.to_dict(), CALIBRATION_FILE)
+    mlflow.set_tag("calibration", CALIBRATION_FILE)
 
 
 def log_fitted_model(
