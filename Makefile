@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 AIRMLOPS := $(PY) -m airmlops.cli
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run stop status test test-unit test-integration test-compose compose-images lint format lock bench chaos clean replay
+.PHONY: help setup run stop status test test-unit test-shuffled test-integration test-compose compose-images lint format lock bench chaos clean replay
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ test: setup lint ## Lint, then every test suite (unit, DAG, integration, e2e)
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit tests/dags
+
+test-shuffled: setup ## Unit and DAG tests in a random order (SEED=n to repeat one); no test may depend on another's
+	$(VENV)/bin/pytest tests/unit tests/dags --shuffle $(or $(SEED),$$RANDOM)
 
 compose-images: ## Build the compose stack's images locally (no registry needed; idempotent)
 	bash scripts/ensure-compose.sh

