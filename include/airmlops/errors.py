@@ -13,3 +13,8 @@ from __future__ import annotations
 
 class NonRetryable(Exception):
     """An error that would recur on a retry: the task fails without retrying."""
+
+
+class BakeFailed(RuntimeError, NonRetryable):
+    """The new version breached its bake limits, or failed a canary step, and was rolled back
+    (the old version serves)."""

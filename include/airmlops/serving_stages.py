@@ -22,7 +22,7 @@ from airmlops.contracts import (
     RolledBack,
     TrainedModel,
 )
-from airmlops.errors import NonRetryable
+from airmlops.errors import BakeFailed
 from airmlops.runs import RunContext, stage_alert
 from airmlops.settings import Settings
 from airmlops.spec import PipelineSpec
@@ -30,8 +30,8 @@ from airmlops.spec import PipelineSpec
 log = logging.getLogger("airmlops.stages")  # the stages' logger, as before the split
 
 
-class BakeFailed(NonRetryable, RuntimeError):
-    """The new version breached its bake limits and was rolled back."""
+__all__ = ["BakeFailed", "containerize", "deploy", "golden_requests", "materialize_features",
+           "monitor", "record_reference", "rollback"]
 
 
 def materialize_features(spec: PipelineSpec, run: RunContext,
@@ -155,16 +155,26 @@ def deploy(spec: PipelineSpec, packaged: Package, trained: TrainedModel,
 
     uri = settings.mlflow_tracking_uri
     previous = registry.get_alias_version(spec.registered_model_name, "champion", uri)
-    result = deployer.deploy(
-        spec.name, version, artifact, target, golden, root=settings.data_root,
-        proxy_port=spec.deploy.port, ready_timeout=spec.deploy.ready_timeout_seconds,
-        latency_budget_ms=spec.deploy.latency_budget_ms, now=run.as_of, validate=valid,
-        env=_service_env(settings, spec), bentoml_home=settings.bentoml_store,
-        headers=_auth_headers(settings),
-        resources=ContainerResources(**spec.deploy.resources.model_dump()),
-        replicas=spec.deploy.replicas, spares=spec.deploy.spares,
-        alerts=spec.alerts.model_dump(by_alias=True, mode="json") if spec.alerts else {},
-    )
+    canary = (deployer.CanaryPlan.from_spec(spec.deploy, spec.entity_key)
+              if spec.deploy.strategy == "canary" else None)
+    try:
+        result = deployer.deploy(
+            spec.name, version, artifact, target, golden, root=settings.data_root,
+            proxy_port=spec.deploy.port, ready_timeout=spec.deploy.ready_timeout_seconds,
+            latency_budget_ms=spec.deploy.latency_budget_ms, now=run.as_of, validate=valid,
+            env=_service_env(settings, spec), bentoml_home=settings.bentoml_store,
+            headers=_auth_headers(settings),
+            resources=ContainerResources(**spec.deploy.resources.model_dump()),
+            replicas=spec.deploy.replicas, spares=spec.deploy.spares,
+            alerts=spec.alerts.model_dump(by_alias=True, mode="json") if spec.alerts else {},
+            canary=canary,
+        )
+    except deployer.CanaryFailed as exc:  # a BakeFailed: the old version serves, alert
+        log.error("deploy %s: version %s failed its canary; rolled back: %s", spec.name,
+                  version, exc.reason)
+        stage_alert(spec, "rollback", f"version {version} rolled back during its canary",
+                    {"canary": exc.steps})
+        raise
     log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "
              "rollback; timings %s", spec.name, version, result.stable_url, result.slot,
              target, result.previous_version, result.timings)

@@ -39,6 +39,7 @@ from airmlops.monitoring.config import MonitoringConfig, validate_against_spec
 from airmlops.names import COLUMN_PATTERN, NAME_PATTERN
 from airmlops.paths import confine_pattern
 from airmlops.schedules import check_schedule
+from airmlops.spec_deploy import DeployConfig, ResourceLimits
 from airmlops.spec_parsing import (
     SpecError,
     load_spec_yaml,
@@ -274,48 +275,6 @@ class FeatureStoreConfig(FeatureSet):
         default=None, description="CSV/Parquet glob of events for non-simulator sources.")
     profiles_path: str | None = Field(
         default=None, description="CSV/Parquet glob of profiles for non-simulator sources.")
-
-
-class ResourceLimits(_Strict):
-    """What one model container may use (docker target; a process slot is not limited)."""
-
-    memory_mb: int = Field(default=1024, ge=128, le=262144,
-                           description="Memory limit in MiB (no swap beyond it).")
-    cpus: float = Field(default=1.0, ge=0.1, le=64, description="CPU share (1.0 = one core).")
-    pids: int = Field(default=512, ge=32, le=32768,
-                      description="Most processes and threads the container may run.")
-
-
-class DeployConfig(_Strict):
-    """Where and how a blessed model is served (containerize, deploy and monitor stages)."""
-
-    target: Literal["auto", "docker", "process"] = Field(
-        default="auto", description="auto: docker when an engine is reachable, else process.")
-    port: int = Field(default=8600, ge=1024, le=65535,
-                      description="The stable address http://127.0.0.1:<port> clients call.")
-    ready_timeout_seconds: float = Field(default=120.0, gt=0, le=1800)
-    replicas: int = Field(
-        default=1, ge=1, le=8,
-        description="Model servers of the live version sharing its traffic behind the stable "
-        "address (more than one pays on machines with cores to spare).")
-    spares: int = Field(
-        default=1, ge=0, le=4,
-        description="Hot spares of the live version: started, health-checked and idle, they "
-        "take the traffic the moment no serving server is healthy, so a server dying costs "
-        "no request (the address retries on a spare) while it is restarted.")
-    workers: int = Field(
-        default=2, ge=1, le=16,
-        description="Worker processes of each model server; a worker that dies is restarted "
-        "while the others answer.")
-    smoke_requests: int = Field(default=5, ge=1, le=100)
-    latency_budget_ms: float = Field(default=500.0, gt=0)
-    bake_seconds: float = Field(default=30.0, ge=0, le=86400,
-                                description="Watch the new version this long before trusting it.")
-    bake_probe_interval_seconds: float = Field(default=1.0, gt=0)
-    max_error_rate: float = Field(default=0.01, ge=0, le=1)
-    max_p99_ms: float = Field(default=1000.0, gt=0)
-    resources: ResourceLimits = Field(default_factory=ResourceLimits,
-                                      description="Limits of each model container.")
 
 
 class PipelineSpec(_Strict):

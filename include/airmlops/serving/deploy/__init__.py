@@ -19,17 +19,27 @@ Times are passed in (``now``), never read here. Pipeline names, versions, bento 
 references, ports and environment names are validated before they reach a process or the Docker
 engine, and commands are argument lists (no shell).
 
+With ``deploy.strategy: canary`` the switch comes only after the traffic has moved to the new
+version in steps, each judged against the live version (:mod:`.canary`).
+
 The package's rooms: :mod:`.state` (vocabulary, validation, the state file),
 :mod:`.slots` (one model server started, checked, stopped), :mod:`.proxy_control` (the stable
-address's process), :mod:`.orchestration` (deploy, rollback, undeploy, status) and
-:mod:`.supervisor` (restarts what died). Process helpers are :mod:`airmlops.processes`'s,
-shared with the platform's own components.
+address's process), :mod:`.orchestration` (deploy, rollback, undeploy, status),
+:mod:`.canary` (the steps and their judgement) and :mod:`.supervisor` (restarts what died).
+Process helpers are :mod:`airmlops.processes`'s, shared with the platform's own components.
 """
 
 from __future__ import annotations
 
 from airmlops.processes import free_port, marked_processes, process_alive
-from airmlops.serving.deploy.errors import DeployError, DeployFailed, NotReady, RollbackFailed
+from airmlops.serving.deploy.canary import CanaryPlan
+from airmlops.serving.deploy.errors import (
+    CanaryFailed,
+    DeployError,
+    DeployFailed,
+    NotReady,
+    RollbackFailed,
+)
 from airmlops.serving.deploy.orchestration import (
     DeployResult,
     RollbackResult,
@@ -68,7 +78,8 @@ from airmlops.serving.deploy.state import (
 
 __all__ = [
     "DEPLOYMENT_MARKER", "INSTANCE_MARKER", "LABEL_DEPLOYMENT", "LABEL_INSTANCE", "SLOTS",
-    "TARGETS", "DeployError", "DeployFailed", "DeployResult", "NotReady", "ProxyHandle",
+    "TARGETS", "CanaryFailed", "CanaryPlan", "DeployError", "DeployFailed", "DeployResult",
+    "NotReady", "ProxyHandle",
     "RollbackFailed", "RollbackResult", "SlotHandle", "SmokeResult", "deploy", "deployment_dir",
     "ensure_proxy", "free_port", "load_state", "marked_processes", "process_alive", "rollback",
     "slot_alive", "slot_log_tail", "smoke", "start_slot", "state_path", "status", "stop_slot",

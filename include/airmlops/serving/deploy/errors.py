@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from airmlops.errors import NonRetryable
+from typing import Any
+
+from airmlops.errors import BakeFailed, NonRetryable
 
 
 class DeployError(RuntimeError):
@@ -13,8 +15,9 @@ class DeployFailed(DeployError, NonRetryable):
     """A new version was not switched to. The old version still serves and the state is unchanged.
     Deterministic (a retry would fail the same way), so the task fails without retries.
 
-    ``stage`` is where it failed: ``proxy``, ``start``, ``readiness``, ``smoke``, ``switch`` or
-    ``record``; ``reason`` says why; ``log_tail`` is the end of the new version's log, if any.
+    ``stage`` is where it failed: ``proxy``, ``start``, ``readiness``, ``smoke``, ``canary``,
+    ``switch`` or ``record``; ``reason`` says why; ``log_tail`` is the end of the new
+    version's log, if any.
     """
 
     def __init__(self, stage: str, reason: str, log_tail: str = "") -> None:
@@ -23,6 +26,17 @@ class DeployFailed(DeployError, NonRetryable):
             message += f"\n--- log tail of the new version ---\n{log_tail}"
         super().__init__(message)
         self.stage, self.reason, self.log_tail = stage, reason, log_tail
+
+
+class CanaryFailed(DeployFailed, BakeFailed):
+    """A canary step judged the new version worse than the live one: the canary was cleared
+    (all traffic back on the live version) and the new version stopped. Both a
+    :class:`DeployFailed` (stage ``canary``) and the :class:`~airmlops.errors.BakeFailed` a
+    failed bake raises. ``steps`` are the numbers of every step run, the failed one last."""
+
+    def __init__(self, reason: str, steps: list[dict[str, Any]]) -> None:
+        super().__init__("canary", reason)
+        self.steps = steps
 
 
 class NotReady(DeployError):

@@ -336,6 +336,7 @@ def status(
         if active
         else None,
         "switched_at": state.get("switched_at"),
+        "canary": state.get("canary"),
         "proxy": {**proxy_record, "alive": proxy_alive, "routing": proxy_state}
         if proxy_record
         else None,

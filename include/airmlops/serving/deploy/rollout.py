@@ -2,8 +2,10 @@
 
 The new version's servers start in the idle slot, must be ready and pass the smoke test, then
 the stable address switches to them; any failure stops them and leaves the old version serving
-and the state file as it was. :func:`register_standby` and :func:`resupervise` are shared with
-rollback (:mod:`.orchestration`).
+and the state file as it was. With a canary plan the switch waits until the traffic has moved to
+them in steps, each judged against the old version (:mod:`.canary`; a failed canary also
+records its steps under ``canary`` in the state file). :func:`register_standby` and
+:func:`resupervise` are shared with rollback (:mod:`.orchestration`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from airmlops.processes import free_port
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.container import ContainerResources
-from airmlops.serving.deploy.errors import DeployError, DeployFailed, NotReady
+from airmlops.serving.deploy.canary import CanaryPlan, CanaryTarget, run_canary
+from airmlops.serving.deploy.errors import CanaryFailed, DeployError, DeployFailed, NotReady
 from airmlops.serving.deploy.proxy_control import ProxyHandle, ensure_proxy_locked
 from airmlops.serving.deploy.slots import (
     SmokeResult,
@@ -77,6 +80,7 @@ class DeployResult:
     started_at: str
     timings: dict[str, float]
     smoke: SmokeResult
+    canary: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data."""
@@ -109,6 +113,7 @@ def deploy(
     spares: int = 0,
     alerts: Mapping[str, Any] | None = None,
     supervise: bool = True,
+    canary: CanaryPlan | None = None,
 ) -> DeployResult:
     """Blue/green deploy of ``version`` (a bento tag for ``process``, an image for ``docker``).
 
@@ -121,7 +126,9 @@ def deploy(
     untouched. ``resources`` limits a ``docker`` version's containers (spec
     ``deploy.resources``). With ``supervise`` the deployment's supervisor is (re)started
     afterwards with ``env`` and the spec's ``alerts`` section, so what dies later is restarted
-    and reported (:mod:`airmlops.serving.deploy.supervisor`).
+    and reported (:mod:`airmlops.serving.deploy.supervisor`). With a ``canary`` plan (and a
+    live version to compare with) the traffic moves in its steps before the switch
+    (:mod:`airmlops.serving.deploy.canary`); a failed step raises :class:`CanaryFailed`.
     """
     _validate_deploy(pipeline, version, target, artifact, proxy_port, path, env, replicas, spares)
     root = Path(root)
@@ -131,7 +138,7 @@ def deploy(
         latency_budget_ms=latency_budget_ms, started_at=iso(now), validate=validate, path=path,
         env=env, bentoml_home=bentoml_home, docker_client=docker_client,
         stop_timeout=stop_timeout, headers=headers, resources=resources, replicas=replicas,
-        spares=spares)
+        spares=spares, canary=canary)
     timings = _Laps()
     with locked(pipeline, root):
         state = load_state(pipeline, root)
@@ -144,21 +151,24 @@ def deploy(
         switched = False
         try:
             results = _start_and_smoke(request, slot, state["deployment_id"], handles, timings)
+            steps = _canary(request, proxy, slot, active, active_record, handles, timings)
             _switch(request, proxy, slot, handles)
             switched = True
             timings.lap("switch_s")
-            replaced = _record_switch(request, state, slot, handles)
-        except BaseException:
+            replaced = _record_switch(request, state, slot, handles, steps)
+        except BaseException as exc:
             if switched:
                 _switch_back(proxy, active, active_record)
+            _end_canary(request, proxy, slot, original)
             _abandon(request, handles, state, original)
+            _record_failed_canary(request, slot, exc)
             raise
         _after_switch(request, proxy, state, active, active_record, slot, replaced,
                       supervise, alerts)
         timings.lap("cleanup_s")
         timings.total()
     return _deploy_result(request, proxy, slot, active, active_record, handles, timings,
-                          results[0])
+                          results[0], steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +195,7 @@ class _DeployRequest:
     resources: ContainerResources | None
     replicas: int
     spares: int
+    canary: CanaryPlan | None = None
 
 
 def _validate_deploy(pipeline: str, version: str, target: Target, artifact: str,
@@ -251,18 +262,80 @@ def _switch(request: _DeployRequest, proxy: ProxyHandle, slot: str,
 
 
 def _record_switch(request: _DeployRequest, state: dict[str, Any], slot: str,
-                   handles: Sequence[SlotHandle]) -> Mapping[str, Any] | None:
-    """Record the new slot as active in the state file; returns the record it replaced."""
+                   handles: Sequence[SlotHandle], steps: list[dict[str, Any]] | None
+                   ) -> Mapping[str, Any] | None:
+    """Record the new slot as active in the state file (and the canary's steps, if it had
+    one); returns the record it replaced."""
     replaced = state["slots"].get(slot)
     state["slots"][slot] = slot_record(handles, request.version, request.started_at,
                                        request.spares)
     state["active"] = slot
     state["switched_at"] = request.started_at
+    if steps is not None:
+        state["canary"] = _canary_record(request, slot, "promoted", steps)
     try:
         save_state(request.pipeline, request.root, state)
     except OSError as exc:
         raise DeployFailed("record", f"state could not be written: {exc}") from None
     return replaced
+
+
+def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
+            active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
+            timings: _Laps) -> list[dict[str, Any]] | None:
+    """Walk the canary's steps with the new slot beside the live one; its steps' numbers,
+    None without a canary plan or a live version to compare with. CanaryFailed when a step
+    judges it worse, DeployFailed when the address cannot be driven."""
+    if request.canary is None:
+        return None
+    if not active or not active_record:
+        logger.info("%s: no live version to compare a canary with; switching at once",
+                    request.pipeline)
+        return None
+    try:
+        proxy_mod.register(proxy.port, proxy.token, slot, [h.upstream for h in handles],
+                           request.version, spares=request.spares)
+        steps = run_canary(CanaryTarget(proxy.port, proxy.token, slot, active), request.canary)
+    except (proxy_mod.ProxyAdminError, ValueError) as exc:
+        raise DeployFailed("canary", str(exc)) from None
+    timings.lap("canary_s")
+    return steps
+
+
+def _end_canary(request: _DeployRequest, proxy: ProxyHandle, slot: str,
+                original: Mapping[str, Any]) -> None:
+    """After a failed canary deploy: all traffic back on the live version, and the new slot's
+    registration back to what it was (its previous occupant, the rollback target, or none)."""
+    if request.canary is None:
+        return
+    try:
+        proxy_mod.clear_canary(proxy.port, proxy.token)
+        previous = original["slots"].get(slot)
+        if previous:
+            register_standby(proxy, slot, previous)
+        elif slot != original.get("active"):
+            proxy_mod.register(proxy.port, proxy.token, slot, [], None)
+    except proxy_mod.ProxyAdminError as exc:
+        logger.error("could not end the canary of %s: %s", request.pipeline, exc)
+
+
+def _canary_record(request: _DeployRequest, slot: str, outcome: str,
+                   steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the state file keeps of the last canary: its version, slot, outcome and steps."""
+    return {"version": request.version, "slot": slot, "started_at": request.started_at,
+            "outcome": outcome, "steps": steps}
+
+
+def _record_failed_canary(request: _DeployRequest, slot: str, exc: BaseException) -> None:
+    """Keep a failed canary's steps in the state file (nothing else changes there)."""
+    if not isinstance(exc, CanaryFailed):
+        return
+    try:
+        state = load_state(request.pipeline, request.root)
+        state["canary"] = _canary_record(request, slot, "rolled_back", exc.steps)
+        save_state(request.pipeline, request.root, state)
+    except (OSError, DeployError) as error:
+        logger.error("could not record the failed canary of %s: %s", request.pipeline, error)
 
 
 def _abandon(request: _DeployRequest, handles: Sequence[SlotHandle], state: dict[str, Any],
@@ -292,7 +365,8 @@ def _after_switch(request: _DeployRequest, proxy: ProxyHandle, state: dict[str, 
 
 def _deploy_result(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
                    active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
-                   timings: _Laps, smoke_result: SmokeResult) -> DeployResult:
+                   timings: _Laps, smoke_result: SmokeResult,
+                   steps: list[dict[str, Any]] | None = None) -> DeployResult:
     """Log the deploy and describe it."""
     upstream_urls = [handle.upstream for handle in handles]
     logger.info("%s version %s serves from %s (%s) at %s", request.pipeline, request.version,
@@ -310,6 +384,7 @@ def _deploy_result(request: _DeployRequest, proxy: ProxyHandle, slot: str, activ
         started_at=request.started_at or "",
         timings=timings.timings,
         smoke=smoke_result,
+        canary=steps,
     )
 
 

@@ -52,8 +52,12 @@ Admin. ``/__proxy/`` is the admin prefix, never forwarded:
   upstreams' ``/readyz`` unless ``"verify": false`` (409 when none is ready);
 * ``POST /__proxy/register`` ``{"slot", "version", "upstreams"}`` records a slot that is not
   active (a rollback target, a failover candidate); ``"upstreams": []`` removes it.
+* ``POST /__proxy/canary`` ``{"slot", "weight", "entity_key"}`` makes a registered inactive
+  slot the canary: it takes the ``POST /predict`` requests whose entity id hashes below
+  ``weight`` percent, sticky per entity (:mod:`.canary`); ``{"slot": null}`` clears it, and a
+  switch to the canary's slot ends it. Without a canary no body is read before forwarding.
 
-The two POSTs need ``Authorization: Bearer <token>``; the token is random, kept with mode 0600
+The POSTs need ``Authorization: Bearer <token>``; the token is random, kept with mode 0600
 in the state directory (:func:`ensure_admin_token`). The table is persisted there, so a
 restarted proxy resumes it (health is not: every upstream starts healthy again).
 
@@ -66,7 +70,8 @@ Run it as ``python -m airmlops.serving.proxy --port N --state-dir D``.
 
 Modules: :mod:`.validation` (what is accepted, the admin token), :mod:`.table` (the routing
 table and its persistence), :mod:`.stats` (per-slot statistics, :func:`bake_window`),
-:mod:`.routing` (health and the route), :mod:`.headers`, :mod:`.asgi`, :mod:`.admin`,
+:mod:`.routing` (health and the route), :mod:`.canary` (the sticky split), :mod:`.headers`,
+:mod:`.asgi`, :mod:`.admin`,
 :mod:`.app` (:class:`~airmlops.serving.proxy.app.ReverseProxy`), :mod:`.client` (what a deploy
 calls) and :mod:`.cli` (the process). Importing this package loads neither the ASGI
 application nor any HTTP library: the client imports httpx when first called.
@@ -76,11 +81,13 @@ from __future__ import annotations
 
 from airmlops.serving.proxy.client import (
     ProxyAdminError,
+    clear_canary,
     get_state,
     healthz,
     livez,
     proxy_url,
     register,
+    set_canary,
     slot_stats,
     switch,
 )
@@ -90,10 +97,16 @@ from airmlops.serving.proxy.settings import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_READ_TIMEOUT,
 )
-from airmlops.serving.proxy.stats import LATENCY_BUCKETS_MS, SlotStats, bake_window
+from airmlops.serving.proxy.stats import (
+    LATENCY_BUCKETS_MS,
+    SlotStats,
+    bake_window,
+    step_window,
+)
 from airmlops.serving.proxy.table import (
     MAX_SLOTS,
     STATE_FILE,
+    CanarySpec,
     RoutingTable,
     SlotSpec,
     load_persisted_table,
@@ -104,6 +117,7 @@ from airmlops.serving.proxy.validation import (
     MAX_UPSTREAMS,
     TOKEN_FILE,
     ensure_admin_token,
+    validate_entity_key,
     validate_port,
     validate_slot,
     validate_upstream,
@@ -114,8 +128,9 @@ from airmlops.serving.proxy.validation import (
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HEALTH_INTERVAL", "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_READ_TIMEOUT", "HOST", "LATENCY_BUCKETS_MS", "MAX_SLOTS", "MAX_UPSTREAMS",
-    "STATE_FILE", "TOKEN_FILE", "ProxyAdminError", "RoutingTable", "SlotSpec", "SlotStats",
-    "bake_window", "ensure_admin_token", "get_state", "healthz", "livez", "load_persisted_table",
-    "persist_table", "proxy_url", "register", "slot_stats", "switch", "validate_port",
+    "STATE_FILE", "TOKEN_FILE", "CanarySpec", "ProxyAdminError", "RoutingTable", "SlotSpec",
+    "SlotStats", "bake_window", "clear_canary", "ensure_admin_token", "get_state", "healthz",
+    "livez", "load_persisted_table", "persist_table", "proxy_url", "register", "set_canary",
+    "slot_stats", "step_window", "switch", "validate_entity_key", "validate_port",
     "validate_slot", "validate_upstream", "validate_upstreams", "validate_version",
 ]

@@ -13,21 +13,24 @@ from typing import Any
 from airmlops.serving.proxy.asgi import ClientError, Scope
 from airmlops.serving.proxy.routing import Router
 from airmlops.serving.proxy.stats import LATENCY_BUCKETS_MS, SlotStats
-from airmlops.serving.proxy.table import RoutingTable, SlotSpec
+from airmlops.serving.proxy.table import CanarySpec, RoutingTable, SlotSpec
 from airmlops.serving.proxy.validation import (
+    validate_entity_key,
     validate_slot,
     validate_upstream,
     validate_upstreams,
     validate_version,
+    validate_weight,
 )
 
 ADMIN_PREFIX = "/__proxy/"
 ADMIN_BODY_LIMIT = 4096
 ENDPOINTS = frozenset(
     f"{ADMIN_PREFIX}{name}" for name in ("livez", "healthz", "state", "metrics", "switch",
-                                        "register"))
+                                        "register", "canary"))
 _SWITCH_KEYS = frozenset({"slot", "version", "upstreams", "upstream", "verify", "spares"})
 _REGISTER_KEYS = frozenset({"slot", "version", "upstreams", "spares"})
+_CANARY_KEYS = frozenset({"slot", "weight", "entity_key"})
 _COUNTER_HELP = (
     ("upstream_errors", "Answers of 502 or 504: an upstream failed or timed out."),
     ("retries", "Requests sent a second time because the first attempt got no answer."),
@@ -108,6 +111,21 @@ def parse_register(body: bytes) -> RegisterRequest:
     return RegisterRequest(slot, version, spec)
 
 
+def parse_canary(body: bytes) -> CanarySpec | None:
+    """The canary ``body`` asks for: ``{"slot", "weight", "entity_key"}`` sets one,
+    ``{"slot": null}`` clears it; else ClientError 400 naming the field."""
+    try:
+        request = _admin_request(body, _CANARY_KEYS)
+        if request.get("slot") is None:
+            if set(request) - {"slot"}:
+                raise ValueError("clearing the canary ('slot': null) takes no other field")
+            return None
+        return CanarySpec(validate_slot(request["slot"]), validate_weight(request.get("weight")),
+                          validate_entity_key(request.get("entity_key")))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClientError(400, "bad_request", f"invalid canary request: {exc}") from None
+
+
 def _admin_request(body: bytes, allowed: frozenset[str]) -> dict[str, Any]:
     """``body`` as a JSON object of no field outside ``allowed``; else ValueError."""
     request = json.loads(body or b"null")
@@ -151,6 +169,8 @@ def render_state(router: Router, counters: Mapping[str, int], generation: int,
         "version": spec.version if spec else None,
         "routing": router.route.mode,
         "generation": generation,
+        "canary": table.canary.to_json() if table.canary else None,
+        "canary_routing": router.canary is not None,
         **counters,
         "slots": {
             name: {"version": slot.version, "active": name == table.active,

@@ -19,6 +19,7 @@ from airmlops.serving.proxy.admin import (
     ENDPOINTS,
     authenticate,
     is_admin_path,
+    parse_canary,
     parse_register,
     parse_switch,
     render_metrics,
@@ -35,6 +36,7 @@ from airmlops.serving.proxy.asgi import (
     send_error,
     send_json,
 )
+from airmlops.serving.proxy.canary import CANARY_PATH
 from airmlops.serving.proxy.headers import (
     declared_length,
     proxied_request_headers,
@@ -193,7 +195,14 @@ class ReverseProxy:
         counters["requests"] += 1
         route = self.router.route
         charged = route.owner  # the slot whose statistics this answer counts in
+        body: bytes | None = None  # read first only to split a canary's traffic
         try:
+            canary = self.router.canary
+            if canary is not None and scope["path"] == CANARY_PATH and scope["method"] == "POST":
+                body = await self._read_body(scope, receive)
+                if canary.takes(body):
+                    route = canary.route
+                    charged = route.owner
             backend = self.router.pick(route.candidates)
             if backend is None:
                 counters["unavailable"] += 1
@@ -203,12 +212,13 @@ class ReverseProxy:
             if route.failover:
                 counters["failovers"] += 1
             method: str = scope["method"]
-            length = declared_length(scope)
-            if length is not None and length > self.max_body_bytes:
-                raise ClientError(
-                    413, "body_too_large", f"request body exceeds {self.max_body_bytes} bytes"
-                )
-            body = await read_body(receive, self.max_body_bytes)
+            if body is None:  # inline, as before canaries: no extra call on the common path
+                length = declared_length(scope)
+                if length is not None and length > self.max_body_bytes:
+                    raise ClientError(
+                        413, "body_too_large", f"request body exceeds {self.max_body_bytes} bytes"
+                    )
+                body = await read_body(receive, self.max_body_bytes)
             response, backend = await self._exchange(
                 backend, method, _target(scope), proxied_request_headers(scope),
                 body if body or method not in _IDEMPOTENT else None)
@@ -228,6 +238,14 @@ class ReverseProxy:
             status = exc.status
             await send_error(send, exc)
         charged.record(status, time.perf_counter() - started)
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+        """The request's body, at most ``max_body_bytes`` (else ClientError 413)."""
+        length = declared_length(scope)
+        if length is not None and length > self.max_body_bytes:
+            raise ClientError(
+                413, "body_too_large", f"request body exceeds {self.max_body_bytes} bytes")
+        return await read_body(receive, self.max_body_bytes)
 
     async def _exchange(self, backend: Backend, method: str, target: str,
                         headers: list[tuple[str, str]], body: bytes | None
@@ -313,6 +331,10 @@ class ReverseProxy:
             body = await read_body(receive, ADMIN_BODY_LIMIT)
             change = self._switch if path == "/__proxy/switch" else self._register
             await send_json(send, 200, await change(body))
+        elif path == "/__proxy/canary" and method == "POST":
+            authenticate(scope, self.token)
+            await send_json(send, 200, await self._canary(await read_body(
+                receive, ADMIN_BODY_LIMIT)))
         elif path in ENDPOINTS:
             raise ClientError(405, "method_not_allowed", f"{method} is not allowed on {path}")
         else:
@@ -385,6 +407,21 @@ class ReverseProxy:
         return {"slot": slot, "version": request.version, "upstreams": urls,
                 "removed": spec is None and slot in previous.slots,
                 "active": table.active, "generation": self.generation}
+
+    async def _canary(self, body: bytes) -> dict[str, Any]:
+        """Set (or, with ``"slot": null``, clear) the canary ``body`` describes; 409 when its
+        slot is not a registered slot other than the active one."""
+        canary = parse_canary(body)
+        async with self._switch_lock:
+            try:
+                table = self.router.table.with_canary(canary)
+            except ValueError as exc:
+                raise ClientError(409, "canary_refused", str(exc)) from None
+            self._change(table)
+        logger.info("canary %s", f"slot {canary.slot} at {canary.weight} % by "
+                    f"{canary.entity_key}" if canary else "cleared")
+        return {"canary": canary.to_json() if canary else None, "active": table.active,
+                "generation": self.generation}
 
     def _change(self, table: RoutingTable,
                 checked: dict[str, str | None] | None = None) -> RoutingTable:

@@ -10,10 +10,12 @@ from typing import Any
 
 from airmlops.serving.proxy.validation import (
     HOST,
+    validate_entity_key,
     validate_port,
     validate_slot,
     validate_upstreams,
     validate_version,
+    validate_weight,
 )
 
 
@@ -130,6 +132,23 @@ def register(
         "spares": spares,
     }
     return _admin_post(port, token, "register", payload, timeout)
+
+
+def set_canary(port: int, token: str, slot: str, weight: int, entity_key: str, *,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """Make the registered, inactive ``slot`` the canary of the proxy on ``port``: it takes
+    the /predict requests whose entity (field ``entity_key``) hashes below ``weight`` percent
+    (:mod:`airmlops.serving.proxy.canary`). Raises :class:`ProxyAdminError` on a refusal (409
+    when ``slot`` is not registered or is the active one), ValueError on an invalid argument."""
+    payload = {"slot": validate_slot(slot), "weight": validate_weight(weight),
+               "entity_key": validate_entity_key(entity_key)}
+    return _admin_post(port, token, "canary", payload, timeout)
+
+
+def clear_canary(port: int, token: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """End the canary of the proxy on ``port``: every request goes to the active slot again
+    (a no-op without a canary)."""
+    return _admin_post(port, token, "canary", {"slot": None}, timeout)
 
 
 def _admin_post(port: int, token: str, action: str, payload: Mapping[str, Any],

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from airmlops.serving.proxy.canary import CanaryRoute
 from airmlops.serving.proxy.stats import SlotStats
 from airmlops.serving.proxy.table import RoutingTable
 from airmlops.serving.proxy.validation import HOST
@@ -76,6 +77,7 @@ class Router:
         self.unrouted = SlotStats()  # answers no slot could be charged with
         self.backends: dict[str, tuple[Backend, ...]] = {}
         self.route = Route("empty", (), self.unrouted)
+        self.canary: CanaryRoute | None = None  # None: no canary, or none of it is healthy
         self._turn = 0
         self.install(table)
 
@@ -153,6 +155,7 @@ class Router:
         """Recompute where new requests go from the table and the upstreams' health."""
         previous = self.route
         self.route = route = self._compute_route()
+        self.canary = self._compute_canary()
         if route.mode == previous.mode or route.owner is not previous.owner:
             return  # the same episode, or another active slot (a switch logs itself)
         spec = self._table.active_spec
@@ -185,6 +188,19 @@ class Router:
         return Route("unavailable", (), owner,
                      f"no upstream of slot {active} (version {spec.version}) is healthy "
                      "and no other slot serves that version; retry shortly")
+
+    def _compute_canary(self) -> CanaryRoute | None:
+        """The canary split the table and the upstreams' health give now: None without a
+        canary, or when none of its serving upstreams is healthy (all traffic stays)."""
+        canary = self._table.canary
+        if canary is None:
+            return None
+        spec = self._table.slots[canary.slot]
+        ready = tuple(b for b in self.backends[canary.slot][:spec.serving] if b.healthy)
+        if not ready:
+            return None
+        route = Route("ok", ready, self.stats_for(canary.slot))
+        return CanaryRoute(canary.slot, canary.weight, canary.entity_key, route)
 
 
 def _set_checked(backend: Backend, error: str | None) -> None:

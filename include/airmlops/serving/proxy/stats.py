@@ -56,6 +56,35 @@ class SlotStats:
         }
 
 
+def step_window(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """What a slot served between two snapshots, for a canary step's judgement:
+    ``{"requests", "errors", "error_rate", "p50_ms"}``. ``p50_ms`` is the median read from the
+    latency histogram, interpolated linearly inside its bucket (as Prometheus'
+    ``histogram_quantile`` does; the overflow bucket reads as its lower bound), None when
+    nothing was counted. ValueError as :func:`bake_window`."""
+    requests, errors, bounds, counts = _difference(before, after)
+    return {"requests": requests, "errors": errors,
+            "error_rate": errors / requests if requests else 0.0,
+            "p50_ms": _interpolated_quantile(bounds, counts, 0.5)}
+
+
+def _interpolated_quantile(bounds: list[Any], counts: list[int], q: float) -> float | None:
+    """The ``q`` quantile of the histogram ``counts`` (upper ``bounds``), interpolated inside
+    its bucket; None when empty."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for index, count in enumerate(counts):
+        if count and seen + count >= rank:
+            low = float(bounds[index - 1]) if index else 0.0
+            if index >= len(bounds):
+                return low
+            return round(low + (float(bounds[index]) - low) * (rank - seen) / count, 3)
+        seen += count
+    return None
+
+
 def bake_window(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
     """What a slot served between two :func:`~airmlops.serving.proxy.client.slot_stats`
     snapshots.
@@ -68,6 +97,16 @@ def bake_window(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
     compared: from different proxy processes (a restart resets the counters), of different
     bucket layouts, or in the wrong order.
     """
+    requests, errors, bounds, counts = _difference(before, after)
+    return {"requests": requests, "errors": errors,
+            "error_rate": errors / requests if requests else 0.0,
+            "p99_ms": _p99_bound(bounds, counts)}
+
+
+def _difference(before: Mapping[str, Any], after: Mapping[str, Any]
+                ) -> tuple[int, int, list[Any], list[int]]:
+    """Requests, errors, bucket bounds and per-bucket counts between two snapshots; ValueError
+    when they cannot be compared (see :func:`bake_window`)."""
     try:
         if before["proxy_boot"] != after["proxy_boot"]:
             raise ValueError("the snapshots come from different proxy processes (it restarted)")
@@ -84,9 +123,7 @@ def bake_window(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str
         raise ValueError("the latency counts do not match the buckets")
     if requests < 0 or errors < 0 or min(counts) < 0:
         raise ValueError("the counters went backwards: 'before' was taken after 'after'")
-    return {"requests": requests, "errors": errors,
-            "error_rate": errors / requests if requests else 0.0,
-            "p99_ms": _p99_bound(bounds, counts)}
+    return requests, errors, bounds, counts
 
 
 def _p99_bound(bounds: list[Any], counts: list[int]) -> float | None:

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from airmlops.serving.proxy.validation import (
+    validate_entity_key,
     validate_slot,
     validate_upstream,
     validate_upstreams,
     validate_version,
+    validate_weight,
 )
 
 logger = logging.getLogger("airmlops.serving.proxy")
@@ -55,17 +57,52 @@ class SlotSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class CanarySpec:
+    """A canary beside the active slot: ``slot`` takes the /predict requests whose entity (the
+    ``entity_key`` field of the body, of its first instance) hashes below ``weight`` percent."""
+
+    slot: str
+    weight: int
+    entity_key: str
+
+    def __post_init__(self) -> None:
+        """Refuse a malformed slot, weight or entity key (ValueError naming the field)."""
+        validate_slot(self.slot)
+        validate_weight(self.weight)
+        validate_entity_key(self.entity_key)
+
+    def to_json(self) -> dict[str, Any]:
+        """This canary as the persisted JSON object."""
+        return {"slot": self.slot, "weight": self.weight, "entity_key": self.entity_key}
+
+    @classmethod
+    def from_json(cls, data: Any) -> CanarySpec:
+        """The canary :meth:`to_json` wrote; ValueError if it is not one."""
+        if not isinstance(data, dict) or set(data) != {"slot", "weight", "entity_key"}:
+            raise ValueError("'canary' must be an object of 'slot', 'weight' and 'entity_key'")
+        return cls(data["slot"], data["weight"], data["entity_key"])
+
+
+@dataclasses.dataclass(frozen=True)
 class RoutingTable:
     """The slots the proxy knows and which one is active. Never mutated: a change builds a new
     table, so a request that read the routing on arrival keeps a consistent view."""
 
     slots: Mapping[str, SlotSpec] = dataclasses.field(default_factory=dict)
     active: str | None = None
+    canary: CanarySpec | None = None
 
     def __post_init__(self) -> None:
-        """Refuse an active slot the table does not hold."""
+        """Refuse an active slot the table does not hold, and a canary that is not another
+        slot of the table beside an active one."""
         if self.active is not None and self.active not in self.slots:
             raise ValueError(f"the active slot {self.active!r} is not in the table")
+        if self.canary is not None:
+            if self.active is None:
+                raise ValueError("a canary needs an active slot to share the traffic with")
+            if self.canary.slot == self.active or self.canary.slot not in self.slots:
+                raise ValueError(f"the canary slot {self.canary.slot!r} must be a registered "
+                                 "slot other than the active one")
 
     @property
     def active_spec(self) -> SlotSpec | None:
@@ -73,19 +110,35 @@ class RoutingTable:
         return self.slots[self.active] if self.active is not None else None
 
     def with_slot(self, name: str, spec: SlotSpec, *, activate: bool) -> RoutingTable:
-        """This table with slot ``name`` set to ``spec`` (and made active if ``activate``)."""
-        return RoutingTable({**self.slots, name: spec}, name if activate else self.active)
+        """This table with slot ``name`` set to ``spec`` (and made active if ``activate``).
+        Activating the canary's slot ends the canary: it now takes all the traffic."""
+        canary = self.canary
+        if activate and canary is not None and canary.slot == name:
+            canary = None
+        return RoutingTable({**self.slots, name: spec}, name if activate else self.active,
+                            canary)
 
     def without_slot(self, name: str) -> RoutingTable:
-        """This table without slot ``name`` (which must not be the active one)."""
+        """This table without slot ``name`` (which must not be the active one); removing the
+        canary's slot ends the canary."""
         if name == self.active:
             raise ValueError(f"slot {name!r} is active")
-        return RoutingTable({k: v for k, v in self.slots.items() if k != name}, self.active)
+        canary = None if self.canary is not None and self.canary.slot == name else self.canary
+        return RoutingTable({k: v for k, v in self.slots.items() if k != name}, self.active,
+                            canary)
+
+    def with_canary(self, canary: CanarySpec | None) -> RoutingTable:
+        """This table with ``canary`` set (None: no canary); ValueError if it does not fit."""
+        return RoutingTable(self.slots, self.active, canary)
 
     def to_json(self) -> dict[str, Any]:
-        """This table as the persisted JSON object."""
-        return {"active": self.active,
-                "slots": {name: spec.to_json() for name, spec in self.slots.items()}}
+        """This table as the persisted JSON object (``canary`` only when one is set)."""
+        data: dict[str, Any] = {
+            "active": self.active,
+            "slots": {name: spec.to_json() for name, spec in self.slots.items()}}
+        if self.canary is not None:
+            data["canary"] = self.canary.to_json()
+        return data
 
     @classmethod
     def from_json(cls, data: Any) -> RoutingTable:
@@ -107,7 +160,9 @@ class RoutingTable:
                                                   validate_upstreams(spec.get("upstreams")),
                                                   spec.get("spares", 0))
         active = data.get("active")
-        return cls(table, validate_slot(active) if active is not None else None)
+        canary = data.get("canary")
+        return cls(table, validate_slot(active) if active is not None else None,
+                   CanarySpec.from_json(canary) if canary is not None else None)
 
 
 def persist_table(state_dir: Path, table: RoutingTable) -> None:

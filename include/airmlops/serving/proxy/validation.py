@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from airmlops.names import COLUMN_PATTERN
+
 HOST = "127.0.0.1"
 """The only address the proxy binds."""
 TOKEN_FILE = "admin-token"  # noqa: S105 (a file name, not a secret)
@@ -21,6 +23,7 @@ MAX_UPSTREAMS = 16
 
 _SLOT_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,63}$")
+_COLUMN_RE = re.compile(COLUMN_PATTERN)
 
 
 def validate_upstream(url: str) -> str:
@@ -91,6 +94,22 @@ def validate_version(version: str | None) -> str | None:
     if version is not None and (not isinstance(version, str) or not _VERSION_RE.fullmatch(version)):
         raise ValueError(f"invalid version {version!r}")
     return version
+
+
+def validate_weight(weight: int) -> int:
+    """Return ``weight`` (the canary's share, in percent) if it is an int in 0..100; else
+    ValueError naming the field."""
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 100:
+        raise ValueError(f"'weight' must be an int percent in 0..100, got {weight!r}")
+    return weight
+
+
+def validate_entity_key(key: str) -> str:
+    """Return ``key`` (the request field holding the entity id) if it is a column name; else
+    ValueError naming the field."""
+    if not isinstance(key, str) or not _COLUMN_RE.fullmatch(key):
+        raise ValueError(f"'entity_key' must be a column name ({COLUMN_PATTERN}), got {key!r}")
+    return key
 
 
 def validate_port(port: int) -> int:
