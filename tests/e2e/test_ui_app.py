@@ -12,6 +12,7 @@ import datetime as dt
 import http.server
 import json
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -165,6 +166,7 @@ def write_spec(folder: Path, description: str = "Churn, for tests.") -> None:
 
 def record_windows(data_root: Path, n: int = 3, reason: str = "no breach",
                    html: str | None = "default") -> list[str]:
+    """``n`` windows; all but the second carry a label-free estimate (roc_auc 0.81 - 0.05 i)."""
     store = MonitoringStore(data_root)
     ids = []
     for i in range(n):
@@ -183,7 +185,10 @@ def record_windows(data_root: Path, n: int = 3, reason: str = "no breach",
             sampled=100, columns={"sessions": ColumnDriftResult("wasserstein", 0.1, 0.3, i == 2)},
             drift_share=0.2 * i, prediction_drift=None, quality={},
             performance={"roc_auc": 0.8 - 0.05 * i} if i else None, label_count=300 if i else 0,
-            breaches=["drift_share"] if i == 2 else [], html_path=path), created=start)
+            breaches=["drift_share"] if i == 2 else [], html_path=path,
+            estimated_performance=None if i == 1 else {
+                "roc_auc": 0.81 - 0.05 * i, "accuracy": 0.7, "precision": None, "recall": 0.6,
+                "rows": 100}), created=start)
         store.record_decision("churn", window_id, Decision("none", reason), decided_at=start)
         ids.append(window_id)
     return ids
@@ -315,6 +320,18 @@ def test_monitoring_windows_chart_and_report_links(env):
     assert html.index('data-window="w002"') < html.index('data-window="w000"')  # latest first
     assert 'href="/mlops-ui/pipelines/churn/windows/w002/report"' in html
     assert 'href="/dags/churn_training/runs"' in html  # Airflow's pages, from the mount
+    # The label-free estimate beside the realized metric, labelled as such.
+    assert "0.700 <span class=\"muted estimate\"" in html and "(est. 0.710)" in html
+    assert "- <span class=\"muted estimate\"" in html and "(est. 0.810)" in html  # no labels yet
+    assert html.count("(est. ") == 3  # w002 in the table and the latest summary, w000; not w001
+    assert "from 100 predictions" in html and "realized (est.)" in html
+    windows = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["monitoring"][
+        "windows"]
+    assert [w["estimated_performance"].get("roc_auc") for w in windows] == [
+        pytest.approx(0.81), None, pytest.approx(0.71)]
+    assert windows[0]["estimated_performance"] == {
+        "roc_auc": pytest.approx(0.81), "accuracy": 0.7, "recall": 0.6}  # None and rows left out
+    assert windows[0]["estimated_rows"] == 100 and windows[1]["estimated_rows"] is None
 
     report = client.get("/mlops-ui/pipelines/churn/windows/w002/report", headers=AUTH)
     assert report.status_code == 200 and "report w002" in report.text
@@ -433,11 +450,11 @@ def test_a_window_whose_report_lies_outside_is_not_linked_or_served(env, tmp_pat
                       headers=AUTH).status_code == 404
 
 
-def test_a_recorded_deployment_is_shown_with_its_address(env):
-    client, settings, _ = env
-    state = settings.data_root / "deployments" / "churn" / "state.json"
-    state.parent.mkdir(parents=True)
-    state.write_text(json.dumps({
+def write_state(data_root: Path, canary=None) -> None:
+    """A recorded deployment of version 3 in blue (nothing runs), with ``canary`` if given."""
+    state = data_root / "deployments" / "churn" / "state.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    record = {
         "pipeline": "churn", "active": "blue", "switched_at": "2026-04-09T08:00:00+00:00",
         "proxy": {"url": "http://127.0.0.1:8600", "port": 8600, "pid": None,
                   "create_time": None},
@@ -445,13 +462,105 @@ def test_a_recorded_deployment_is_shown_with_its_address(env):
                            "upstream": "http://127.0.0.1:1", "port": 1, "instance": "x",
                            "pid": None, "create_time": None, "started_at": None},
                   "green": None},
-    }))
+    }
+    if canary is not None:
+        record["canary"] = canary
+    state.write_text(json.dumps(record))
+
+
+def _step(percent: int, requests: int, error_rate: float, p50: float, verdict: str = "pass",
+          reason: str = "") -> dict:
+    """One canary step as :func:`airmlops.serving.deploy.canary.run_canary` records it."""
+    return {"percent": percent, "seconds": 30.0, "extended": percent == 100,
+            "requests": requests, "errors": round(requests * error_rate),
+            "error_rate": error_rate, "p50_ms": p50,
+            "live": {"requests": 900, "errors": 9, "error_rate": 0.01, "p50_ms": 12.0,
+                     "window": "step"},
+            "z": -3.2, "verdict": verdict, "reason": reason}
+
+
+def test_a_recorded_deployment_is_shown_with_its_address(env):
+    client, settings, _ = env
+    write_state(settings.data_root)
     body = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["deployment"]
     assert body["deployed"] and body["stable_url"] == "http://127.0.0.1:8600"
     assert body["active_version"] == "3" and body["proxy_alive"] is False
     assert body["slots"][0]["alive"] is False
     html = client.get("/mlops-ui/", headers=AUTH).text
     assert "http://127.0.0.1:8600" in html and "proxy down" in html
+    assert body["canary"] is None and "Last canary" not in html
+
+
+def test_the_last_canary_and_its_steps_are_shown_escaped(env):
+    client, settings, _ = env
+    write_state(settings.data_root, canary={
+        "version": "4", "slot": "green", "started_at": "2026-04-09T07:00:00+00:00",
+        "outcome": "rolled_back",
+        "steps": [_step(10, 120, 0.0083, 11.5), _step(50, 480, 0.0104, 12.25),
+                  _step(100, 95, 0.2, 40.0, "fail", f"error rate too high {EVIL}")]})
+    canary = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["deployment"][
+        "canary"]
+    assert canary["version"] == "4" and canary["outcome"] == "rolled_back"
+    assert [s["percent"] for s in canary["steps"]] == [10, 50, 100]
+    assert canary["steps"][2]["live_p50_ms"] == 12.0 and canary["steps"][2]["verdict"] == "fail"
+    html = client.get("/mlops-ui/", headers=AUTH).text
+    assert "Last canary: version 4" in html and '<span class="chip bad">rolled back</span>' in html
+    assert html.count('class="canary-step"') == 3
+    assert "0.83 % <span class=\"muted\">/ 1.00 %" in html  # error rate, canary / live
+    assert "12.2 ms <span class=\"muted\">/ 12.0 ms" in html  # p50, canary / live
+    assert "480 <span class=\"muted\">/ 900" in html and "(held twice)" in html
+    assert '<span class="verdict-fail">fail</span>' in html
+    assert EVIL not in html and "error rate too high &lt;script&gt;" in html
+
+    write_state(settings.data_root, canary={"version": "5", "outcome": "promoted",
+                                             "steps": [_step(100, 300, 0.0, 10.0)]})
+    html = client.get("/mlops-ui/", headers=AUTH).text
+    assert '<span class="chip ok">promoted</span>' in html and "Last canary: version 5" in html
+
+
+@pytest.mark.parametrize("canary", [
+    "not a record", ["a", "list"], {"steps": "garbage"},
+    {"outcome": {"x": 1}, "version": None,
+     "steps": [None, 7, {"no": "percent"}, {"percent": True},
+               {"percent": 20, "requests": -1, "error_rate": "high", "p50_ms": float("nan"),
+                "live": "down", "z": None, "verdict": ["x"], "extended": "yes"}]},
+])
+def test_an_absent_or_malformed_canary_renders_without_error(env, canary):
+    client, settings, _ = env
+    write_state(settings.data_root, canary=canary)
+    response = client.get("/mlops-ui/", headers=AUTH)
+    assert response.status_code == 200 and "http://127.0.0.1:8600" in response.text
+    found = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["deployment"][
+        "canary"]
+    if not isinstance(canary, dict):
+        assert found is None and "Last canary" not in response.text
+    elif isinstance(canary["steps"], str):
+        assert found["steps"] == [] and "no step recorded" in response.text
+    else:
+        assert [s["percent"] for s in found["steps"]] == [20]
+        assert found["steps"][0] | {"percent": 0} == dict.fromkeys(found["steps"][0]) | {
+            "percent": 0, "extended": False}
+        assert "Last canary: version -" in response.text and "outcome unknown" in response.text
+
+
+def test_a_malformed_estimate_is_shown_as_none_not_an_error(env):
+    client, settings, _ = env
+    record_windows(settings.data_root)
+    table = MonitoringStore(settings.data_root).path("churn")
+    with sqlite3.connect(table) as connection:
+        for window_id, raw in (("w000", "{not json"), ("w001", "[1, 2]"),
+                               ("w002", json.dumps({"roc_auc": "high", "accuracy": True,
+                                                    "recall": 0.5, "rows": "many"}))):
+            connection.execute("UPDATE windows SET estimated_performance = ? "
+                               "WHERE window_id = ?", (raw, window_id))
+    connection.close()
+    response = client.get("/mlops-ui/", headers=AUTH)
+    assert response.status_code == 200 and "(est. " not in response.text
+    assert response.text.count('class="window"') == 3
+    windows = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["monitoring"][
+        "windows"]
+    assert [w["estimated_performance"] for w in windows] == [{}, {}, {"recall": 0.5}]
+    assert [w["estimated_rows"] for w in windows] == [None, None, None]
 
 
 # --------------------------------------------------------------------------------------------

@@ -211,7 +211,14 @@ def _decoded(row: sqlite3.Row) -> dict[str, Any]:
     """A window row as a dict, its JSON columns decoded."""
     data = dict(row)
     for name in JSON_COLUMNS:
-        data[name] = json.loads(data[name]) if data[name] is not None else None
+        if data[name] is None:
+            continue
+        try:
+            data[name] = json.loads(data[name])
+        except ValueError:
+            if name not in ADDED_COLUMNS:
+                raise
+            data[name] = None  # an optional later column that cannot be read is absent
     return data
 
 

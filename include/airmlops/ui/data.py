@@ -24,6 +24,7 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import logging
+import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -43,9 +44,12 @@ from airmlops.training.registry_rest import (
     RestRegistry,
     registry_reader,
 )
+from airmlops.ui.canary import canary_view
 from airmlops.ui.views import (
     DETAIL_KEYS,
     LINEAGE_KEYS,
+    CanaryStepView,
+    CanaryView,
     DeploymentView,
     ModelVersionView,
     MonitoringView,
@@ -58,7 +62,8 @@ from airmlops.ui.views import (
 
 __all__ = [
     "ALIASES", "CHALLENGER", "CHAMPION", "DEFAULT_DEADLINE_SECONDS", "DEFAULT_WINDOWS",
-    "DETAIL_KEYS", "LINEAGE_KEYS", "MLFLOW_CALL_TIMEOUT_SECONDS", "ClientRegistry",
+    "DETAIL_KEYS", "LINEAGE_KEYS", "MLFLOW_CALL_TIMEOUT_SECONDS", "CanaryStepView",
+    "CanaryView", "ClientRegistry",
     "DeploymentView", "ModelVersionView", "MonitoringView", "Overview", "PipelineView",
     "RegistryError", "RegistryReader", "RegistryView", "RestRegistry", "SlotView", "WindowView",
     "collect_overview", "live_deployment", "load_pipelines", "mlflow_ui_base",
@@ -276,6 +281,7 @@ def _deployment_from_status(status: Mapping[str, Any]) -> DeploymentView:
         proxy_alive=bool(proxy.get("alive")) if proxy else None,
         live_checked=True,
         slots=tuple(slots),
+        canary=canary_view(status.get("canary")),
     )
 
 
@@ -295,6 +301,7 @@ def _deployment_from_state(state: Mapping[str, Any]) -> DeploymentView:
         switched_at=_str_or_none(state.get("switched_at")),
         live_checked=False,
         slots=tuple(slots),
+        canary=canary_view(state.get("canary")),
     )
 
 
@@ -364,8 +371,9 @@ def _window_view(row: Mapping[str, Any], reports_dir: Path) -> WindowView:
     drifted = tuple(sorted(name for name, result in columns.items()
                            if isinstance(result, dict) and result.get("drifted")))
     prediction = row.get("prediction_drift") or {}
-    performance = {str(k): float(v) for k, v in (row.get("performance") or {}).items()
-                   if isinstance(v, int | float) and not isinstance(v, bool)}
+    performance = _metrics(row.get("performance"))
+    estimated = row.get("estimated_performance")
+    estimated_rows = estimated.get("rows") if isinstance(estimated, dict) else None
     return WindowView(
         window_id=str(row["window_id"]),
         start=str(row.get("start") or ""),
@@ -383,7 +391,18 @@ def _window_view(row: Mapping[str, Any], reports_dir: Path) -> WindowView:
         triggered_run_id=_str_or_none(row.get("triggered_run_id")),
         has_report=report_file(reports_dir, row.get("html_path")) is not None,
         notes=tuple(str(n) for n in row.get("notes") or []),
+        estimated_performance={k: v for k, v in _metrics(estimated).items() if k != "rows"},
+        estimated_rows=estimated_rows if isinstance(estimated_rows, int)
+        and not isinstance(estimated_rows, bool) and estimated_rows >= 0 else None,
     )
+
+
+def _metrics(values: Any) -> dict[str, float]:
+    """A recorded ``{metric: value}`` mapping, its finite real numbers only ({} if none)."""
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): float(v) for k, v in values.items()
+            if _float_or_none(v) is not None and math.isfinite(v)}
 
 
 def _float_or_none(value: Any) -> float | None:

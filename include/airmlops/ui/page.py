@@ -23,6 +23,7 @@ from airmlops.times import assume_utc
 from airmlops.ui.chart import metrics_chart
 from airmlops.ui.views import (
     LINEAGE_KEYS,
+    CanaryView,
     DeploymentView,
     ModelVersionView,
     MonitoringView,
@@ -120,6 +121,8 @@ svg .point.drift { fill: var(--drift); } svg .point.perf { fill: var(--perf); }
 svg .point.breach { fill: var(--bad); }
 .decision-retrain { color: var(--bad); font-weight: 600; }
 .decision-none { color: var(--muted); }
+.canary { margin-top: 10px; }
+.verdict-pass { color: var(--ok); } .verdict-fail { color: var(--bad); font-weight: 600; }
 """
 
 SCRIPT = """
@@ -205,6 +208,17 @@ def _ago(now: dt.datetime, when: dt.datetime) -> str:
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _estimate(window: WindowView, metric: str | None) -> str:
+    """`` (est. 0.800)`` beside a realized metric, when the window has an estimate of it."""
+    value = window.estimated_performance.get(metric) if metric else None
+    if value is None:
+        return ""
+    source = (f" from {window.estimated_rows} predictions" if window.estimated_rows is not None
+              else "")
+    title = f"estimated without labels (CBPE){source}; the number before it is realized"
+    return f' <span class="muted estimate" title="{e(title)}">(est. {_num(value)})</span>'
 
 
 def _short(key: str, value: str) -> str:
@@ -308,8 +322,62 @@ def _deployment_panel(view: DeploymentView, now: dt.datetime) -> str:
         f'<div class="version">version {e(view.active_version or "-")} {proxy}</div>'
         f"<dl><dt>address</dt><dd>{address}</dd>"
         f"<dt>live slot</dt><dd>{e(view.active_slot or '-')}</dd>"
-        f"<dt>switched</dt><dd>{_time(view.switched_at, now)}</dd></dl>{table}</div>"
+        f"<dt>switched</dt><dd>{_time(view.switched_at, now)}</dd></dl>{table}"
+        f"{_canary_section(view.canary, now)}</div>"
     )
+
+
+OUTCOMES = {"promoted": ("ok", "promoted"), "rolled_back": ("bad", "rolled back")}
+"""A canary's recorded outcome: its chip's class and words."""
+
+
+def _canary_section(canary: CanaryView | None, now: dt.datetime) -> str:
+    """The last canary rollout: its outcome and each step, canary beside live."""
+    if canary is None:
+        return ""
+    css, words = OUTCOMES.get(canary.outcome or "", ("warn", canary.outcome or "outcome unknown"))
+    head = (f'<h4>Last canary: version {e(canary.version or "-")} '
+            f'<span class="chip {css}">{e(words)}</span></h4>'
+            f'<div class="muted">slot {e(canary.slot or "-")} · started '
+            f"{_time(canary.started_at, now)}</div>")
+    rows = []
+    for step in canary.steps:
+        verdict = e(step.verdict or "-")
+        if step.verdict in ("pass", "fail"):
+            verdict = f'<span class="verdict-{step.verdict}">{verdict}</span>'
+        if step.reason:
+            verdict += f'<div class="muted">{e(step.reason)}</div>'
+        held = ' <span class="muted">(held twice)</span>' if step.extended else ""
+        rows.append(
+            f'<tr class="canary-step" data-percent="{e(step.percent)}">'
+            f'<td class="num">{e(step.percent)} %{held}</td>'
+            f'<td class="num">{_count(step.requests)} '
+            f'<span class="muted">/ {_count(step.live_requests)}</span></td>'
+            f'<td class="num">{_rate(step.error_rate)} '
+            f'<span class="muted">/ {_rate(step.live_error_rate)}</span></td>'
+            f'<td class="num">{_ms(step.p50_ms)} <span class="muted">/ {_ms(step.live_p50_ms)}'
+            f"</span></td><td>{verdict}</td></tr>"
+        )
+    if not rows:
+        return f'<div class="canary">{head}<p class="empty">no step recorded</p></div>'
+    return (
+        f'<div class="canary">{head}<table class="canary-steps"><thead><tr><th>step</th>'
+        '<th class="num">requests canary / live</th><th class="num">error rate canary / live</th>'
+        '<th class="num">p50 canary / live</th><th>verdict</th></tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table></div>"
+    )
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else e(value)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} ms"
 
 
 def _windows_table(pipeline: str, windows: Iterable[WindowView], metric: str | None,
@@ -344,14 +412,16 @@ def _windows_table(pipeline: str, windows: Iterable[WindowView], metric: str | N
             "</td>"
             f'<td class="num">{_num(window.drift_share)}{drifted}</td>'
             f'<td class="num">{_num(window.prediction_drift)}</td>'
-            f'<td class="num">{_num(perf)}</td>'
+            f'<td class="num">{_num(perf)}{_estimate(window, metric)}</td>'
             f"<td>{breaches}</td><td>{decision}</td><td>{report}</td></tr>"
         )
     metric_head = e(metric) if metric else "performance"
     return (
         '<div class="table-wrap"><table class="windows"><thead><tr><th>window</th>'
         '<th class="num">rows</th><th class="num">labels</th><th class="num">drift share</th>'
-        f'<th class="num">prediction drift</th><th class="num">{metric_head}</th>'
+        f'<th class="num">prediction drift</th><th class="num" title="realized from labels, '
+        f'then (est.) estimated without labels">{metric_head} <span class="muted">realized '
+        "(est.)</span></th>"
         "<th>breaches</th><th>decision</th><th>report</th></tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
@@ -374,6 +444,7 @@ def _latest_summary(view: MonitoringView, now: dt.datetime) -> str:
         if value is not None and view.performance_floor is not None:
             bound = "floor" if view.floor_is_minimum else "ceiling"
             shown += f' <span class="muted">({bound} {_num(view.performance_floor, 2)})</span>'
+        shown += _estimate(latest, metric)
         items.append(f"<dt>{e(metric)}</dt><dd>{shown}</dd>")
     breaches = (f'<span class="chip bad">{e(", ".join(latest.breaches))}</span>'
                 if latest.breaches else '<span class="chip ok">none</span>')

@@ -64,6 +64,39 @@ class SlotView:
 
 
 @dataclasses.dataclass(frozen=True)
+class CanaryStepView:
+    """One step of a canary rollout: the canary's numbers beside the live version's."""
+
+    percent: int
+    requests: int | None
+    errors: int | None
+    error_rate: float | None
+    p50_ms: float | None
+    live_requests: int | None
+    live_error_rate: float | None
+    live_p50_ms: float | None
+    live_window: str | None
+    """``step`` (the live side's own window) or ``canary`` (everything since the canary began)."""
+    z: float | None
+    verdict: str | None
+    reason: str | None
+    extended: bool
+    seconds: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CanaryView:
+    """The last canary rollout recorded for the deployment, and how it ended."""
+
+    version: str | None
+    slot: str | None
+    started_at: str | None
+    outcome: str | None
+    """``promoted`` or ``rolled_back`` (anything else recorded is shown as it is)."""
+    steps: tuple[CanaryStepView, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class DeploymentView:
     """The live deployment: its stable address and what serves behind it."""
 
@@ -76,6 +109,8 @@ class DeploymentView:
     live_checked: bool = False
     """False when only the recorded state could be read (the live check failed or timed out)."""
     slots: tuple[SlotView, ...] = ()
+    canary: CanaryView | None = None
+    """The last canary rollout (None when there was none or its record is unreadable)."""
     error: str | None = None
 
 
@@ -98,6 +133,10 @@ class WindowView:
     triggered_run_id: str | None
     has_report: bool
     notes: tuple[str, ...] = ()
+    estimated_performance: dict[str, float] = dataclasses.field(default_factory=dict)
+    """The label-free estimate (CBPE) of the metrics, beside the realized ``performance``."""
+    estimated_rows: int | None = None
+    """How many predictions the estimate was made from."""
 
 
 @dataclasses.dataclass(frozen=True)
