@@ -260,40 +260,6 @@ def test_a_broken_version_rolls_back_at_the_first_step(tmp_path: Path,
     assert share <= 0.3
 
 
-def test_the_canary_admin_action_is_authenticated_validated_and_persisted(
-        tmp_path: Path) -> None:
-    proxy = ensure_proxy("canaryadmin", deploy_mod.free_port(), tmp_path)
-    url = f"{proxy.url}/__proxy/canary"
-    auth = {"Authorization": f"Bearer {proxy.token}"}
-    try:
-        proxy_mod.switch(proxy.port, proxy.token, "http://127.0.0.1:9", "blue", version="1",
-                         verify=False)
-        body = {"slot": "green", "weight": 20, "entity_key": "customer_id"}
-        assert httpx.post(url, json=body, trust_env=False).status_code == 401
-        assert httpx.post(url, json=body, headers={"Authorization": "Bearer nope"},
-                          trust_env=False).status_code == 401
-        unknown = httpx.post(url, json=body, headers=auth, trust_env=False)
-        assert unknown.status_code == 409 and "registered slot" in unknown.json()["message"]
-        active = httpx.post(url, json={**body, "slot": "blue"}, headers=auth, trust_env=False)
-        assert active.status_code == 409
-        bad = httpx.post(url, json={**body, "weight": 101}, headers=auth, trust_env=False)
-        assert bad.status_code == 400 and "'weight'" in bad.json()["message"]
-        with pytest.raises(ValueError, match="'entity_key'"):
-            proxy_mod.set_canary(proxy.port, proxy.token, "green", 20, "a b")
-
-        proxy_mod.register(proxy.port, proxy.token, "green", ["http://127.0.0.1:10"], "2")
-        answer = proxy_mod.set_canary(proxy.port, proxy.token, "green", 20, "customer_id")
-        assert answer["canary"] == body
-        assert proxy_mod.get_state(proxy.port)["canary"] == body
-        persisted = json.loads((proxy.state_dir / proxy_mod.STATE_FILE).read_text())
-        assert persisted["canary"] == body
-        assert proxy_mod.clear_canary(proxy.port, proxy.token)["canary"] is None
-        assert proxy_mod.get_state(proxy.port)["canary"] is None
-        assert "canary" not in json.loads((proxy.state_dir / proxy_mod.STATE_FILE).read_text())
-    finally:
-        undeploy("canaryadmin", tmp_path)
-
-
 # --------------------------------------------------------------------------------------------
 # The split at the proxy, and a step with too little traffic
 # --------------------------------------------------------------------------------------------
