@@ -157,6 +157,8 @@ def deploy(spec: PipelineSpec, packaged: Package, trained: TrainedModel,
     previous = registry.get_alias_version(spec.registered_model_name, "champion", uri)
     canary = (deployer.CanaryPlan.from_spec(spec.deploy, spec.entity_key)
               if spec.deploy.strategy == "canary" else None)
+    shadow = (deployer.ShadowPlan.from_spec(spec.deploy, _shadow_comparer(spec, settings))
+              if spec.deploy.strategy == "shadow" else None)
     try:
         result = deployer.deploy(
             spec.name, version, artifact, target, golden, root=settings.data_root,
@@ -167,14 +169,23 @@ def deploy(spec: PipelineSpec, packaged: Package, trained: TrainedModel,
             resources=ContainerResources(**spec.deploy.resources.model_dump()),
             replicas=spec.deploy.replicas, spares=spec.deploy.spares,
             alerts=spec.alerts.model_dump(by_alias=True, mode="json") if spec.alerts else {},
-            canary=canary,
+            canary=canary, shadow=shadow,
         )
     except deployer.CanaryFailed as exc:  # a BakeFailed: the old version serves, alert
         log.error("deploy %s: version %s failed its canary; rolled back: %s", spec.name,
                   version, exc.reason)
+        _record_canary(spec, version, "rolled_back", exc.steps, canary, run, settings)
         stage_alert(spec, "rollback", f"version {version} rolled back during its canary",
                     {"canary": exc.steps})
         raise
+    except deployer.ShadowRejected as exc:  # a BakeFailed: the old version serves, alert
+        log.error("deploy %s: version %s was not promoted from its shadow: %s", spec.name,
+                  version, exc.reason)
+        stage_alert(spec, "rollback", f"version {version} rejected after its shadow",
+                    {"shadow": exc.judgement})
+        raise
+    if result.canary is not None:
+        _record_canary(spec, version, "promoted", result.canary, canary, run, settings)
     log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "
              "rollback; timings %s", spec.name, version, result.stable_url, result.slot,
              target, result.previous_version, result.timings)
@@ -183,6 +194,25 @@ def deploy(spec: PipelineSpec, packaged: Package, trained: TrainedModel,
                       previous_version=(str(result.previous_version)
                                         if result.previous_version is not None else None),
                       previous_champion=str(previous.version) if previous else None)
+
+
+def _shadow_comparer(spec: PipelineSpec, settings: Settings):
+    """``compare(start, end)`` for a shadow of ``spec``: its logged pairs compared."""
+    from airmlops.monitoring.shadow import window_comparison
+
+    return lambda start, end: window_comparison(spec.name, spec.task, start, end, settings)
+
+
+def _record_canary(spec: PipelineSpec, version: str, outcome: str,
+                   steps: list[dict[str, Any]], plan: Any, run: RunContext,
+                   settings: Settings) -> None:
+    """The canary's steps on the model version in MLflow (best effort: never raises)."""
+    from airmlops.serving import deploy_records
+
+    record = deploy_records.canary_record(spec.name, version, outcome, steps, plan,
+                                          run.as_of.isoformat())
+    deploy_records.record_canary(spec.registered_model_name, version, record,
+                                 settings.mlflow_tracking_uri)
 
 
 def _probe(url: str, golden: list[dict[str, Any]], seconds: float, interval: float,

@@ -53,9 +53,11 @@ class DeployConfig(_Strict):
     max_p99_ms: float = Field(default=1000.0, gt=0)
     resources: ResourceLimits = Field(default_factory=ResourceLimits,
                                       description="Limits of each model container.")
-    strategy: Literal["blue_green", "canary"] = Field(
+    strategy: Literal["blue_green", "canary", "shadow"] = Field(
         default="blue_green", description="blue_green: switch all traffic at once after the "
-        "smoke test; canary: move it in steps, judged against the live version at each.")
+        "smoke test; canary: move it in steps, judged against the live version at each; "
+        "shadow: mirror a copy of live traffic to it first, and switch only if it meets the "
+        "shadow promotion rule.")
     canary_steps: list[StrictInt] = Field(
         default_factory=lambda: [5, 25, 50, 100], min_length=1, max_length=20,
         description="Percent of the entities sent to the new version at each canary step: "
@@ -72,6 +74,29 @@ class DeployConfig(_Strict):
     canary_max_latency_ratio: float = Field(
         default=1.5, ge=1, le=100,
         description="The canary fails when its median latency exceeds this times the live "
+        "version's.")
+
+    shadow_seconds: float = Field(default=300.0, gt=0, le=86400,
+                                  description="How long live traffic is mirrored to the shadow.")
+    shadow_percent: int = Field(default=100, ge=1, le=100,
+                                description="Percent of live /predict requests mirrored.")
+    shadow_min_requests: int = Field(
+        default=50, ge=1, le=1_000_000,
+        description="Fewer mirrored answers than this extends the window once.")
+    shadow_min_agreement: float = Field(
+        default=0.9, ge=0, le=1,
+        description="Promotion rule: the share of predictions the shadow must agree on with "
+        "the live version (classifiers: the same class; regressors: within a tolerance).")
+    shadow_max_score_ks: float = Field(
+        default=0.2, ge=0, le=1,
+        description="Promotion rule: the largest Kolmogorov-Smirnov statistic allowed between "
+        "the shadow's and the live version's scores.")
+    shadow_max_error_rate_increase: float = Field(
+        default=0.01, ge=0, le=1,
+        description="Promotion rule: margin over the live error rate (one-sided z-test).")
+    shadow_max_latency_ratio: float = Field(
+        default=1.5, ge=1, le=100,
+        description="Promotion rule: the shadow's median latency at most this times the live "
         "version's.")
 
     @field_validator("canary_steps")

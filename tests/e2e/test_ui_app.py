@@ -450,8 +450,9 @@ def test_a_window_whose_report_lies_outside_is_not_linked_or_served(env, tmp_pat
                       headers=AUTH).status_code == 404
 
 
-def write_state(data_root: Path, canary=None) -> None:
-    """A recorded deployment of version 3 in blue (nothing runs), with ``canary`` if given."""
+def write_state(data_root: Path, canary=None, shadow=None) -> None:
+    """A recorded deployment of version 3 in blue (nothing runs), with ``canary`` and
+    ``shadow`` records if given."""
     state = data_root / "deployments" / "churn" / "state.json"
     state.parent.mkdir(parents=True, exist_ok=True)
     record = {
@@ -465,6 +466,8 @@ def write_state(data_root: Path, canary=None) -> None:
     }
     if canary is not None:
         record["canary"] = canary
+    if shadow is not None:
+        record["shadow"] = shadow
     state.write_text(json.dumps(record))
 
 
@@ -516,6 +519,111 @@ def test_the_last_canary_and_its_steps_are_shown_escaped(env):
                                              "steps": [_step(100, 300, 0.0, 10.0)]})
     html = client.get("/mlops-ui/", headers=AUTH).text
     assert '<span class="chip ok">promoted</span>' in html and "Last canary: version 5" in html
+
+
+def _judgement(reasons: list[str], labelled: int = 0) -> dict:
+    """A shadow judgement as :func:`airmlops.serving.deploy.shadow.run_shadow` records it."""
+    return {"seconds": 60.0, "extended": False, "percent": 100,
+            "window": {"start": "2026-04-09T07:00:00+00:00", "end": "2026-04-09T07:01:00+00:00"},
+            "shadow": {"requests": 1180, "errors": 2, "error_rate": 0.0017, "p50_ms": 9.5},
+            "live": {"requests": 1200, "errors": 0, "error_rate": 0.0, "p50_ms": 8.25},
+            "comparison": {"pairs": 1150, "agreement_rate": 0.9412, "score_ks": 0.0731,
+                           "mean_score_shift": -0.0125, "labelled": labelled, "metric": "roc_auc",
+                           "live_metric": 0.81 if labelled else None,
+                           "shadow_metric": 0.8345 if labelled else None},
+            "verdict": "reject" if reasons else "promote", "reasons": reasons}
+
+
+def test_the_last_shadow_and_its_comparison_are_shown_escaped(env):
+    client, settings, _ = env
+    write_state(settings.data_root, shadow={
+        "version": "4", "slot": "green", "started_at": "2026-04-09T07:00:00+00:00",
+        "outcome": "rejected", "judgement": _judgement([f"agreement too low {EVIL}"])})
+    shadow = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["deployment"][
+        "shadow"]
+    assert shadow["version"] == "4" and shadow["outcome"] == "rejected"
+    assert shadow["pairs"] == 1150 and shadow["agreement_rate"] == 0.9412
+    assert shadow["shadow_p50_ms"] == 9.5 and shadow["live_requests"] == 1200
+    html = client.get("/mlops-ui/", headers=AUTH).text
+    assert "Last shadow: version 4" in html and '<span class="chip bad">rejected</span>' in html
+    assert "<dt>agreement</dt><dd>94.12 %</dd>" in html
+    assert "<dt>score KS</dt><dd>0.0731</dd>" in html and "-0.0125" in html
+    assert "no label yet" in html and "100 % mirrored" in html
+    assert EVIL not in html and "agreement too low &lt;script&gt;" in html
+
+    write_state(settings.data_root, shadow={"version": "5", "outcome": "promoted",
+                                             "judgement": _judgement([], labelled=300)})
+    html = client.get("/mlops-ui/", headers=AUTH).text
+    assert '<span class="chip ok">promoted</span>' in html and "Last shadow: version 5" in html
+    assert "0.8345 <span class=\"muted\">/ live 0.8100 on 300 labelled" in html
+
+
+def _log_shadow_window(data_root: Path) -> None:
+    """Four live predictions, their shadow rows and labels, logged in the judgement's window
+    (07:00-07:01 on 2026-04-09): live scores rank the labels perfectly, shadow scores not."""
+    from airmlops.serving.prediction_log import (
+        LabelRecord,
+        PredictionRecord,
+        SqliteLogBackend,
+        sqlite_log_path,
+    )
+    from airmlops.times import epoch_us
+
+    ts = epoch_us(dt.datetime(2026, 4, 9, 7, 0, 30, tzinfo=dt.UTC))
+    labels = [1, 0, 1, 0]
+    live_scores, shadow_scores = [0.9, 0.1, 0.8, 0.2], [0.7, 0.6, 0.3, 0.1]
+
+    def rows(scores: list[float], version: str) -> list[PredictionRecord]:
+        return [PredictionRecord(f"{i:032x}", 0, ts + i, version, f"c{i}", {}, {},
+                                 float(score >= 0.5), score)
+                for i, score in enumerate(scores)]
+
+    backend = SqliteLogBackend(sqlite_log_path(data_root, "churn"))
+    try:
+        backend.write(rows(live_scores, "3"), [
+            LabelRecord(f"{i:032x}", f"c{i}", float(label), ts + 1000)
+            for i, label in enumerate(labels)])
+        backend.write_shadow(rows(shadow_scores, "4"))
+    finally:
+        backend.close()
+
+
+def test_the_shadow_metrics_are_read_again_once_labels_arrived(env):
+    client, settings, _ = env
+    _log_shadow_window(settings.data_root)
+    write_state(settings.data_root, shadow={
+        "version": "4", "slot": "green", "outcome": "promoted",
+        "judgement": _judgement([], labelled=0)})
+    shadow = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["deployment"][
+        "shadow"]
+    # Read again from the log: 4 pairs, all labelled; live AUC 1.0, shadow AUC 0.75.
+    assert shadow["pairs"] == 4 and shadow["labelled"] == 4
+    assert shadow["live_metric"] == 1.0 and shadow["shadow_metric"] == 0.75
+    assert shadow["agreement_rate"] == 0.5
+    html = client.get("/mlops-ui/", headers=AUTH).text
+    assert "0.7500 <span class=\"muted\">/ live 1.0000 on 4 labelled" in html
+
+
+@pytest.mark.parametrize("shadow", [
+    "not a record", {"judgement": "garbage"},
+    {"outcome": ["x"], "judgement": {"shadow": 7, "live": {"requests": -3},
+                                     "comparison": {"pairs": True, "agreement_rate": "high",
+                                                    "score_ks": float("inf")},
+                                     "reasons": "not a list", "percent": 300.5}},
+])
+def test_an_absent_or_malformed_shadow_renders_without_error(env, shadow):
+    client, settings, _ = env
+    write_state(settings.data_root, shadow=shadow)
+    response = client.get("/mlops-ui/", headers=AUTH)
+    assert response.status_code == 200 and "http://127.0.0.1:8600" in response.text
+    found = client.get("/mlops-ui/api/pipelines/churn", headers=AUTH).json()["deployment"][
+        "shadow"]
+    if not isinstance(shadow, dict):
+        assert found is None and "Last shadow" not in response.text
+    else:
+        assert found["pairs"] is None and found["agreement_rate"] is None
+        assert found["live_requests"] is None and found["reasons"] == []
+        assert "Last shadow: version -" in response.text and "outcome unknown" in response.text
 
 
 @pytest.mark.parametrize("canary", [

@@ -18,7 +18,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from proxy_process import ProxyProcess, started_proxies, wait_until
 
 from airmlops.platform import free_port
 from airmlops.serving import proxy as proxy_mod
@@ -85,17 +85,6 @@ ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
 '''
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-
-
 def answers(url: str) -> int | None:
     try:
         return httpx.get(url, timeout=1.0, trust_env=False).status_code
@@ -130,58 +119,13 @@ class Upstream:
         self.process.wait(timeout=WAIT)
 
 
-class Proxy:
-    """The real proxy process on a free port, with its state directory."""
+class Proxy(ProxyProcess):
+    """The real proxy process, checking its upstreams every ``HEALTH_INTERVAL`` s."""
 
-    def __init__(self, state_dir: Path, *extra: str) -> None:
-        self.state_dir, self.extra = state_dir, extra
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.start()
-        self.token = proxy_mod.ensure_admin_token(state_dir)
-
-    def argv(self, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "airmlops.serving.proxy", "--port", str(self.port),
-                "--state-dir", str(self.state_dir), "--health-interval", str(HEALTH_INTERVAL),
-                *extra]
-
-    def start(self, *extra: str) -> None:
-        log = open(self.state_dir / "proxy.log", "ab")  # noqa: SIM115 (the child holds it)
-        with log:
-            self.process = subprocess.Popen(self.argv(*self.extra, *extra), stdout=log,
-                                            stderr=subprocess.STDOUT)
-
-        def alive() -> bool:
-            assert self.process is not None and self.process.poll() is None, self.log()
-            return proxy_mod.livez(self.port, timeout=1.0)
-
-        wait_until(alive, "the proxy to start")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-
-    def log(self) -> str:
-        return (self.state_dir / "proxy.log").read_text(errors="replace")
+    health_interval = HEALTH_INTERVAL
 
     def predict(self, **body: Any) -> httpx.Response:
         return httpx.post(f"{self.url}/predict", json=body, timeout=10.0, trust_env=False)
-
-    def state(self) -> dict[str, Any]:
-        return proxy_mod.get_state(self.port)
-
-    def admin(self, action: str, body: Any, token: str | None = None) -> httpx.Response:
-        """POST ``body`` to ``/__proxy/<action>`` (``token=""`` sends no Authorization)."""
-        token = self.token if token is None else token
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.post(f"{self.url}/__proxy/{action}", json=body, headers=headers,
-                          timeout=10.0, trust_env=False)
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of ``/__proxy/metrics``, parsed by prometheus_client's own parser."""
@@ -218,17 +162,7 @@ def upstream(script: Path) -> Iterator[Callable[..., Upstream]]:
 @pytest.fixture
 def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     """Start proxies (each with its own state directory unless given one); all are stopped."""
-    started: list[Proxy] = []
-
-    def start(*extra: str, state_dir: Path | None = None) -> Proxy:
-        directory = state_dir or tmp_path / f"proxy-{len(started)}"
-        directory.mkdir(exist_ok=True)
-        started.append(Proxy(directory, *extra))
-        return started[-1]
-
-    yield start
-    for one in started:
-        one.stop()
+    yield from started_proxies(Proxy, tmp_path)
 
 
 @pytest.fixture

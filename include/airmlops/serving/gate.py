@@ -103,12 +103,12 @@ class RequestGate:
 
         try:
             refusal, body, parsed = await self._check(scope, receive, path, endpoint)
-            synthetic = None
+            synthetic = shadow = None
             if refusal is None and endpoint == "/predict":
-                synthetic, refusal = synthetic_kind(scope)
+                refusal, synthetic, shadow = traffic_marks(scope)
             handler = self.predict() if endpoint == "/predict" and parsed is not None else None
             if refusal is None and handler is not None:
-                status, answer, headers = await self._direct(handler, parsed, synthetic)
+                status, answer, headers = await self._direct(handler, parsed, synthetic, shadow)
                 outcome["kind"] = _KIND_BY_STATUS.get(status, "error") if status >= 400 else None
                 await _send_json(send_with_version, status, answer, headers)
             elif refusal is None and path == "/readyz" and scope["method"] == "GET":
@@ -144,12 +144,12 @@ class RequestGate:
         await _send_json(send, status, readiness_body(status == 200, self.log_stats()))
 
     @staticmethod
-    async def _direct(handler: PredictHandler, parsed: Any, synthetic: str | None
-                      ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    async def _direct(handler: PredictHandler, parsed: Any, synthetic: str | None,
+                      shadow: str | None) -> tuple[int, dict[str, Any], dict[str, str]]:
         """Answer a validated ``/predict``; an unexpected failure is a logged 500."""
         rows = [instance.model_dump(by_alias=True) for instance in parsed.instances]
         try:
-            return await handler(rows, synthetic)
+            return await handler(rows, synthetic, shadow)
         except Exception:
             log.exception("Exception on /predict [POST]")
             return 500, error_body("internal", "an unexpected error occurred; see the service "
@@ -260,6 +260,44 @@ def synthetic_kind(scope: Mapping[str, Any]) -> tuple[str | None, Refusal | None
                           f"{SYNTHETIC_HEADER}: {kind[:40]!r} is not a synthetic traffic kind; "
                           f"expected one of {list(SYNTHETIC_KINDS)}", {})
     return None, None
+
+
+def shadow_of(scope: Mapping[str, Any]) -> tuple[str | None, Refusal | None]:
+    """(the live request id a shadow request copies or None, None), or (None, a 400 refusal)
+    when the mark is not 32 lowercase hex digits (:mod:`airmlops.serving.shadow_header`)."""
+    from airmlops.serving.prediction_log.records import REQUEST_ID_PATTERN
+    from airmlops.serving.shadow_header import SHADOW_HEADER
+
+    name = SHADOW_HEADER.lower().encode("latin-1")
+    for header, value in scope.get("headers", []):
+        if header.lower() == name:
+            live_id = value.decode("latin-1").strip()
+            if REQUEST_ID_PATTERN.fullmatch(live_id):
+                return live_id, None
+            return None, (400, "invalid_header",
+                          f"{SHADOW_HEADER}: {live_id[:40]!r} is not a request id; expected "
+                          "the live answer's request id, 32 lowercase hex digits", {})
+    return None, None
+
+
+def traffic_marks(scope: Mapping[str, Any]) -> tuple[Refusal | None, str | None, str | None]:
+    """(None, the synthetic kind or None, the shadowed live request id or None) of a
+    ``/predict``, or (a 400 refusal, None, None) when a mark is malformed or the request is
+    marked both synthetic and shadow (a mirrored copy of a synthetic request never exists)."""
+    from airmlops.serving.shadow_header import SHADOW_HEADER
+    from airmlops.serving.synthetic import SYNTHETIC_HEADER
+
+    synthetic, refusal = synthetic_kind(scope)
+    if refusal is not None:
+        return refusal, None, None
+    shadow, refusal = shadow_of(scope)
+    if refusal is not None:
+        return refusal, None, None
+    if synthetic is not None and shadow is not None:
+        return (400, "invalid_header", f"{SYNTHETIC_HEADER} and {SHADOW_HEADER} exclude each "
+                "other: a request is synthetic or a shadow copy of a live one, not both",
+                {}), None, None
+    return None, synthetic, shadow
 
 
 async def _send_json(send: Any, status: int, body: Mapping[str, Any],

@@ -1,6 +1,6 @@
 """The service's Prometheus metrics: requests, latency and errors by endpoint, predictions,
-synthetic requests, coalesced batch sizes, the model served and the prediction log's counters
-(:class:`ServiceMetrics`)."""
+synthetic and shadow requests, coalesced batch sizes, the model served and the counters of the
+prediction log and the shadow log (:class:`ServiceMetrics`)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,18 @@ class ServiceMetrics:
         self.synthetic = prom.Counter(
             "airmlops_synthetic_requests", "Synthetic /predict requests (answered, not logged), "
             "by kind (smoke, probe, replay-dry-run).", ["kind"])
+        self.shadow = prom.Counter(
+            "airmlops_shadow_requests", "Shadow /predict requests (mirrored copies of live "
+            "ones, answered and written to the shadow log, never to the live one).")
+        self.shadow_log_counters = {
+            event: prom.Counter(f"airmlops_shadow_log_{event}", help_text)
+            for event, help_text in (
+                ("logged", "Shadow rows written to the shadow log."),
+                ("failed_writes", "Failed shadow-log writes (each retried)."),
+                ("dropped", "Shadow rows dropped (best-effort: the shadow log's memory buffer "
+                 "was full while its backend was down, or the service stopped)."),
+            )
+        }
         self.batch_requests = prom.Histogram(
             "airmlops_coalesced_requests", "Requests scored together in one model call.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128))
@@ -82,6 +94,12 @@ class ServiceMetrics:
             self.log_spilled.set(amount)
         elif event == "backend_up":
             self.log_backend_up.set(amount)
+
+    def observe_shadow_log(self, event: str, amount: int) -> None:
+        """The shadow log's observer: its counter events (its gauges are not exported; the
+        live log's ``backend_up`` tells whether the shared backend answers)."""
+        if event in self.shadow_log_counters:
+            self.shadow_log_counters[event].inc(amount)
 
     def record(self, endpoint: str, status: int, seconds: float, kind: str | None) -> None:
         """One answered request: its status, its time and, if refused or failed, its kind."""

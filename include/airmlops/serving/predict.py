@@ -88,14 +88,17 @@ class PredictHandler:
         self.metrics = metrics
         self.entity_key = runtime.spec.entity_key
 
-    async def __call__(self, rows: list[dict[str, Any]], synthetic: str | None = None
+    async def __call__(self, rows: list[dict[str, Any]], synthetic: str | None = None,
+                       shadow_of: str | None = None
                        ) -> tuple[int, dict[str, Any], dict[str, str]]:
-        """Answer ``rows``; a ``synthetic`` request (its kind) is answered but not logged."""
+        """Answer ``rows``; a ``synthetic`` request (its kind) is answered but not logged; a
+        shadow request (``shadow_of``: the live request id, checked by the gate) is answered
+        under that id and logged to the shadow log (:mod:`airmlops.serving.shadow_header`)."""
         import anyio.to_thread
 
         runtime = self.runtime
         ts_us = now_us(runtime.clock)
-        request_id = uuid.uuid4().hex
+        request_id = shadow_of or uuid.uuid4().hex
         headers = {"X-Request-ID": request_id}
         try:
             if self.coalescer is not None:
@@ -118,9 +121,12 @@ class PredictHandler:
                     "unknown_entity", f"unknown {key} (no features in the online store): "
                     f"{shown}", unknown_entities=list(dict.fromkeys(unknown)),
                     request_id=request_id), headers
-        body = runtime.answer(rows, scored, request_id, ts_us, log=synthetic is None)
+        body = runtime.answer(rows, scored, request_id, ts_us, log=synthetic is None,
+                              shadow=shadow_of is not None)
         if self.metrics is not None:
             self.metrics.predictions.inc(len(rows))
             if synthetic is not None:
                 self.metrics.synthetic.labels(synthetic).inc()
+            if shadow_of is not None:
+                self.metrics.shadow.inc()
         return 200, body, headers

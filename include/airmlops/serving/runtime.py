@@ -62,10 +62,15 @@ class ServingRuntime:
         clock: Callable[[], float] = time.time,
         fast_path: bool = True,
         label_backend: LogBackend | None = None,
+        shadow_log: Callable[[], PredictionLog] | None = None,
     ) -> None:
         import threading
 
         self.config = config
+        # Shadow rows get a log of their own, opened at the first shadow request.
+        self._open_shadow_log = shadow_log
+        self._shadow_log: PredictionLog | None = None
+        self._shadow_lock = threading.Lock()
         # Labels are checked and stored synchronously, on a backend connection of their own.
         self.label_backend = label_backend if label_backend is not None \
             else prediction_log.backend
@@ -162,10 +167,22 @@ class ServingRuntime:
             self.online_store.read(self.views, ["__readyz__"])
         return True
 
+    @property
+    def shadow_log(self) -> PredictionLog:
+        """The log of shadow rows (:mod:`airmlops.serving.prediction_log.shadow`), opened on
+        first use; a runtime built without one cannot take shadow requests (RuntimeError)."""
+        with self._shadow_lock:
+            if self._shadow_log is None:
+                if self._open_shadow_log is None:
+                    raise RuntimeError("this service instance was started without a shadow log")
+                self._shadow_log = self._open_shadow_log()
+            return self._shadow_log
+
     def answer(self, instances: Sequence[Mapping[str, Any]], scored: Scored, request_id: str,
-               ts_us: int, *, log: bool = True) -> dict[str, Any]:
+               ts_us: int, *, log: bool = True, shadow: bool = False) -> dict[str, Any]:
         """The response body of a scored request; hands its rows to the prediction log unless
-        ``log`` is False (synthetic traffic, :mod:`airmlops.serving.synthetic`)."""
+        ``log`` is False (synthetic traffic, :mod:`airmlops.serving.synthetic`), or to the
+        shadow log if ``shadow`` (``request_id`` is then the live request's)."""
         from airmlops.serving.prediction_log import PredictionRecord
         from airmlops.training.model import DECISION_THRESHOLD
 
@@ -187,7 +204,9 @@ class ServingRuntime:
                 entity_id=str(entity), inputs=instance, features=features,
                 prediction=float(item["prediction"]), probability=item.get("probability"),
             ))
-        if log:
+        if log and shadow:
+            self.shadow_log.log(records)
+        elif log:
             self.prediction_log.log(records)
         return {"predictions": predictions, "model_name": self.config.model_name,
                 "model_version": version, "request_id": request_id}
@@ -237,8 +256,11 @@ class ServingRuntime:
         return 202, {"request_id": request_id, "accepted": len(records)}
 
     def close(self) -> None:
-        """Flush and close the prediction log, the labels' connection and the online store."""
+        """Flush and close the prediction log (and the shadow log if it was opened), the
+        labels' connection and the online store."""
         self.prediction_log.close(timeout=5.0)
+        if self._shadow_log is not None:
+            self._shadow_log.close(timeout=2.0)
         if self.label_backend is not self.prediction_log.backend:
             self.label_backend.close()
         self.online_store.close()

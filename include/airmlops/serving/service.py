@@ -18,6 +18,11 @@ Endpoints:
   same code as training (:func:`airmlops.features.pipeline.online_inputs`). An entity the
   online store does not know gets 422 naming it. Every answered row goes to the prediction log
   without blocking the response (:mod:`airmlops.serving.prediction_log`).
+- A ``/predict`` marked ``X-Airmlops-Synthetic: <kind>`` is answered but not logged
+  (:mod:`~airmlops.serving.synthetic`); one marked ``X-Airmlops-Shadow-Of: <live request id>``
+  (a copy the stable-address proxy mirrors to a challenger,
+  :mod:`~airmlops.serving.shadow_header`) is answered under that id and logged to the shadow
+  log only (:mod:`airmlops.serving.prediction_log.shadow`). A malformed mark, or both, is 400.
 - ``POST /feedback`` ``{"request_id": ..., "labels": [{"entity": id, "label": y}],
   "overwrite": false}`` answers 202 once the labels are stored in the prediction log. A label
   is ``0``/``1``/``true``/``false`` for binary classification and a finite number for
@@ -70,6 +75,7 @@ assembles them into the BentoML service (:func:`create_service`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -86,7 +92,9 @@ from airmlops.serving.gate import (
     Refusal,
     RequestGate,
     readiness_body,
+    shadow_of,
     synthetic_kind,
+    traffic_marks,
 )
 from airmlops.serving.metrics import LATENCY_BUCKETS, ServiceMetrics
 from airmlops.serving.predict import Coalescer, PredictHandler
@@ -130,7 +138,8 @@ __all__ = [
     "ServiceMetrics", "ServingConfig", "ServingRuntime", "ServingSettings",
     "claim_labels_waiting", "create_service", "describe_errors", "error_body",
     "freeze_startup_objects", "install_http_limits", "install_log_filter", "load_bento_spec",
-    "load_model", "readiness_body", "request_models", "synthetic_kind",
+    "load_model", "readiness_body", "request_models", "shadow_of", "synthetic_kind",
+    "traffic_marks",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,7 +194,7 @@ def _start_instance(bento: _Bento, instance: _Instance) -> PredictHandler:
     """Open the model, the online store and the prediction log of a service instance (in the
     worker); its ``/predict`` handler, which the gate's direct lane uses if enabled."""
     from airmlops.features.online import make_online_store
-    from airmlops.serving.prediction_log import open_backend, open_log
+    from airmlops.serving.prediction_log import open_backend, open_log, open_shadow_log
 
     config, spec, settings, serving = bento.config, bento.spec, bento.settings, bento.serving
     install_log_filter()
@@ -198,7 +207,10 @@ def _start_instance(bento: _Bento, instance: _Instance) -> PredictHandler:
     instance.log = prediction_log
     runtime = ServingRuntime(config, spec, model, store, prediction_log,
                              fast_path=serving.fast_path,
-                             label_backend=open_backend(spec.name, settings))
+                             label_backend=open_backend(spec.name, settings),
+                             shadow_log=functools.partial(
+                                 open_shadow_log, spec.name, settings,
+                                 observer=metrics.observe_shadow_log))
     coalescer = Coalescer(runtime.score, serving.max_batch_rows,
                           metrics.batch_requests.observe) if serving.batching else None
     handler = PredictHandler(runtime, coalescer, metrics)
@@ -236,13 +248,16 @@ def _model_service_class(bento: _Bento, instance: _Instance) -> type:
             """Predict for 1..N entities: online + on-demand features, the model, the log.
 
             (Normally answered by the request gate's direct lane with the same handler; the
-            gate has checked the synthetic mark. ``ctx`` is BentoML's request context, which
-            BentoML recognises by the name of an unannotated parameter.)"""
+            gate has checked the synthetic and shadow marks. ``ctx`` is BentoML's request
+            context, which BentoML recognises by the name of an unannotated parameter.)"""
+            from airmlops.serving.shadow_header import SHADOW_HEADER
             from airmlops.serving.synthetic import SYNTHETIC_HEADER
 
             rows = [row.model_dump(by_alias=True) for row in instances]
+            shadow = ctx.request.headers.get(SHADOW_HEADER)
             status, body, headers = await self.handler(
-                rows, ctx.request.headers.get(SYNTHETIC_HEADER))
+                rows, ctx.request.headers.get(SYNTHETIC_HEADER),
+                shadow.strip() if shadow is not None else None)
             return _json_response(status, body, headers)
 
         @bentoml.api(route="/feedback", input_spec=bento.feedback_model,

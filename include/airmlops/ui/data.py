@@ -44,7 +44,7 @@ from airmlops.training.registry_rest import (
     RestRegistry,
     registry_reader,
 )
-from airmlops.ui.canary import canary_view
+from airmlops.ui.canary import canary_view, relabelled_comparison, shadow_view
 from airmlops.ui.views import (
     DETAIL_KEYS,
     LINEAGE_KEYS,
@@ -233,8 +233,10 @@ def _from_millis(value: Any) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def live_deployment(pipeline: str, data_root: Path) -> DeploymentView:
-    """The deployment of ``pipeline`` as recorded plus what is alive and ready now.
+def live_deployment(pipeline: str, data_root: Path, task_type: str | None = None,
+                    now: dt.datetime | None = None) -> DeploymentView:
+    """The deployment of ``pipeline`` as recorded plus what is alive and ready now (and, given
+    the ``task_type``, its last shadow compared again with the labels received until ``now``).
 
     Can take seconds (it probes the proxy and each slot): run it under a deadline and fall back
     to :func:`recorded_deployment`.
@@ -246,7 +248,10 @@ def live_deployment(pipeline: str, data_root: Path) -> DeploymentView:
             return DeploymentView(deployed=False)
     except ValueError as exc:
         return DeploymentView(deployed=False, error=str(exc))
-    return _deployment_from_status(deploy.status(pipeline, data_root))
+    status = deploy.status(pipeline, data_root)
+    relabelled = (relabelled_comparison(pipeline, task_type, status.get("shadow"), data_root,
+                                        now or dt.datetime.now(dt.UTC)) if task_type else None)
+    return _deployment_from_status(status, relabelled)
 
 
 def recorded_deployment(pipeline: str, data_root: Path, note: str) -> DeploymentView:
@@ -262,7 +267,8 @@ def recorded_deployment(pipeline: str, data_root: Path, note: str) -> Deployment
     return dataclasses.replace(_deployment_from_state(state), error=note)
 
 
-def _deployment_from_status(status: Mapping[str, Any]) -> DeploymentView:
+def _deployment_from_status(status: Mapping[str, Any],
+                            relabelled: Mapping[str, Any] | None = None) -> DeploymentView:
     """The view of a live :func:`airmlops.serving.deploy.status`."""
     active = status.get("active")
     proxy = status.get("proxy") or {}
@@ -282,6 +288,7 @@ def _deployment_from_status(status: Mapping[str, Any]) -> DeploymentView:
         live_checked=True,
         slots=tuple(slots),
         canary=canary_view(status.get("canary")),
+        shadow=shadow_view(status.get("shadow"), relabelled),
     )
 
 
@@ -302,6 +309,7 @@ def _deployment_from_state(state: Mapping[str, Any]) -> DeploymentView:
         live_checked=False,
         slots=tuple(slots),
         canary=canary_view(state.get("canary")),
+        shadow=shadow_view(state.get("shadow")),
     )
 
 
@@ -515,7 +523,8 @@ def collect_overview(
         for spec in specs
     }
     deployment_jobs = {
-        spec.name: pool.submit(live_deployment, spec.name, data_root) for spec in specs
+        spec.name: pool.submit(live_deployment, spec.name, data_root, spec.task, now)
+        for spec in specs
     }
 
     def remaining() -> float:

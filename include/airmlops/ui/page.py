@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping
-from html import escape
 from urllib.parse import quote, urlencode
 
-from airmlops.times import assume_utc
 from airmlops.ui.chart import metrics_chart
+from airmlops.ui.html_text import e
+from airmlops.ui.html_text import time_html as _time
+from airmlops.ui.trials import canary_section, shadow_section
 from airmlops.ui.views import (
     LINEAGE_KEYS,
-    CanaryView,
     DeploymentView,
     ModelVersionView,
     MonitoringView,
@@ -150,11 +150,6 @@ SCRIPT = """
 """
 
 
-def e(value: object) -> str:
-    """Escape anything for HTML text and attribute values."""
-    return escape(str(value), quote=True)
-
-
 def _external(url: str | None) -> str | None:
     return url if url and url.startswith(("http://", "https://")) else None
 
@@ -176,34 +171,6 @@ def _link(url: str | None, text: str, *, new_tab: bool = False, leave_frame: boo
     if css:
         attrs.append(f'class="{e(css)}"')
     return f"<a {' '.join(attrs)}>{e(text)}</a>"
-
-
-def _time(iso: str | None, now: dt.datetime) -> str:
-    """``2026-04-01 10:00 UTC (3 h ago)`` with the exact value as tooltip; ``-`` if missing."""
-    if not iso:
-        return "-"
-    try:
-        when = assume_utc(iso)
-    except ValueError:
-        return e(iso)
-    text = when.strftime("%Y-%m-%d %H:%M UTC")
-    ago = _ago(now, when)
-    return f'<span title="{e(iso)}">{e(text)}</span> <span class="muted">({e(ago)})</span>'
-
-
-def _ago(now: dt.datetime, when: dt.datetime) -> str:
-    seconds = (now - when).total_seconds()
-    future = seconds < 0
-    seconds = abs(seconds)
-    if seconds < 90:
-        amount = f"{seconds:.0f} s"
-    elif seconds < 90 * 60:
-        amount = f"{seconds / 60:.0f} min"
-    elif seconds < 36 * 3600:
-        amount = f"{seconds / 3600:.0f} h"
-    else:
-        amount = f"{seconds / 86400:.0f} d"
-    return f"in {amount}" if future else f"{amount} ago"
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -323,61 +290,8 @@ def _deployment_panel(view: DeploymentView, now: dt.datetime) -> str:
         f"<dl><dt>address</dt><dd>{address}</dd>"
         f"<dt>live slot</dt><dd>{e(view.active_slot or '-')}</dd>"
         f"<dt>switched</dt><dd>{_time(view.switched_at, now)}</dd></dl>{table}"
-        f"{_canary_section(view.canary, now)}</div>"
+        f"{canary_section(view.canary, now)}{shadow_section(view.shadow, now)}</div>"
     )
-
-
-OUTCOMES = {"promoted": ("ok", "promoted"), "rolled_back": ("bad", "rolled back")}
-"""A canary's recorded outcome: its chip's class and words."""
-
-
-def _canary_section(canary: CanaryView | None, now: dt.datetime) -> str:
-    """The last canary rollout: its outcome and each step, canary beside live."""
-    if canary is None:
-        return ""
-    css, words = OUTCOMES.get(canary.outcome or "", ("warn", canary.outcome or "outcome unknown"))
-    head = (f'<h4>Last canary: version {e(canary.version or "-")} '
-            f'<span class="chip {css}">{e(words)}</span></h4>'
-            f'<div class="muted">slot {e(canary.slot or "-")} · started '
-            f"{_time(canary.started_at, now)}</div>")
-    rows = []
-    for step in canary.steps:
-        verdict = e(step.verdict or "-")
-        if step.verdict in ("pass", "fail"):
-            verdict = f'<span class="verdict-{step.verdict}">{verdict}</span>'
-        if step.reason:
-            verdict += f'<div class="muted">{e(step.reason)}</div>'
-        held = ' <span class="muted">(held twice)</span>' if step.extended else ""
-        rows.append(
-            f'<tr class="canary-step" data-percent="{e(step.percent)}">'
-            f'<td class="num">{e(step.percent)} %{held}</td>'
-            f'<td class="num">{_count(step.requests)} '
-            f'<span class="muted">/ {_count(step.live_requests)}</span></td>'
-            f'<td class="num">{_rate(step.error_rate)} '
-            f'<span class="muted">/ {_rate(step.live_error_rate)}</span></td>'
-            f'<td class="num">{_ms(step.p50_ms)} <span class="muted">/ {_ms(step.live_p50_ms)}'
-            f"</span></td><td>{verdict}</td></tr>"
-        )
-    if not rows:
-        return f'<div class="canary">{head}<p class="empty">no step recorded</p></div>'
-    return (
-        f'<div class="canary">{head}<table class="canary-steps"><thead><tr><th>step</th>'
-        '<th class="num">requests canary / live</th><th class="num">error rate canary / live</th>'
-        '<th class="num">p50 canary / live</th><th>verdict</th></tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
-
-
-def _count(value: int | None) -> str:
-    return "-" if value is None else e(value)
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
 
 
 def _windows_table(pipeline: str, windows: Iterable[WindowView], metric: str | None,

@@ -97,6 +97,34 @@ class CanaryView:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShadowView:
+    """The last shadow rollout recorded for the deployment: the mirrored window's traffic on
+    both sides, how the two models' predictions compared, and how it ended."""
+
+    version: str | None
+    slot: str | None
+    started_at: str | None
+    outcome: str | None
+    """``promoted`` or ``rejected`` (anything else recorded is shown as it is)."""
+    percent: int | None = None
+    shadow_requests: int | None = None
+    shadow_error_rate: float | None = None
+    shadow_p50_ms: float | None = None
+    live_requests: int | None = None
+    live_error_rate: float | None = None
+    live_p50_ms: float | None = None
+    pairs: int | None = None
+    agreement_rate: float | None = None
+    score_ks: float | None = None
+    mean_score_shift: float | None = None
+    labelled: int | None = None
+    metric: str | None = None
+    live_metric: float | None = None
+    shadow_metric: float | None = None
+    reasons: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class DeploymentView:
     """The live deployment: its stable address and what serves behind it."""
 
@@ -110,6 +138,7 @@ class DeploymentView:
     """False when only the recorded state could be read (the live check failed or timed out)."""
     slots: tuple[SlotView, ...] = ()
     canary: CanaryView | None = None
+    shadow: ShadowView | None = None
     """The last canary rollout (None when there was none or its record is unreadable)."""
     error: str | None = None
 

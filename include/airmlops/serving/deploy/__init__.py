@@ -20,12 +20,15 @@ references, ports and environment names are validated before they reach a proces
 engine, and commands are argument lists (no shell).
 
 With ``deploy.strategy: canary`` the switch comes only after the traffic has moved to the new
-version in steps, each judged against the live version (:mod:`.canary`).
+version in steps, each judged against the live version (:mod:`.canary`); with
+``deploy.strategy: shadow``, only after it has answered a copy of live traffic and met the
+spec's promotion rule (:mod:`.shadow`).
 
 The package's rooms: :mod:`.state` (vocabulary, validation, the state file),
 :mod:`.slots` (one model server started, checked, stopped), :mod:`.proxy_control` (the stable
 address's process), :mod:`.orchestration` (deploy, rollback, undeploy, status),
-:mod:`.canary` (the steps and their judgement) and :mod:`.supervisor` (restarts what died).
+:mod:`.canary` (the steps and their judgement), :mod:`.shadow` (the mirrored window and its
+promotion rule) and :mod:`.supervisor` (restarts what died).
 Process helpers are :mod:`airmlops.processes`'s, shared with the platform's own components.
 """
 
@@ -39,6 +42,7 @@ from airmlops.serving.deploy.errors import (
     DeployFailed,
     NotReady,
     RollbackFailed,
+    ShadowRejected,
 )
 from airmlops.serving.deploy.orchestration import (
     DeployResult,
@@ -49,6 +53,7 @@ from airmlops.serving.deploy.orchestration import (
     undeploy,
 )
 from airmlops.serving.deploy.proxy_control import ProxyHandle, ensure_proxy
+from airmlops.serving.deploy.shadow import ShadowPlan
 from airmlops.serving.deploy.slots import (
     SmokeResult,
     slot_alive,
@@ -79,8 +84,8 @@ from airmlops.serving.deploy.state import (
 __all__ = [
     "DEPLOYMENT_MARKER", "INSTANCE_MARKER", "LABEL_DEPLOYMENT", "LABEL_INSTANCE", "SLOTS",
     "TARGETS", "CanaryFailed", "CanaryPlan", "DeployError", "DeployFailed", "DeployResult",
-    "NotReady", "ProxyHandle",
-    "RollbackFailed", "RollbackResult", "SlotHandle", "SmokeResult", "deploy", "deployment_dir",
+    "NotReady", "ProxyHandle", "RollbackFailed", "RollbackResult", "ShadowPlan",
+    "ShadowRejected", "SlotHandle", "SmokeResult", "deploy", "deployment_dir",
     "ensure_proxy", "free_port", "load_state", "marked_processes", "process_alive", "rollback",
     "slot_alive", "slot_log_tail", "smoke", "start_slot", "state_path", "status", "stop_slot",
     "undeploy", "validate_bento_tag", "validate_env", "validate_pipeline", "validate_port",

@@ -62,9 +62,9 @@ class CanaryPlan:
                 or steps[-1] != 100):
             raise ValueError(f"canary_steps: strictly increasing percents in 1..100 ending "
                              f"with 100 expected, got {steps!r}")
-        _check_number("canary_step_seconds", self.step_seconds, 0.0, 86400.0, open_low=True)
-        _check_number("canary_max_error_rate_increase", self.max_error_rate_increase, 0.0, 1.0)
-        _check_number("canary_max_latency_ratio", self.max_latency_ratio, 1.0, 100.0)
+        check_number("canary_step_seconds", self.step_seconds, 0.0, 86400.0, open_low=True)
+        check_number("canary_max_error_rate_increase", self.max_error_rate_increase, 0.0, 1.0)
+        check_number("canary_max_latency_ratio", self.max_latency_ratio, 1.0, 100.0)
         if (isinstance(self.min_requests, bool) or not isinstance(self.min_requests, int)
                 or self.min_requests < 1):
             raise ValueError(f"canary_min_requests: a positive int expected, got "
@@ -79,7 +79,7 @@ class CanaryPlan:
                    deploy.canary_min_requests)
 
 
-def _check_number(name: str, value: Any, low: float, high: float, *,
+def check_number(name: str, value: Any, low: float, high: float, *,
                   open_low: bool = False) -> None:
     """Refuse (ValueError naming ``name``) a ``value`` that is not a finite number in range."""
     ok = (not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)

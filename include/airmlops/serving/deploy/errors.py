@@ -16,7 +16,7 @@ class DeployFailed(DeployError, NonRetryable):
     Deterministic (a retry would fail the same way), so the task fails without retries.
 
     ``stage`` is where it failed: ``proxy``, ``start``, ``readiness``, ``smoke``, ``canary``,
-    ``switch`` or ``record``; ``reason`` says why; ``log_tail`` is the end of the new
+    ``shadow``, ``switch`` or ``record``; ``reason`` says why; ``log_tail`` is the end of the new
     version's log, if any.
     """
 
@@ -37,6 +37,17 @@ class CanaryFailed(DeployFailed, BakeFailed):
     def __init__(self, reason: str, steps: list[dict[str, Any]]) -> None:
         super().__init__("canary", reason)
         self.steps = steps
+
+
+class ShadowRejected(DeployFailed, BakeFailed):
+    """A shadow window judged the new version not fit to promote (its promotion rule in the
+    spec): the shadow was cleared and the new version stopped; live traffic never reached it.
+    Both a :class:`DeployFailed` (stage ``shadow``) and a :class:`~airmlops.errors.BakeFailed`.
+    ``judgement`` holds the window's numbers and the rules it broke."""
+
+    def __init__(self, reason: str, judgement: dict[str, Any]) -> None:
+        super().__init__("shadow", reason)
+        self.judgement = judgement
 
 
 class NotReady(DeployError):

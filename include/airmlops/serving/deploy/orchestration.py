@@ -337,6 +337,7 @@ def status(
         else None,
         "switched_at": state.get("switched_at"),
         "canary": state.get("canary"),
+        "shadow": state.get("shadow"),
         "proxy": {**proxy_record, "alive": proxy_alive, "routing": proxy_state}
         if proxy_record
         else None,

@@ -3,8 +3,10 @@
 The new version's servers start in the idle slot, must be ready and pass the smoke test, then
 the stable address switches to them; any failure stops them and leaves the old version serving
 and the state file as it was. With a canary plan the switch waits until the traffic has moved to
-them in steps, each judged against the old version (:mod:`.canary`; a failed canary also
-records its steps under ``canary`` in the state file). :func:`register_standby` and
+them in steps, each judged against the old version (:mod:`.canary`); with a shadow plan, until
+they have answered a copy of live traffic and passed the promotion rule (:mod:`.shadow`). The
+last canary's steps and the last shadow's judgement are kept under ``canary`` and ``shadow`` in
+the state file, whatever their outcome. :func:`register_standby` and
 :func:`resupervise` are shared with rollback (:mod:`.orchestration`).
 """
 
@@ -24,8 +26,15 @@ from airmlops.processes import free_port
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.container import ContainerResources
 from airmlops.serving.deploy.canary import CanaryPlan, CanaryTarget, run_canary
-from airmlops.serving.deploy.errors import CanaryFailed, DeployError, DeployFailed, NotReady
+from airmlops.serving.deploy.errors import (
+    CanaryFailed,
+    DeployError,
+    DeployFailed,
+    NotReady,
+    ShadowRejected,
+)
 from airmlops.serving.deploy.proxy_control import ProxyHandle, ensure_proxy_locked
+from airmlops.serving.deploy.shadow import ShadowPlan, ShadowTarget, run_shadow
 from airmlops.serving.deploy.slots import (
     SmokeResult,
     Validator,
@@ -81,6 +90,7 @@ class DeployResult:
     timings: dict[str, float]
     smoke: SmokeResult
     canary: list[dict[str, Any]] | None = None
+    shadow: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data."""
@@ -114,6 +124,7 @@ def deploy(
     alerts: Mapping[str, Any] | None = None,
     supervise: bool = True,
     canary: CanaryPlan | None = None,
+    shadow: ShadowPlan | None = None,
 ) -> DeployResult:
     """Blue/green deploy of ``version`` (a bento tag for ``process``, an image for ``docker``).
 
@@ -126,9 +137,10 @@ def deploy(
     untouched. ``resources`` limits a ``docker`` version's containers (spec
     ``deploy.resources``). With ``supervise`` the deployment's supervisor is (re)started
     afterwards with ``env`` and the spec's ``alerts`` section, so what dies later is restarted
-    and reported (:mod:`airmlops.serving.deploy.supervisor`). With a ``canary`` plan (and a
-    live version to compare with) the traffic moves in its steps before the switch
-    (:mod:`airmlops.serving.deploy.canary`); a failed step raises :class:`CanaryFailed`.
+    and reported (:mod:`airmlops.serving.deploy.supervisor`). With a ``canary`` or ``shadow``
+    plan (and a live version to judge it against) the new version is first tried beside the
+    live one (:mod:`.canary`, :mod:`.shadow`): a failed trial raises :class:`CanaryFailed` or
+    :class:`ShadowRejected`.
     """
     _validate_deploy(pipeline, version, target, artifact, proxy_port, path, env, replicas, spares)
     root = Path(root)
@@ -138,37 +150,35 @@ def deploy(
         latency_budget_ms=latency_budget_ms, started_at=iso(now), validate=validate, path=path,
         env=env, bentoml_home=bentoml_home, docker_client=docker_client,
         stop_timeout=stop_timeout, headers=headers, resources=resources, replicas=replicas,
-        spares=spares, canary=canary)
+        spares=spares, canary=canary, shadow=shadow)
     timings = _Laps()
     with locked(pipeline, root):
         state = load_state(pipeline, root)
         proxy, original = _proxy_for_deploy(request, proxy_port, state)
         timings.lap("proxy_s")
-        active = state.get("active")
-        active_record = state["slots"].get(active) if active else None
-        slot = other_slot(active)
+        active, active_record, slot = _live_and_idle(state)
         handles: list[SlotHandle] = []
         switched = False
         try:
             results = _start_and_smoke(request, slot, state["deployment_id"], handles, timings)
-            steps = _canary(request, proxy, slot, active, active_record, handles, timings)
+            steps, judgement = _trials(request, proxy, slot, active, active_record, handles,
+                                       timings)
             _switch(request, proxy, slot, handles)
             switched = True
             timings.lap("switch_s")
-            replaced = _record_switch(request, state, slot, handles, steps)
+            replaced = _record_switch(request, state, slot, handles, steps, judgement)
         except BaseException as exc:
             if switched:
                 _switch_back(proxy, active, active_record)
-            _end_canary(request, proxy, slot, original)
+            _end_trial(request, proxy, slot, original)
             _abandon(request, handles, state, original)
-            _record_failed_canary(request, slot, exc)
+            _record_failed_trial(request, slot, exc)
             raise
         _after_switch(request, proxy, state, active, active_record, slot, replaced,
                       supervise, alerts)
-        timings.lap("cleanup_s")
-        timings.total()
+        timings.lap("cleanup_s", last=True)
     return _deploy_result(request, proxy, slot, active, active_record, handles, timings,
-                          results[0], steps)
+                          results[0], steps, judgement)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +206,15 @@ class _DeployRequest:
     replicas: int
     spares: int
     canary: CanaryPlan | None = None
+    shadow: ShadowPlan | None = None
+
+
+def _live_and_idle(state: Mapping[str, Any]
+                   ) -> tuple[str | None, Mapping[str, Any] | None, str]:
+    """The live slot and its record (None, None before the first deploy), and the idle slot
+    the new version goes to."""
+    active = state.get("active")
+    return active, state["slots"].get(active) if active else None, other_slot(active)
 
 
 def _validate_deploy(pipeline: str, version: str, target: Target, artifact: str,
@@ -262,10 +281,10 @@ def _switch(request: _DeployRequest, proxy: ProxyHandle, slot: str,
 
 
 def _record_switch(request: _DeployRequest, state: dict[str, Any], slot: str,
-                   handles: Sequence[SlotHandle], steps: list[dict[str, Any]] | None
-                   ) -> Mapping[str, Any] | None:
-    """Record the new slot as active in the state file (and the canary's steps, if it had
-    one); returns the record it replaced."""
+                   handles: Sequence[SlotHandle], steps: list[dict[str, Any]] | None,
+                   judgement: dict[str, Any] | None) -> Mapping[str, Any] | None:
+    """Record the new slot as active in the state file (and the canary's steps or the
+    shadow's judgement, if it had one); returns the record it replaced."""
     replaced = state["slots"].get(slot)
     state["slots"][slot] = slot_record(handles, request.version, request.started_at,
                                        request.spares)
@@ -273,11 +292,21 @@ def _record_switch(request: _DeployRequest, state: dict[str, Any], slot: str,
     state["switched_at"] = request.started_at
     if steps is not None:
         state["canary"] = _canary_record(request, slot, "promoted", steps)
+    if judgement is not None:
+        state["shadow"] = _shadow_record(request, slot, "promoted", judgement)
     try:
         save_state(request.pipeline, request.root, state)
     except OSError as exc:
         raise DeployFailed("record", f"state could not be written: {exc}") from None
     return replaced
+
+
+def _trials(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
+            active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
+            timings: _Laps) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+    """The canary's steps and the shadow's judgement (each None without its plan)."""
+    return (_canary(request, proxy, slot, active, active_record, handles, timings),
+            _shadow(request, proxy, slot, active, active_record, handles, timings))
 
 
 def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
@@ -288,13 +317,9 @@ def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str 
     judges it worse, DeployFailed when the address cannot be driven."""
     if request.canary is None:
         return None
-    if not active or not active_record:
-        logger.info("%s: no live version to compare a canary with; switching at once",
-                    request.pipeline)
+    if not _beside_live(request, proxy, slot, active, active_record, handles, "canary"):
         return None
     try:
-        proxy_mod.register(proxy.port, proxy.token, slot, [h.upstream for h in handles],
-                           request.version, spares=request.spares)
         steps = run_canary(CanaryTarget(proxy.port, proxy.token, slot, active), request.canary)
     except (proxy_mod.ProxyAdminError, ValueError) as exc:
         raise DeployFailed("canary", str(exc)) from None
@@ -302,21 +327,61 @@ def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str 
     return steps
 
 
-def _end_canary(request: _DeployRequest, proxy: ProxyHandle, slot: str,
-                original: Mapping[str, Any]) -> None:
-    """After a failed canary deploy: all traffic back on the live version, and the new slot's
-    registration back to what it was (its previous occupant, the rollback target, or none)."""
-    if request.canary is None:
+def _shadow(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
+            active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
+            timings: _Laps) -> dict[str, Any] | None:
+    """Mirror live traffic to the new slot and judge it; the judgement, None without a shadow
+    plan or a live version to mirror. ShadowRejected when the rule is not met, DeployFailed
+    when the address cannot be driven."""
+    if request.shadow is None:
+        return None
+    if not _beside_live(request, proxy, slot, active, active_record, handles, "shadow"):
+        return None
+    try:
+        judgement = run_shadow(ShadowTarget(proxy.port, proxy.token, slot, active),
+                               request.shadow)
+    except (proxy_mod.ProxyAdminError, ValueError) as exc:
+        raise DeployFailed("shadow", str(exc)) from None
+    timings.lap("shadow_s")
+    return judgement
+
+
+def _beside_live(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
+                 active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
+                 trial: str) -> bool:
+    """Register the new slot with the address beside the live one, for a ``trial`` (canary
+    or shadow); False when there is no live version to judge it against."""
+    if not active or not active_record:
+        logger.info("%s: no live version to compare a %s with; switching at once",
+                    request.pipeline, trial)
+        return False
+    try:
+        proxy_mod.register(proxy.port, proxy.token, slot, [h.upstream for h in handles],
+                           request.version, spares=request.spares)
+    except (proxy_mod.ProxyAdminError, ValueError) as exc:
+        raise DeployFailed(trial, str(exc)) from None
+    return True
+
+
+def _end_trial(request: _DeployRequest, proxy: ProxyHandle, slot: str,
+               original: Mapping[str, Any]) -> None:
+    """After a failed canary or shadow deploy: all traffic back on the live version only,
+    and the new slot's registration back to what it was (its previous occupant, the rollback
+    target, or none)."""
+    if request.canary is None and request.shadow is None:
         return
     try:
-        proxy_mod.clear_canary(proxy.port, proxy.token)
+        if request.canary is not None:
+            proxy_mod.clear_canary(proxy.port, proxy.token)
+        if request.shadow is not None:
+            proxy_mod.clear_shadow(proxy.port, proxy.token)
         previous = original["slots"].get(slot)
         if previous:
             register_standby(proxy, slot, previous)
         elif slot != original.get("active"):
             proxy_mod.register(proxy.port, proxy.token, slot, [], None)
     except proxy_mod.ProxyAdminError as exc:
-        logger.error("could not end the canary of %s: %s", request.pipeline, exc)
+        logger.error("could not end the trial of %s: %s", request.pipeline, exc)
 
 
 def _canary_record(request: _DeployRequest, slot: str, outcome: str,
@@ -326,16 +391,29 @@ def _canary_record(request: _DeployRequest, slot: str, outcome: str,
             "outcome": outcome, "steps": steps}
 
 
-def _record_failed_canary(request: _DeployRequest, slot: str, exc: BaseException) -> None:
-    """Keep a failed canary's steps in the state file (nothing else changes there)."""
-    if not isinstance(exc, CanaryFailed):
+def _shadow_record(request: _DeployRequest, slot: str, outcome: str,
+                   judgement: dict[str, Any]) -> dict[str, Any]:
+    """What the state file keeps of the last shadow: its version, slot, outcome and
+    judgement (the window, both sides' traffic, the comparison and the rules broken)."""
+    return {"version": request.version, "slot": slot, "started_at": request.started_at,
+            "outcome": outcome, "judgement": judgement}
+
+
+def _record_failed_trial(request: _DeployRequest, slot: str, exc: BaseException) -> None:
+    """Keep a failed canary's steps or a rejected shadow's judgement in the state file
+    (nothing else changes there)."""
+    if isinstance(exc, CanaryFailed):
+        key, record = "canary", _canary_record(request, slot, "rolled_back", exc.steps)
+    elif isinstance(exc, ShadowRejected):
+        key, record = "shadow", _shadow_record(request, slot, "rejected", exc.judgement)
+    else:
         return
     try:
         state = load_state(request.pipeline, request.root)
-        state["canary"] = _canary_record(request, slot, "rolled_back", exc.steps)
+        state[key] = record
         save_state(request.pipeline, request.root, state)
     except (OSError, DeployError) as error:
-        logger.error("could not record the failed canary of %s: %s", request.pipeline, error)
+        logger.error("could not record the failed %s of %s: %s", key, request.pipeline, error)
 
 
 def _abandon(request: _DeployRequest, handles: Sequence[SlotHandle], state: dict[str, Any],
@@ -366,7 +444,8 @@ def _after_switch(request: _DeployRequest, proxy: ProxyHandle, state: dict[str, 
 def _deploy_result(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
                    active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
                    timings: _Laps, smoke_result: SmokeResult,
-                   steps: list[dict[str, Any]] | None = None) -> DeployResult:
+                   steps: list[dict[str, Any]] | None = None,
+                   judgement: dict[str, Any] | None = None) -> DeployResult:
     """Log the deploy and describe it."""
     upstream_urls = [handle.upstream for handle in handles]
     logger.info("%s version %s serves from %s (%s) at %s", request.pipeline, request.version,
@@ -385,6 +464,7 @@ def _deploy_result(request: _DeployRequest, proxy: ProxyHandle, slot: str, activ
         timings=timings.timings,
         smoke=smoke_result,
         canary=steps,
+        shadow=judgement,
     )
 
 
@@ -395,11 +475,14 @@ class _Laps:
         self.timings: dict[str, float] = {}
         self._started = self._last = time.monotonic()
 
-    def lap(self, name: str) -> None:
-        """Record the seconds since the previous lap as ``name``."""
+    def lap(self, name: str, *, last: bool = False) -> None:
+        """Record the seconds since the previous lap as ``name`` (and, for the ``last`` one,
+        the total)."""
         now = time.monotonic()
         self.timings[name] = round(now - self._last, 3)
         self._last = now
+        if last:
+            self.total()
 
     def total(self) -> None:
         """Record the seconds since the start as ``total_s``."""

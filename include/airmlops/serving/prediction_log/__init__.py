@@ -11,6 +11,20 @@ written twice is stored once; ``/feedback`` labels are claimed atomically
 memory and writes from a background thread, spilling to disk (:mod:`.spill`) while the backend
 is down. :func:`read_predictions` and :func:`read_labels` (:mod:`.reading`) return a time window
 as a DataFrame, from either backend. The record types and columns are in :mod:`.records`.
+
+**Shadow rows** (:mod:`.shadow`): what a challenger answered to a request the stable-address
+proxy mirrored to it (header ``X-Airmlops-Shadow-Of: <live request id>``), stored under the
+live request id apart from the live predictions in both backends (SQLite table
+``shadow_predictions``, Redis namespace ``<pipeline>:shadow:``), each ``(request_id,
+position)`` once and bounded like the live Redis streams (``stream_maxlen``).
+:func:`read_predictions` and every monitoring reader never see them, and ``/feedback`` never
+claims a label against them. They are **best-effort**: no client was told they were recorded,
+so they go through a writer of their own (:func:`open_shadow_log`) that does not spill to
+disk; while the backend is down they wait in a small memory buffer (``SHADOW_BUFFER_MAX``),
+beyond which, and at shutdown, they are dropped and counted (the service's
+``airmlops_shadow_log_dropped_total``). They never compete with live entries for the spill
+directory. :func:`read_shadow_pairs` joins a window's live rows with their shadow rows and
+labels, for :func:`airmlops.monitoring.shadow.compare_shadow`.
 """
 
 from __future__ import annotations
@@ -20,13 +34,16 @@ from airmlops.serving.prediction_log.reading import (
     log_redis_url,
     open_backend,
     open_log,
+    open_shadow_log,
     read_labels,
     read_predictions,
+    read_shadow_pairs,
 )
 from airmlops.serving.prediction_log.records import (
     LABEL_COLUMNS,
     PREDICTION_COLUMNS,
     REQUEST_ID_PATTERN,
+    SHADOW_PAIR_COLUMNS,
     LabelRecord,
     LogState,
     LogStats,
@@ -41,8 +58,11 @@ from airmlops.serving.prediction_log.redis_backend import (
     issued_key,
     labeled_key,
     request_key,
+    shadow_appended_key,
+    shadow_stream_key,
     stream_keys,
 )
+from airmlops.serving.prediction_log.shadow import SHADOW_BUFFER_MAX, ShadowBackend
 from airmlops.serving.prediction_log.spill import (
     SPILL_FILE_PATTERN,
     SPILL_TEMP_PATTERN,
@@ -58,6 +78,8 @@ __all__ = [
     "LABEL_COLUMNS",
     "PREDICTION_COLUMNS",
     "REQUEST_ID_PATTERN",
+    "SHADOW_BUFFER_MAX",
+    "SHADOW_PAIR_COLUMNS",
     "SPILL_FILE_PATTERN",
     "SPILL_TEMP_PATTERN",
     "LabelClaim",
@@ -70,6 +92,7 @@ __all__ = [
     "PredictionLogSettings",
     "PredictionRecord",
     "RedisLogBackend",
+    "ShadowBackend",
     "SqliteLogBackend",
     "appended_key",
     "check_pipeline",
@@ -78,9 +101,13 @@ __all__ = [
     "log_redis_url",
     "open_backend",
     "open_log",
+    "open_shadow_log",
     "read_labels",
     "read_predictions",
+    "read_shadow_pairs",
     "request_key",
+    "shadow_appended_key",
+    "shadow_stream_key",
     "spill_dir_path",
     "sqlite_log_path",
     "stream_keys",

@@ -49,6 +49,11 @@ class LogBackend(Protocol):
         """Store a batch, all of it or (raising) none."""
         ...
 
+    def write_shadow(self, predictions: Sequence[PredictionRecord]) -> None:
+        """Store shadow rows apart from the live predictions (never read as live traffic, never
+        claimed by a label), each ``(request_id, position)`` once; all or (raising) none."""
+        ...
+
     def claim_labels(self, request_id: str, labels: Sequence[LabelRecord], *,
                      overwrite: bool = False) -> LabelClaim:
         """Store ``labels`` of ``request_id`` atomically if the request was issued, predicted

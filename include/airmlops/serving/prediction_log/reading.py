@@ -1,8 +1,9 @@
 """Choosing a backend from the settings, and reading a time window of the log.
 
 :func:`read_predictions` and :func:`read_labels` return a window as a DataFrame, from either
-backend (the monitoring DAG reads the log through them). pandas is imported only when a window
-is read, so the model service does not load it for the writer.
+backend (the monitoring DAG reads the log through them); :func:`read_shadow_pairs` joins a
+window's live predictions with the shadow rows of the same requests. pandas is imported only
+when a window is read, so the model service does not load it for the writer.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from airmlops.serving.prediction_log.backend import LogBackend
 from airmlops.serving.prediction_log.records import (
     LABEL_COLUMNS,
     PREDICTION_COLUMNS,
+    SHADOW_PAIR_COLUMNS,
     Observer,
     check_pipeline,
 )
 from airmlops.serving.prediction_log.redis_backend import (
     RedisLogBackend,
     read_redis_rows,
+    shadow_stream_key,
     stream_keys,
 )
+from airmlops.serving.prediction_log.shadow import SHADOW_BUFFER_MAX, ShadowBackend
 from airmlops.serving.prediction_log.spill import spill_dir_path
 from airmlops.serving.prediction_log.sqlite import (
     SqliteLogBackend,
@@ -38,6 +42,10 @@ if TYPE_CHECKING:
 
     from airmlops.settings import PredictionLogSettings, Settings
 
+SHADOW_MARGIN_US = 300 * 1_000_000
+"""How far a shadow row's ``ts`` (the challenger's clock, when the mirrored copy reached it)
+may be from its live row's: :func:`read_shadow_pairs` reads shadow rows this much beyond
+either end of the window, then keeps those whose live row is in the window."""
 
 def log_redis_url(settings: Settings, log_settings: PredictionLogSettings | None = None
                   ) -> str | None:
@@ -54,7 +62,8 @@ def open_backend(pipeline: str, settings: Settings,
     if url:
         return RedisLogBackend(url, pipeline, maxlen=log_settings.stream_maxlen,
                                label_window_s=log_settings.label_window_days * 86_400)
-    return SqliteLogBackend(sqlite_log_path(settings.data_root, pipeline))
+    return SqliteLogBackend(sqlite_log_path(settings.data_root, pipeline),
+                            shadow_maxlen=log_settings.stream_maxlen)
 
 
 def open_log(pipeline: str, settings: Settings, *,
@@ -71,6 +80,19 @@ def open_log(pipeline: str, settings: Settings, *,
                          batch_size=log_settings.batch_size,
                          linger=log_settings.linger_ms / 1000.0, observer=observer,
                          spill_dir=spill_dir, spill_max_bytes=log_settings.spill_max_bytes)
+
+
+def open_shadow_log(pipeline: str, settings: Settings, *,
+                    log_settings: PredictionLogSettings | None = None,
+                    observer: Observer | None = None) -> PredictionLog:
+    """A :class:`PredictionLog` of shadow rows (:mod:`.shadow`) on a backend connection of its
+    own: no spill directory, at most ``SHADOW_BUFFER_MAX`` entries in memory (best-effort)."""
+    log_settings = log_settings or settings.prediction_log
+    return PredictionLog(ShadowBackend(open_backend(pipeline, settings, log_settings)),
+                         buffer_size=min(log_settings.buffer_size, SHADOW_BUFFER_MAX),
+                         batch_size=log_settings.batch_size,
+                         linger=log_settings.linger_ms / 1000.0, observer=observer,
+                         spill_dir=None, spill_max_bytes=0)
 
 
 def _window(pipeline: str, start: dt.datetime, end: dt.datetime) -> tuple[int, int]:
@@ -96,20 +118,21 @@ def _parse_stream_label(row: dict[str, Any]) -> None:
     row["label"] = float(row["label"])
 
 
-def _read_rows(pipeline: str, table: str, columns: Sequence[str], start: dt.datetime,
-               end: dt.datetime, settings: Settings | None,
+def _read_rows(pipeline: str, table: str, columns: Sequence[str], start_us: int,
+               end_us: int, settings: Settings | None,
                log_settings: PredictionLogSettings | None,
                parse_stream: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """The rows of ``table`` (``predictions`` or ``labels``) in the window, from the backend
-    the settings choose; ``parse_stream`` turns a Redis entry's text fields into values."""
+    """The rows of ``table`` (``predictions``, ``labels`` or ``shadow_predictions``) with
+    ``start_us <= ts < end_us``, from the backend the settings choose; ``parse_stream`` turns
+    a Redis entry's text fields into values."""
     from airmlops.settings import get_settings
 
     settings = settings or get_settings()
-    start_us, end_us = _window(pipeline, start, end)
     url = log_redis_url(settings, log_settings)
     if url:
         predictions_key, labels_key = stream_keys(pipeline)
-        key = predictions_key if table == "predictions" else labels_key
+        key = {"predictions": predictions_key, "labels": labels_key,
+               "shadow_predictions": shadow_stream_key(pipeline)}[table]
         rows = read_redis_rows(url, key, columns, start_us, end_us)
         for row in rows:
             parse_stream(row)
@@ -167,8 +190,8 @@ def read_predictions(pipeline: str, start: dt.datetime, end: dt.datetime, *,
     ``ts`` is a UTC timestamp; ``inputs`` and ``features`` are dicts; ``probability`` is NaN
     for regression. Rows are in time order, each (request_id, position) once.
     """
-    rows = _read_rows(pipeline, "predictions", PREDICTION_COLUMNS, start, end, settings,
-                      log_settings, _parse_stream_prediction)
+    rows = _read_rows(pipeline, "predictions", PREDICTION_COLUMNS, *_window(pipeline, start, end),
+                      settings, log_settings, _parse_stream_prediction)
     return _prediction_frame(rows)
 
 
@@ -177,6 +200,52 @@ def read_labels(pipeline: str, start: dt.datetime, end: dt.datetime, *,
                 log_settings: PredictionLogSettings | None = None) -> pd.DataFrame:
     """Labels received with ``start <= ts < end`` (columns ``LABEL_COLUMNS``), the latest per
     (request_id, entity_id)."""
-    rows = _read_rows(pipeline, "labels", LABEL_COLUMNS, start, end, settings, log_settings,
-                      _parse_stream_label)
+    rows = _read_rows(pipeline, "labels", LABEL_COLUMNS, *_window(pipeline, start, end),
+                      settings, log_settings, _parse_stream_label)
     return _label_frame(rows)
+
+
+def read_shadow_pairs(pipeline: str, start: dt.datetime, end: dt.datetime, *,
+                      labels_end: dt.datetime | None = None, settings: Settings | None = None,
+                      log_settings: PredictionLogSettings | None = None) -> pd.DataFrame:
+    """Live predictions with ``start <= ts < end`` beside the shadow rows of the same
+    ``(request_id, position)`` (columns ``SHADOW_PAIR_COLUMNS``), one row per pair.
+
+    ``ts`` is the live row's; a shadow row whose entity differs from the live row's is no pair
+    of it. ``label`` is the latest label of ``(request_id, entity_id)`` received in
+    ``[start, labels_end)`` (``labels_end`` defaults to ``end``), NaN when none arrived.
+    """
+    start_us, end_us = _window(pipeline, start, end)
+    labels_end_us = end_us if labels_end is None else _window(pipeline, start, labels_end)[1]
+    live = _prediction_frame(_read_rows(
+        pipeline, "predictions", PREDICTION_COLUMNS, start_us, end_us, settings, log_settings,
+        _parse_stream_prediction))
+    shadow = _prediction_frame(_read_rows(
+        pipeline, "shadow_predictions", PREDICTION_COLUMNS, start_us - SHADOW_MARGIN_US,
+        end_us + SHADOW_MARGIN_US, settings, log_settings, _parse_stream_prediction))
+    labels = _label_frame(_read_rows(
+        pipeline, "labels", LABEL_COLUMNS, start_us, labels_end_us, settings, log_settings,
+        _parse_stream_label))
+    return _pair_frame(live, shadow, labels)
+
+
+def _pair_frame(live: pd.DataFrame, shadow: pd.DataFrame, labels: pd.DataFrame
+                ) -> pd.DataFrame:
+    """Live and shadow prediction frames joined on (request_id, position, entity_id), with the
+    label of (request_id, entity_id) where there is one; in the live rows' time order."""
+    keys = ["request_id", "position", "entity_id"]
+    sides = []
+    for frame, side in ((live, "live"), (shadow, "shadow")):
+        part = frame[[*keys, "ts", "model_version", "prediction", "probability"]].rename(
+            columns={"model_version": f"{side}_version", "prediction": f"{side}_prediction",
+                     "probability": f"{side}_probability"})
+        sides.append(part.astype({"request_id": str, "entity_id": str, "position": "int64"}))
+    pairs = sides[0].merge(sides[1].drop(columns="ts"), on=keys, how="inner")
+    known = labels[["request_id", "entity_id", "label"]].astype(
+        {"request_id": str, "entity_id": str, "label": "float64"})
+    pairs = pairs.merge(known, on=["request_id", "entity_id"], how="left")
+    pairs = pairs.astype({"live_prediction": "float64", "live_probability": "float64",
+                          "shadow_prediction": "float64", "shadow_probability": "float64",
+                          "label": "float64"})
+    pairs = pairs.sort_values(["ts", "request_id", "position"], kind="stable")
+    return pairs[list(SHADOW_PAIR_COLUMNS)].reset_index(drop=True)

@@ -22,6 +22,11 @@ PREDICTION_COLUMNS = (
     "prediction", "probability",
 )
 LABEL_COLUMNS = ("request_id", "entity_id", "label", "ts")
+SHADOW_PAIR_COLUMNS = (
+    "request_id", "position", "entity_id", "ts", "live_version", "shadow_version",
+    "live_prediction", "live_probability", "shadow_prediction", "shadow_probability", "label",
+)
+"""The columns of :func:`~airmlops.serving.prediction_log.read_shadow_pairs`."""
 
 Observer = Callable[[str, int], None]
 """``observer(event, amount)``: event is ``logged``, ``labels_logged``, ``failed_writes``,

@@ -14,6 +14,13 @@ time, and the script drops the oldest (with their labels' hash and their appende
 
 A ``/feedback`` claim is one Lua script, which keeps the labels given so far in the hash
 ``<pipeline>:labeled:<request_id>``; Redis runs it atomically, whichever worker calls it.
+
+Shadow rows (:mod:`airmlops.serving.prediction_log.shadow`) live in their own namespace,
+``<pipeline>:shadow:``: the stream ``<pipeline>:shadow:predictions`` (same fields, ``MAXLEN ~``
+the same bound), the hash ``<pipeline>:shadow:appended:<request_id>`` that stores each
+``(request_id, position)`` once, and the sorted set ``<pipeline>:shadow:issued`` that bounds
+those hashes like ``<pipeline>:issued`` bounds the live ones. No request record is written for
+them, so a ``/feedback`` claim never finds a shadow row.
 """
 
 from __future__ import annotations
@@ -62,6 +69,16 @@ def appended_key(pipeline: str, request_id: str) -> str:
     """The hash of the rows of request ``request_id`` the log has appended (Redis): field
     ``p<position>`` per prediction, ``l<entity>`` -> ``<ts> <label>`` per logged label."""
     return f"{check_pipeline(pipeline)}:appended:{check_request_id(request_id)}"
+
+
+def shadow_stream_key(pipeline: str) -> str:
+    """The stream of a pipeline's shadow predictions (Redis)."""
+    return f"{check_pipeline(pipeline)}:shadow:predictions"
+
+
+def shadow_appended_key(pipeline: str, request_id: str) -> str:
+    """The hash of the shadow rows of live request ``request_id`` appended so far (Redis)."""
+    return f"{check_pipeline(pipeline)}:shadow:appended:{check_request_id(request_id)}"
 
 
 def redis_client(url: str, *, timeout: float) -> Any:
@@ -160,6 +177,29 @@ return {'stored'}
 """
 
 
+_SHADOW_SCRIPT = """
+-- KEYS: the shadow stream, the shadow issued sorted set, then each row's shadow appended key
+-- ARGV: maxlen, ttl (s), the shadow key prefix, then 9 field/value pairs per row
+local maxlen, ttl = ARGV[1], ARGV[2]
+local at = 4
+for row = 1, #KEYS - 2 do
+  local appended = KEYS[2 + row]
+  if redis.call('HSETNX', appended, 'p' .. ARGV[at + 3], '1') == 1 then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(ARGV, at, at + 17))
+    redis.call('EXPIRE', appended, ttl)
+    redis.call('ZADD', KEYS[2], 'NX', ARGV[at + 5], ARGV[at + 1])
+  end
+  at = at + 18
+end
+local excess = redis.call('ZCARD', KEYS[2]) - tonumber(maxlen)
+if excess > 0 then
+  local oldest = redis.call('ZPOPMIN', KEYS[2], excess)
+  for i = 1, #oldest, 2 do redis.call('DEL', ARGV[3] .. 'appended:' .. oldest[i]) end
+end
+return at
+"""
+
+
 class RedisLogBackend:
     """The log as two Redis Streams, each bounded by ``XADD MAXLEN ~ maxlen``.
 
@@ -179,6 +219,7 @@ class RedisLogBackend:
         self._client = client or redis_client(url, timeout=timeout)
         self._append = self._client.register_script(_APPEND_SCRIPT)
         self._claim = self._client.register_script(_CLAIM_SCRIPT)
+        self._append_shadow = self._client.register_script(_SHADOW_SCRIPT)
 
     @property
     def location(self) -> str:
@@ -192,16 +233,7 @@ class RedisLogBackend:
         if not predictions and not labels:
             return
         args: list[Any] = [self.maxlen, len(predictions), len(labels), self.label_window_s,
-                           f"{self.pipeline}:"]
-        for r in predictions:
-            args += (
-                "request_id", r.request_id, "position", r.position, "ts", r.ts_us,
-                "model_version", r.model_version, "entity_id", r.entity_id,
-                "inputs", to_json(clean_row(r.inputs)),
-                "features", to_json(clean_row(r.features)),
-                "prediction", repr(float(r.prediction)),
-                "probability", "" if r.probability is None else repr(float(r.probability)),
-            )
+                           f"{self.pipeline}:", *_prediction_fields(predictions)]
         for r in labels:
             args += ("request_id", r.request_id, "entity_id", r.entity_id,
                      "label", repr(float(r.label)), "ts", r.ts_us)
@@ -211,6 +243,17 @@ class RedisLogBackend:
                      appended_key(self.pipeline, r.request_id))
         keys += (appended_key(self.pipeline, r.request_id) for r in labels)
         self._append(keys=keys, args=args)
+
+    def write_shadow(self, predictions: Sequence[PredictionRecord]) -> None:
+        """XADD shadow rows to the shadow stream in one script call; a ``(request_id,
+        position)`` appended before is not appended again."""
+        if not predictions:
+            return
+        keys = [shadow_stream_key(self.pipeline), f"{self.pipeline}:shadow:issued",
+                *(shadow_appended_key(self.pipeline, r.request_id) for r in predictions)]
+        args = [self.maxlen, self.label_window_s, f"{self.pipeline}:shadow:",
+                *_prediction_fields(predictions)]
+        self._append_shadow(keys=keys, args=args)
 
     def claim_labels(self, request_id: str, labels: Sequence[LabelRecord], *,
                      overwrite: bool = False) -> LabelClaim:
@@ -233,6 +276,21 @@ class RedisLogBackend:
     def close(self) -> None:
         """Close the client's connections."""
         self._client.close()
+
+
+def _prediction_fields(predictions: Sequence[PredictionRecord]) -> list[Any]:
+    """The 9 field/value pairs of each prediction's stream entry, one row after another."""
+    fields: list[Any] = []
+    for r in predictions:
+        fields += (
+            "request_id", r.request_id, "position", r.position, "ts", r.ts_us,
+            "model_version", r.model_version, "entity_id", r.entity_id,
+            "inputs", to_json(clean_row(r.inputs)),
+            "features", to_json(clean_row(r.features)),
+            "prediction", repr(float(r.prediction)),
+            "probability", "" if r.probability is None else repr(float(r.probability)),
+        )
+    return fields
 
 
 def read_stream_rows(client: Any, key: str, columns: Sequence[str], start_us: int,

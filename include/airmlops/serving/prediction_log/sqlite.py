@@ -10,6 +10,12 @@ stored one only if it is not older, so a replayed label never undoes a later one
 
 A ``/feedback`` claim is one ``BEGIN IMMEDIATE`` transaction: SQLite's write lock makes the
 check and the insert one step for every process writing the file.
+
+``shadow_predictions`` (same columns and key as ``predictions``) holds what a challenger
+answered to mirrored requests (:mod:`airmlops.serving.prediction_log.shadow`), under the live
+request id. It is apart from ``predictions`` so no reader of the live log ever sees it, and no
+label is ever claimed against it. Each write trims it to its newest ``shadow_maxlen`` rows,
+the bound the Redis streams have.
 """
 
 from __future__ import annotations
@@ -40,11 +46,22 @@ _SQLITE_SCHEMA = (
     " request_id TEXT NOT NULL, entity_id TEXT NOT NULL, label REAL NOT NULL,"
     " ts INTEGER NOT NULL, PRIMARY KEY (request_id, entity_id))",
     "CREATE INDEX IF NOT EXISTS labels_ts ON labels (ts)",
+    "CREATE TABLE IF NOT EXISTS shadow_predictions ("
+    " request_id TEXT NOT NULL, position INTEGER NOT NULL, ts INTEGER NOT NULL,"
+    " model_version TEXT NOT NULL, entity_id TEXT NOT NULL, inputs TEXT NOT NULL,"
+    " features TEXT NOT NULL, prediction REAL, probability REAL,"
+    " PRIMARY KEY (request_id, position))",
+    "CREATE INDEX IF NOT EXISTS shadow_predictions_ts ON shadow_predictions (ts)",
 )
 _INSERT_PREDICTIONS = (
     "INSERT OR IGNORE INTO predictions (request_id, position, ts, model_version,"
     " entity_id, inputs, features, prediction, probability)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SHADOW = _INSERT_PREDICTIONS.replace("INTO predictions", "INTO shadow_predictions")
+_TRIM_SHADOW = (
+    "DELETE FROM shadow_predictions"
+    " WHERE rowid <= (SELECT MAX(rowid) FROM shadow_predictions) - ?"
 )
 _UPSERT_LABELS = (
     "INSERT INTO labels (request_id, entity_id, label, ts) VALUES (?, ?, ?, ?)"
@@ -64,8 +81,9 @@ class SqliteLogBackend:
     The connection is opened on first use, in the thread that writes (the log's writer thread).
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, shadow_maxlen: int = 1_000_000) -> None:
         self.path = Path(path)
+        self.shadow_maxlen = int(shadow_maxlen)
         self._db: sqlite3.Connection | None = None
 
     @property
@@ -105,13 +123,25 @@ class SqliteLogBackend:
         try:
             db.execute("BEGIN IMMEDIATE")
             if predictions:
-                db.executemany(_INSERT_PREDICTIONS, [
-                    (r.request_id, r.position, r.ts_us, r.model_version, r.entity_id,
-                     to_json(clean_row(r.inputs)), to_json(clean_row(r.features)), r.prediction,
-                     r.probability) for r in predictions])
+                db.executemany(_INSERT_PREDICTIONS, _prediction_rows(predictions))
             if labels:
                 db.executemany(_UPSERT_LABELS, [
                     (r.request_id, r.entity_id, r.label, r.ts_us) for r in labels])
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback(db)
+            raise
+
+    def write_shadow(self, predictions: Sequence[PredictionRecord]) -> None:
+        """Insert shadow rows into ``shadow_predictions`` in one transaction (a row already
+        present is left as it is), then keep only the newest ``shadow_maxlen`` rows."""
+        if not predictions:
+            return
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany(_INSERT_SHADOW, _prediction_rows(predictions))
+            db.execute(_TRIM_SHADOW, (self.shadow_maxlen,))
             db.execute("COMMIT")
         except BaseException:
             self._rollback(db)
@@ -159,6 +189,13 @@ class SqliteLogBackend:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _prediction_rows(predictions: Sequence[PredictionRecord]) -> list[tuple[Any, ...]]:
+    """The parameters of :data:`_INSERT_PREDICTIONS` for each record."""
+    return [(r.request_id, r.position, r.ts_us, r.model_version, r.entity_id,
+             to_json(clean_row(r.inputs)), to_json(clean_row(r.features)), r.prediction,
+             r.probability) for r in predictions]
 
 
 def read_sqlite_rows(path: Path, table: str, columns: Sequence[str], start_us: int,

@@ -45,7 +45,8 @@ Admin. ``/__proxy/`` is the admin prefix, never forwarded:
   ``{"status": "unavailable"|"empty", "message": ...}``;
 * ``GET /__proxy/state``: the routing table with each upstream's health, the counters and the
   per-slot statistics (``stats``: requests, errors, latency histogram) that
-  :func:`slot_stats` reads and :func:`bake_window` compares;
+  :func:`slot_stats` reads and :func:`bake_window` compares; the canary and shadow entries
+  too;
 * ``GET /__proxy/metrics``: the same in the Prometheus text format (``airmlops_proxy_*``);
 * ``POST /__proxy/switch`` ``{"slot", "version", "upstreams", "verify"}`` sets a slot and makes
   it active (the older ``{"upstream", "slot", "verify"}`` still works), after checking the
@@ -56,6 +57,23 @@ Admin. ``/__proxy/`` is the admin prefix, never forwarded:
   slot the canary: it takes the ``POST /predict`` requests whose entity id hashes below
   ``weight`` percent, sticky per entity (:mod:`.canary`); ``{"slot": null}`` clears it, and a
   switch to the canary's slot ends it. Without a canary no body is read before forwarding.
+* ``POST /__proxy/shadow`` ``{"slot", "percent"}`` makes a registered slot that is neither
+  active nor the canary the shadow (``percent`` 1..100, 100 by default); ``{"slot": null}``
+  clears it, and switching to the shadow's slot or removing it ends it.
+
+Shadow (:mod:`.shadow`). While a shadow is set and one of its serving upstreams is healthy,
+``POST /predict`` bodies are read before forwarding (as for a canary) and forwarded to the live
+route as usual. Only after the live answer has been sent, and only if it is a 200 carrying a valid
+``X-Request-ID`` (32 lowercase hex digits), the request may be mirrored: it is when the first 8
+hex digits of its id, mod 100, are below ``percent`` (deterministic per request). The copy is put
+on a bounded queue (256 by default) without waiting: a full queue drops it first
+(``shadow_dropped``), so live answers never wait for the shadow. A couple of workers (2 by
+default) send the queued copies to a healthy upstream of the shadow slot, with the client's
+proxied headers plus ``X-Airmlops-Shadow-Of: <live request id>``, within ``--read-timeout``
+and never retried. The shadow's answers go to no client: their status and latency count in the
+shadow slot's ``stats`` and in ``shadow_mirrored`` / ``shadow_errors`` (no connection, timeout,
+non-2xx). A client's own ``X-Airmlops-Shadow-Of`` is stripped from every forwarded request, so
+only the proxy marks a request as a shadow copy. Without a shadow nothing of this runs.
 
 The POSTs need ``Authorization: Bearer <token>``; the token is random, kept with mode 0600
 in the state directory (:func:`ensure_admin_token`). The table is persisted there, so a
@@ -70,7 +88,8 @@ Run it as ``python -m airmlops.serving.proxy --port N --state-dir D``.
 
 Modules: :mod:`.validation` (what is accepted, the admin token), :mod:`.table` (the routing
 table and its persistence), :mod:`.stats` (per-slot statistics, :func:`bake_window`),
-:mod:`.routing` (health and the route), :mod:`.canary` (the sticky split), :mod:`.headers`,
+:mod:`.routing` (health and the route), :mod:`.canary` (the sticky split), :mod:`.shadow` (the
+mirror), :mod:`.headers`,
 :mod:`.asgi`, :mod:`.admin`,
 :mod:`.app` (:class:`~airmlops.serving.proxy.app.ReverseProxy`), :mod:`.client` (what a deploy
 calls) and :mod:`.cli` (the process). Importing this package loads neither the ASGI
@@ -82,12 +101,14 @@ from __future__ import annotations
 from airmlops.serving.proxy.client import (
     ProxyAdminError,
     clear_canary,
+    clear_shadow,
     get_state,
     healthz,
     livez,
     proxy_url,
     register,
     set_canary,
+    set_shadow,
     slot_stats,
     switch,
 )
@@ -108,6 +129,7 @@ from airmlops.serving.proxy.table import (
     STATE_FILE,
     CanarySpec,
     RoutingTable,
+    ShadowSpec,
     SlotSpec,
     load_persisted_table,
     persist_table,
@@ -128,9 +150,10 @@ from airmlops.serving.proxy.validation import (
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT", "DEFAULT_HEALTH_INTERVAL", "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_READ_TIMEOUT", "HOST", "LATENCY_BUCKETS_MS", "MAX_SLOTS", "MAX_UPSTREAMS",
-    "STATE_FILE", "TOKEN_FILE", "CanarySpec", "ProxyAdminError", "RoutingTable", "SlotSpec",
-    "SlotStats", "bake_window", "clear_canary", "ensure_admin_token", "get_state", "healthz",
-    "livez", "load_persisted_table", "persist_table", "proxy_url", "register", "set_canary",
-    "slot_stats", "step_window", "switch", "validate_entity_key", "validate_port",
-    "validate_slot", "validate_upstream", "validate_upstreams", "validate_version",
+    "STATE_FILE", "TOKEN_FILE", "CanarySpec", "ProxyAdminError", "RoutingTable", "ShadowSpec",
+    "SlotSpec", "SlotStats", "bake_window", "clear_canary", "clear_shadow", "ensure_admin_token",
+    "get_state", "healthz", "livez", "load_persisted_table", "persist_table", "proxy_url",
+    "register", "set_canary", "set_shadow", "slot_stats", "step_window", "switch",
+    "validate_entity_key", "validate_port", "validate_slot", "validate_upstream",
+    "validate_upstreams", "validate_version",
 ]

@@ -13,9 +13,10 @@ from typing import Any
 from airmlops.serving.proxy.asgi import ClientError, Scope
 from airmlops.serving.proxy.routing import Router
 from airmlops.serving.proxy.stats import LATENCY_BUCKETS_MS, SlotStats
-from airmlops.serving.proxy.table import CanarySpec, RoutingTable, SlotSpec
+from airmlops.serving.proxy.table import CanarySpec, RoutingTable, ShadowSpec, SlotSpec
 from airmlops.serving.proxy.validation import (
     validate_entity_key,
+    validate_percent,
     validate_slot,
     validate_upstream,
     validate_upstreams,
@@ -27,16 +28,20 @@ ADMIN_PREFIX = "/__proxy/"
 ADMIN_BODY_LIMIT = 4096
 ENDPOINTS = frozenset(
     f"{ADMIN_PREFIX}{name}" for name in ("livez", "healthz", "state", "metrics", "switch",
-                                        "register", "canary"))
+                                        "register", "canary", "shadow"))
 _SWITCH_KEYS = frozenset({"slot", "version", "upstreams", "upstream", "verify", "spares"})
 _REGISTER_KEYS = frozenset({"slot", "version", "upstreams", "spares"})
 _CANARY_KEYS = frozenset({"slot", "weight", "entity_key"})
+_SHADOW_KEYS = frozenset({"slot", "percent"})
 _COUNTER_HELP = (
     ("upstream_errors", "Answers of 502 or 504: an upstream failed or timed out."),
     ("retries", "Requests sent a second time because the first attempt got no answer."),
     ("failovers", "Requests routed to another slot of the active slot's version."),
     ("unavailable", "Requests answered 503 because no upstream was healthy."),
     ("switches", "Switches of the active slot."),
+    ("shadow_mirrored", "Copies of live requests sent to the shadow slot."),
+    ("shadow_dropped", "Copies of live requests dropped: the shadow queue was full."),
+    ("shadow_errors", "Copies the shadow slot failed: no connection, timeout or non-2xx."),
 )
 
 
@@ -126,6 +131,21 @@ def parse_canary(body: bytes) -> CanarySpec | None:
         raise ClientError(400, "bad_request", f"invalid canary request: {exc}") from None
 
 
+def parse_shadow(body: bytes) -> ShadowSpec | None:
+    """The shadow ``body`` asks for: ``{"slot", "percent"}`` sets one (``percent`` 100 when
+    omitted), ``{"slot": null}`` clears it; else ClientError 400 naming the field."""
+    try:
+        request = _admin_request(body, _SHADOW_KEYS)
+        if request.get("slot") is None:
+            if set(request) - {"slot"}:
+                raise ValueError("clearing the shadow ('slot': null) takes no other field")
+            return None
+        return ShadowSpec(validate_slot(request["slot"]),
+                          validate_percent(request.get("percent", 100)))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClientError(400, "bad_request", f"invalid shadow request: {exc}") from None
+
+
 def _admin_request(body: bytes, allowed: frozenset[str]) -> dict[str, Any]:
     """``body`` as a JSON object of no field outside ``allowed``; else ValueError."""
     request = json.loads(body or b"null")
@@ -171,6 +191,8 @@ def render_state(router: Router, counters: Mapping[str, int], generation: int,
         "generation": generation,
         "canary": table.canary.to_json() if table.canary else None,
         "canary_routing": router.canary is not None,
+        "shadow": table.shadow.to_json() if table.shadow else None,
+        "shadow_routing": router.shadow is not None,
         **counters,
         "slots": {
             name: {"version": slot.version, "active": name == table.active,

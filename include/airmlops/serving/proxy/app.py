@@ -21,6 +21,7 @@ from airmlops.serving.proxy.admin import (
     is_admin_path,
     parse_canary,
     parse_register,
+    parse_shadow,
     parse_switch,
     render_metrics,
     render_state,
@@ -58,6 +59,7 @@ from airmlops.serving.proxy.settings import (
     KEEPALIVE_EXPIRY,
     VERIFY_TIMEOUT,
 )
+from airmlops.serving.proxy.shadow import SHADOW_QUEUE_SIZE, SHADOW_WORKERS, Mirror
 from airmlops.serving.proxy.table import (
     MAX_SLOTS,
     RoutingTable,
@@ -89,9 +91,12 @@ class ReverseProxy:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         max_connections: int = 256,
         health_interval: float = DEFAULT_HEALTH_INTERVAL,
+        shadow_queue_size: int = SHADOW_QUEUE_SIZE,
+        shadow_workers: int = SHADOW_WORKERS,
     ) -> None:
         """A proxy keeping its token and table in ``state_dir``, routing by ``table`` (the
-        persisted one when None)."""
+        persisted one when None), mirroring to a shadow through ``shadow_workers`` workers and
+        a queue of ``shadow_queue_size`` copies."""
         self.state_dir = Path(state_dir)
         self.token = ensure_admin_token(self.state_dir)
         self.connect_timeout = connect_timeout
@@ -107,6 +112,8 @@ class ReverseProxy:
         self._pool: UpstreamPool | None = None
         self._switch_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        self.mirror = Mirror(self.router, self.counters, lambda: self.pool, read_timeout,
+                             queue_size=shadow_queue_size, workers=shadow_workers)
 
     # -- ASGI entry point and lifespan ----------------------------------------------------------
 
@@ -126,14 +133,15 @@ class ReverseProxy:
             await self._forward(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
-        """Start the upstream pool and the background tasks; stop them at shutdown."""
+        """Start the upstream pool and the background tasks (health checks, the shadow's
+        workers); stop them at shutdown."""
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._pool = self._make_pool()
                 loop = asyncio.get_running_loop()
                 self._tasks = [loop.create_task(self._sweep()),
-                               loop.create_task(self._check_health())]
+                               loop.create_task(self._check_health()), *self.mirror.start()]
                 _freeze_startup_objects()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -189,21 +197,26 @@ class ReverseProxy:
     # -- forwarding ---------------------------------------------------------------------------
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Forward one request and send its answer, charging it to a slot's statistics."""
+        """Forward one request and send its answer, charging it to a slot's statistics; then
+        offer it to the shadow, if one is set (:mod:`.shadow`)."""
         started = time.perf_counter()
         counters = self.counters
         counters["requests"] += 1
-        route = self.router.route
+        router = self.router
+        route = router.route
         charged = route.owner  # the slot whose statistics this answer counts in
-        body: bytes | None = None  # read first only to split a canary's traffic
+        body: bytes | None = None  # read first only to split a canary's traffic or mirror it
+        canary, shadow = router.canary, router.shadow
         try:
-            canary = self.router.canary
-            if canary is not None and scope["path"] == CANARY_PATH and scope["method"] == "POST":
-                body = await self._read_body(scope, receive)
-                if canary.takes(body):
-                    route = canary.route
-                    charged = route.owner
-            backend = self.router.pick(route.candidates)
+            if canary is not None or shadow is not None:
+                if scope["path"] == CANARY_PATH and scope["method"] == "POST":
+                    body = await self._read_body(scope, receive)
+                    if canary is not None and canary.takes(body):
+                        route = canary.route
+                        charged = route.owner
+                else:
+                    shadow = None  # only POST /predict is mirrored
+            backend = router.pick(route.candidates)
             if backend is None:
                 counters["unavailable"] += 1
                 raise ClientError(
@@ -219,8 +232,9 @@ class ReverseProxy:
                         413, "body_too_large", f"request body exceeds {self.max_body_bytes} bytes"
                     )
                 body = await read_body(receive, self.max_body_bytes)
+            target, headers = _target(scope), proxied_request_headers(scope)
             response, backend = await self._exchange(
-                backend, method, _target(scope), proxied_request_headers(scope),
+                backend, method, target, headers,
                 body if body or method not in _IDEMPOTENT else None)
             charged = backend.stats
             status, content = response.status, response.body
@@ -232,6 +246,8 @@ class ReverseProxy:
             })
             await send({"type": "http.response.body",
                         "body": b"" if method == "HEAD" else content})
+            if shadow is not None and status == 200:  # after the live answer, never before
+                self.mirror.offer(shadow, response.headers, target, headers, body or b"")
         except ClientError as exc:
             if exc.charged is not None:
                 charged = exc.charged
@@ -335,6 +351,10 @@ class ReverseProxy:
             authenticate(scope, self.token)
             await send_json(send, 200, await self._canary(await read_body(
                 receive, ADMIN_BODY_LIMIT)))
+        elif path == "/__proxy/shadow" and method == "POST":
+            authenticate(scope, self.token)
+            await send_json(send, 200, await self._shadow(await read_body(
+                receive, ADMIN_BODY_LIMIT)))
         elif path in ENDPOINTS:
             raise ClientError(405, "method_not_allowed", f"{method} is not allowed on {path}")
         else:
@@ -421,6 +441,21 @@ class ReverseProxy:
         logger.info("canary %s", f"slot {canary.slot} at {canary.weight} % by "
                     f"{canary.entity_key}" if canary else "cleared")
         return {"canary": canary.to_json() if canary else None, "active": table.active,
+                "generation": self.generation}
+
+    async def _shadow(self, body: bytes) -> dict[str, Any]:
+        """Set (or, with ``"slot": null``, clear) the shadow ``body`` describes; 409 when its
+        slot is not a registered slot other than the active and the canary's."""
+        shadow = parse_shadow(body)
+        async with self._switch_lock:
+            try:
+                table = self.router.table.with_shadow(shadow)
+            except ValueError as exc:
+                raise ClientError(409, "shadow_refused", str(exc)) from None
+            self._change(table)
+        logger.info("shadow %s", f"slot {shadow.slot} at {shadow.percent} %" if shadow
+                    else "cleared")
+        return {"shadow": shadow.to_json() if shadow else None, "active": table.active,
                 "generation": self.generation}
 
     def _change(self, table: RoutingTable,

@@ -27,6 +27,7 @@ from airmlops.serving.proxy.settings import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_READ_TIMEOUT,
 )
+from airmlops.serving.proxy.shadow import SHADOW_QUEUE_SIZE, SHADOW_WORKERS
 from airmlops.serving.proxy.table import (
     MAX_SLOTS,
     RoutingTable,
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds an idle client connection is kept open")
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
                         help="open client connections; a request on one beyond gets 503")
+    parser.add_argument("--shadow-queue-size", type=int, default=SHADOW_QUEUE_SIZE,
+                        help="copies of live requests waiting for the shadow at most; more are "
+                        "dropped")
+    parser.add_argument("--shadow-workers", type=int, default=SHADOW_WORKERS,
+                        help="copies sent to the shadow slot at once at most")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     return parser
 
@@ -94,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         limits = _limits(args)
         if not 0.05 <= args.health_interval <= 3600:
             raise ValueError(f"--health-interval {args.health_interval:g} is not in 0.05..3600 s")
+        if not 1 <= args.shadow_queue_size <= 65536 or not 1 <= args.shadow_workers <= 64:
+            raise ValueError("--shadow-queue-size must be in 1..65536, --shadow-workers in 1..64")
         table = _initial_table(args)
     except ValueError as exc:
         print(f"proxy: {exc}", file=sys.stderr)
@@ -105,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         read_timeout=args.read_timeout,
         max_body_bytes=args.max_body_bytes,
         health_interval=args.health_interval,
+        shadow_queue_size=args.shadow_queue_size,
+        shadow_workers=args.shadow_workers,
     )
     if args.upstream:
         persist_table(args.state_dir, table)

@@ -11,6 +11,7 @@ from typing import Any
 from airmlops.serving.proxy.validation import (
     HOST,
     validate_entity_key,
+    validate_percent,
     validate_port,
     validate_slot,
     validate_upstreams,
@@ -149,6 +150,23 @@ def clear_canary(port: int, token: str, *, timeout: float = 10.0) -> dict[str, A
     """End the canary of the proxy on ``port``: every request goes to the active slot again
     (a no-op without a canary)."""
     return _admin_post(port, token, "canary", {"slot": None}, timeout)
+
+
+def set_shadow(port: int, token: str, slot: str, percent: int = 100, *,
+               timeout: float = 10.0) -> dict[str, Any]:
+    """Make the registered ``slot`` (neither the active one nor the canary's) the shadow of the
+    proxy on ``port``: after each live /predict answer of 200, ``percent`` percent of the
+    requests (chosen by request id) are sent to it too, and its answers are only counted
+    (:mod:`airmlops.serving.proxy.shadow`). Raises :class:`ProxyAdminError` on a refusal (409
+    for such a slot), ValueError on an invalid argument."""
+    payload = {"slot": validate_slot(slot), "percent": validate_percent(percent)}
+    return _admin_post(port, token, "shadow", payload, timeout)
+
+
+def clear_shadow(port: int, token: str, *, timeout: float = 10.0) -> dict[str, Any]:
+    """End the shadow of the proxy on ``port``: nothing is mirrored any more (copies already
+    queued are dropped); a no-op without a shadow."""
+    return _admin_post(port, token, "shadow", {"slot": None}, timeout)
 
 
 def _admin_post(port: int, token: str, action: str, payload: Mapping[str, Any],

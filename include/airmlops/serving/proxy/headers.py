@@ -1,7 +1,8 @@
 """Which headers pass the proxy, in each direction, and which it sets itself.
 
-Hop-by-hop headers (and those a ``Connection`` header declares so) stop at the proxy; the
-request gains ``X-Forwarded-*``, the answer its length and ``X-Upstream-Slot``.
+Hop-by-hop headers (and those a ``Connection`` header declares so) stop at the proxy, and so does
+a client's ``X-Airmlops-Shadow-Of``; the request gains ``X-Forwarded-*``, the answer its length
+and ``X-Upstream-Slot``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from airmlops.serving.proxy.asgi import Scope
+from airmlops.serving.shadow_header import SHADOW_HEADER
 
 SLOT_HEADER = "x-upstream-slot"
 
@@ -27,7 +29,8 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _NOT_FORWARDED = _HOP_BY_HOP | {"content-length", "expect"}
-_REPLACED = frozenset({"x-forwarded-host", "x-forwarded-proto"})  # set by the proxy
+_REPLACED = frozenset({"x-forwarded-host", "x-forwarded-proto",  # set by the proxy
+                       SHADOW_HEADER.lower()})  # only a mirrored copy carries it (no forgery)
 
 
 def declared_length(scope: Scope) -> int | None:
@@ -51,6 +54,7 @@ def _connection_tokens(values: Sequence[str]) -> frozenset[str]:
 def proxied_request_headers(scope: Scope) -> list[tuple[str, str]]:
     """The client's end-to-end headers plus ``X-Forwarded-*`` (Host becomes the upstream's).
 
+    A client's ``X-Airmlops-Shadow-Of`` is dropped: only the proxy's mirror sets it.
     ``Expect`` is answered by the proxy's own server (it has the whole body before
     forwarding), so it is not passed on either."""
     raw: list[tuple[bytes, bytes]] = scope["headers"]

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from airmlops.serving.proxy.canary import CanaryRoute
+from airmlops.serving.proxy.shadow import ShadowRoute
 from airmlops.serving.proxy.stats import SlotStats
 from airmlops.serving.proxy.table import RoutingTable
 from airmlops.serving.proxy.validation import HOST
@@ -78,6 +79,7 @@ class Router:
         self.backends: dict[str, tuple[Backend, ...]] = {}
         self.route = Route("empty", (), self.unrouted)
         self.canary: CanaryRoute | None = None  # None: no canary, or none of it is healthy
+        self.shadow: ShadowRoute | None = None  # None: no shadow, or none of it is healthy
         self._turn = 0
         self.install(table)
 
@@ -156,6 +158,7 @@ class Router:
         previous = self.route
         self.route = route = self._compute_route()
         self.canary = self._compute_canary()
+        self.shadow = self._compute_shadow()
         if route.mode == previous.mode or route.owner is not previous.owner:
             return  # the same episode, or another active slot (a switch logs itself)
         spec = self._table.active_spec
@@ -201,6 +204,19 @@ class Router:
             return None
         route = Route("ok", ready, self.stats_for(canary.slot))
         return CanaryRoute(canary.slot, canary.weight, canary.entity_key, route)
+
+    def _compute_shadow(self) -> ShadowRoute | None:
+        """The shadow the table and the upstreams' health give now: None without a shadow, or
+        when none of its serving upstreams is healthy (nothing is mirrored)."""
+        shadow = self._table.shadow
+        if shadow is None:
+            return None
+        spec = self._table.slots[shadow.slot]
+        ready = tuple(b for b in self.backends[shadow.slot][:spec.serving] if b.healthy)
+        if not ready:
+            return None
+        return ShadowRoute(shadow.slot, shadow.percent,
+                           Route("ok", ready, self.stats_for(shadow.slot)))
 
 
 def _set_checked(backend: Backend, error: str | None) -> None:

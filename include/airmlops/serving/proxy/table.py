@@ -15,6 +15,7 @@ from typing import Any
 
 from airmlops.serving.proxy.validation import (
     validate_entity_key,
+    validate_percent,
     validate_slot,
     validate_upstream,
     validate_upstreams,
@@ -84,6 +85,31 @@ class CanarySpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShadowSpec:
+    """A shadow beside the active slot: ``slot`` is sent a copy of ``percent`` percent of the
+    live /predict requests (after their live answer, which it never changes)."""
+
+    slot: str
+    percent: int = 100
+
+    def __post_init__(self) -> None:
+        """Refuse a malformed slot or percent (ValueError naming the field)."""
+        validate_slot(self.slot)
+        validate_percent(self.percent)
+
+    def to_json(self) -> dict[str, Any]:
+        """This shadow as the persisted JSON object."""
+        return {"slot": self.slot, "percent": self.percent}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ShadowSpec:
+        """The shadow :meth:`to_json` wrote; ValueError if it is not one."""
+        if not isinstance(data, dict) or set(data) != {"slot", "percent"}:
+            raise ValueError("'shadow' must be an object of 'slot' and 'percent'")
+        return cls(data["slot"], data["percent"])
+
+
+@dataclasses.dataclass(frozen=True)
 class RoutingTable:
     """The slots the proxy knows and which one is active. Never mutated: a change builds a new
     table, so a request that read the routing on arrival keeps a consistent view."""
@@ -91,10 +117,11 @@ class RoutingTable:
     slots: Mapping[str, SlotSpec] = dataclasses.field(default_factory=dict)
     active: str | None = None
     canary: CanarySpec | None = None
+    shadow: ShadowSpec | None = None
 
     def __post_init__(self) -> None:
-        """Refuse an active slot the table does not hold, and a canary that is not another
-        slot of the table beside an active one."""
+        """Refuse an active slot the table does not hold, a canary that is not another slot
+        of the table beside an active one, and a shadow that is not a third."""
         if self.active is not None and self.active not in self.slots:
             raise ValueError(f"the active slot {self.active!r} is not in the table")
         if self.canary is not None:
@@ -103,6 +130,8 @@ class RoutingTable:
             if self.canary.slot == self.active or self.canary.slot not in self.slots:
                 raise ValueError(f"the canary slot {self.canary.slot!r} must be a registered "
                                  "slot other than the active one")
+        if self.shadow is not None:
+            _check_shadow(self, self.shadow.slot)
 
     @property
     def active_spec(self) -> SlotSpec | None:
@@ -111,33 +140,45 @@ class RoutingTable:
 
     def with_slot(self, name: str, spec: SlotSpec, *, activate: bool) -> RoutingTable:
         """This table with slot ``name`` set to ``spec`` (and made active if ``activate``).
-        Activating the canary's slot ends the canary: it now takes all the traffic."""
-        canary = self.canary
+        Activating the canary's slot ends the canary: it now takes all the traffic; activating
+        the shadow's slot ends the shadow (it is live now)."""
+        canary, shadow = self.canary, self.shadow
         if activate and canary is not None and canary.slot == name:
             canary = None
+        if activate and shadow is not None and shadow.slot == name:
+            shadow = None
         return RoutingTable({**self.slots, name: spec}, name if activate else self.active,
-                            canary)
+                            canary, shadow)
 
     def without_slot(self, name: str) -> RoutingTable:
         """This table without slot ``name`` (which must not be the active one); removing the
-        canary's slot ends the canary."""
+        canary's or the shadow's slot ends the canary or the shadow."""
         if name == self.active:
             raise ValueError(f"slot {name!r} is active")
         canary = None if self.canary is not None and self.canary.slot == name else self.canary
+        shadow = None if self.shadow is not None and self.shadow.slot == name else self.shadow
         return RoutingTable({k: v for k, v in self.slots.items() if k != name}, self.active,
-                            canary)
+                            canary, shadow)
 
     def with_canary(self, canary: CanarySpec | None) -> RoutingTable:
         """This table with ``canary`` set (None: no canary); ValueError if it does not fit."""
-        return RoutingTable(self.slots, self.active, canary)
+        return RoutingTable(self.slots, self.active, canary, self.shadow)
+
+    def with_shadow(self, shadow: ShadowSpec | None) -> RoutingTable:
+        """This table with ``shadow`` set (None: no shadow); ValueError if its slot is not
+        registered, is the active slot or is the canary's."""
+        return RoutingTable(self.slots, self.active, self.canary, shadow)
 
     def to_json(self) -> dict[str, Any]:
-        """This table as the persisted JSON object (``canary`` only when one is set)."""
+        """This table as the persisted JSON object (``canary`` and ``shadow`` only when
+        set)."""
         data: dict[str, Any] = {
             "active": self.active,
             "slots": {name: spec.to_json() for name, spec in self.slots.items()}}
         if self.canary is not None:
             data["canary"] = self.canary.to_json()
+        if self.shadow is not None:
+            data["shadow"] = self.shadow.to_json()
         return data
 
     @classmethod
@@ -161,8 +202,25 @@ class RoutingTable:
                                                   spec.get("spares", 0))
         active = data.get("active")
         canary = data.get("canary")
+        shadow = data.get("shadow")
         return cls(table, validate_slot(active) if active is not None else None,
-                   CanarySpec.from_json(canary) if canary is not None else None)
+                   CanarySpec.from_json(canary) if canary is not None else None,
+                   ShadowSpec.from_json(shadow) if shadow is not None else None)
+
+
+def _check_shadow(table: RoutingTable, slot: str) -> None:
+    """Refuse a shadow ``slot`` that ``table`` does not hold, or that already serves live
+    traffic (the active slot, the canary's); ValueError saying which."""
+    if table.active is None:
+        raise ValueError("a shadow needs an active slot whose traffic it mirrors")
+    if slot not in table.slots:
+        raise ValueError(f"the shadow slot {slot!r} is not registered: register it first")
+    if slot == table.active:
+        raise ValueError(f"the shadow slot {slot!r} is the active slot: it already serves the "
+                         "live traffic")
+    if table.canary is not None and slot == table.canary.slot:
+        raise ValueError(f"the shadow slot {slot!r} is the canary slot: it already serves "
+                         "live traffic")
 
 
 def persist_table(state_dir: Path, table: RoutingTable) -> None:

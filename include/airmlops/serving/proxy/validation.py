@@ -104,6 +104,14 @@ def validate_weight(weight: int) -> int:
     return weight
 
 
+def validate_percent(percent: int) -> int:
+    """Return ``percent`` (the share of live requests a shadow mirrors) if it is an int in
+    1..100; else ValueError naming the field."""
+    if isinstance(percent, bool) or not isinstance(percent, int) or not 1 <= percent <= 100:
+        raise ValueError(f"'percent' must be an int percent in 1..100, got {percent!r}")
+    return percent
+
+
 def validate_entity_key(key: str) -> str:
     """Return ``key`` (the request field holding the entity id) if it is a column name; else
     ValueError naming the field."""

@@ -1,0 +1,161 @@
+"""Shadow mirroring: a copy of live /predict requests sent to a challenger slot, afterwards.
+
+Only a ``POST /predict`` whose live answer was 200 and carried a valid ``X-Request-ID`` (32
+lowercase hex digits) is mirrored, and only once that answer has been sent. Whether it is
+mirrored depends on its request id alone (its first 8 hex digits mod 100 below ``percent``), so
+the selection is deterministic and ``percent`` of the answers on average. The copy goes into a
+bounded queue with ``put_nowait``: when the queue is full it is dropped and counted, so the live
+answer never waits for the shadow. A few workers send the queued copies, one at a time each, to a
+healthy serving upstream of the shadow slot, with the client's proxied headers plus
+:data:`~airmlops.serving.shadow_header.SHADOW_HEADER` (the live request id); never retried, and
+their answers go nowhere but into the shadow slot's statistics and the ``shadow_*`` counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, MutableMapping, Sequence
+from typing import TYPE_CHECKING
+
+from airmlops.serving.shadow_header import SHADOW_HEADER
+
+if TYPE_CHECKING:
+    from airmlops.serving.proxy.routing import Backend, Route, Router
+    from airmlops.serving.upstream import UpstreamPool
+
+logger = logging.getLogger("airmlops.serving.proxy")
+
+SHADOW_QUEUE_SIZE = 256
+"""Copies waiting for a worker at most; one more is dropped (``shadow_dropped``)."""
+SHADOW_WORKERS = 2
+"""Copies sent to the shadow at once at most."""
+SHADOW_COUNTERS = ("shadow_mirrored", "shadow_dropped", "shadow_errors")
+
+_REQUEST_ID = re.compile(rb"[0-9a-f]{32}")
+
+
+def request_id_of(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The live answer's ``X-Request-ID`` if it is 32 lowercase hex digits, else None."""
+    for name, value in headers:
+        if name.lower() == b"x-request-id":
+            return value.decode() if _REQUEST_ID.fullmatch(value) else None
+    return None
+
+
+def selected(request_id: str, percent: int) -> bool:
+    """True if the request ``request_id`` is mirrored at ``percent`` percent."""
+    return int(request_id[:8], 16) % 100 < percent
+
+
+class ShadowRoute:
+    """The shadow in force: its slot, its percent and its route (the healthy serving upstreams
+    of the shadow slot). Replaced, never mutated, like :class:`Route`."""
+
+    __slots__ = ("percent", "route", "slot")
+
+    def __init__(self, slot: str, percent: int, route: Route) -> None:
+        """The shadow ``slot`` mirroring ``percent`` percent of the requests through ``route``."""
+        self.slot = slot
+        self.percent = percent
+        self.route = route
+
+
+class ShadowCopy:
+    """One mirrored request waiting in the queue: the live request id, target, headers, body."""
+
+    __slots__ = ("body", "headers", "request_id", "target")
+
+    def __init__(self, request_id: str, target: str, headers: list[tuple[str, str]],
+                 body: bytes) -> None:
+        """The copy of the live request ``request_id``."""
+        self.request_id, self.target, self.headers, self.body = request_id, target, headers, body
+
+
+class Mirror:
+    """The bounded queue of copies and the workers that send them to the shadow slot."""
+
+    def __init__(self, router: Router, counters: MutableMapping[str, int],
+                 pool: Callable[[], UpstreamPool], read_timeout: float, *,
+                 queue_size: int = SHADOW_QUEUE_SIZE, workers: int = SHADOW_WORKERS) -> None:
+        """Mirror to ``router``'s shadow through ``pool()``, counting in ``counters``."""
+        if queue_size < 1 or workers < 1:
+            raise ValueError("the shadow queue size and worker count must be at least 1")
+        self.router, self.counters, self.pool = router, counters, pool
+        self.read_timeout = read_timeout
+        self.queue: asyncio.Queue[ShadowCopy] = asyncio.Queue(queue_size)
+        self.workers = workers
+        self.tasks: list[asyncio.Task[None]] = []
+        self._turn = 0
+        for key in SHADOW_COUNTERS:
+            counters.setdefault(key, 0)
+
+    def start(self) -> list[asyncio.Task[None]]:
+        """Start the workers in the running loop (once); their tasks."""
+        if not self.tasks:
+            loop = asyncio.get_running_loop()
+            self.tasks = [loop.create_task(self._work()) for _ in range(self.workers)]
+        return self.tasks
+
+    def offer(self, shadow: ShadowRoute, response_headers: Sequence[tuple[bytes, bytes]],
+              target: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Queue a copy of the live request just answered 200 with ``response_headers`` if it
+        is selected; drop it (counted) when the queue is full. Never waits, never raises."""
+        request_id = request_id_of(response_headers)
+        if request_id is None or not selected(request_id, shadow.percent):
+            return
+        if not self.tasks:  # served without lifespan: start the workers on first use
+            self.start()
+        try:
+            self.queue.put_nowait(ShadowCopy(request_id, target, headers, body))
+        except asyncio.QueueFull:
+            self.counters["shadow_dropped"] += 1
+
+    async def _work(self) -> None:
+        """Send queued copies, one at a time, until cancelled."""
+        while True:
+            copy = await self.queue.get()
+            try:
+                await self._send(copy)
+            except Exception:  # a bug here must not stop the worker for good
+                logger.exception("mirroring request %s failed", copy.request_id)
+
+    async def _send(self, copy: ShadowCopy) -> None:
+        """Send ``copy`` to a healthy upstream of the shadow in force (dropped, counted, when
+        there is none any more) and record its answer in the shadow slot's statistics."""
+        shadow = self.router.shadow
+        if shadow is None:
+            self.counters["shadow_dropped"] += 1
+            return
+        candidates = shadow.route.candidates
+        self._turn = (self._turn + 1) % len(candidates)
+        backend = candidates[self._turn]
+        self.counters["shadow_mirrored"] += 1
+        started = time.perf_counter()
+        status = await self._exchange(backend, copy)
+        backend.stats.record(status, time.perf_counter() - started)
+        if not 200 <= status < 300:
+            self.counters["shadow_errors"] += 1
+
+    async def _exchange(self, backend: Backend, copy: ShadowCopy) -> int:
+        """The status ``backend`` answered ``copy`` with; 504 if it did not within the read
+        timeout, 502 if it could not be reached or answered invalidly (never retried)."""
+        from airmlops.serving.upstream import UpstreamConnectError, UpstreamError
+
+        headers = [*copy.headers, (SHADOW_HEADER, copy.request_id)]
+        try:
+            response = await self.pool().request(backend.host, backend.port, "POST",
+                                                  copy.target, headers, copy.body,
+                                                  timeout=self.read_timeout)
+        except TimeoutError:
+            logger.warning("shadow upstream %s (%s) timed out", backend.url, backend.slot)
+            return 504
+        except UpstreamConnectError as exc:
+            self.router.mark(backend, f"{type(exc).__name__}: {exc}", fall=1)
+            return 502
+        except UpstreamError as exc:
+            logger.warning("shadow upstream %s (%s) failed: %r", backend.url, backend.slot, exc)
+            return 502
+        return response.status
