@@ -2,10 +2,11 @@
 
 Prepares what the benchmarks share (a ``redis-server`` binary, the bench-only Feast venv
 ``benchmarks/.venv-feast``), then runs, in order: online features, point-in-time retrieval,
-monitoring, serving, the canary split, the training DAG. Each writes ``results/<name>.json`` and
-``.md``; this script writes ``results/summary.md`` / ``summary.json`` (status, duration and the
-machine's load average around each benchmark: other work on the machine skews latency) and
-replaces the figures between the markers in ``benchmarks/README.md``.
+monitoring, serving, the canary split, shadow mirroring, the training DAG. Each writes
+``results/<name>.json`` and ``.md``; this script writes ``results/summary.md`` /
+``summary.json`` (status, duration and the machine's load average around each benchmark: other
+work on the machine skews latency) and replaces the figures between the markers in
+``benchmarks/README.md``.
 
     .venv/bin/python benchmarks/run_all.py                 # everything
     .venv/bin/python benchmarks/run_all.py --only online,pit
@@ -35,6 +36,7 @@ BENCHMARKS = (
     ("monitoring", "bench_monitoring.py", 540, ["--sizes", "100000"]),
     ("serving", "bench_serving.py", 720, ["--quick"]),
     ("canary", "bench_canary.py", 180, ["--quick"]),
+    ("shadow", "bench_shadow.py", 600, ["--quick"]),
     ("training_dag", "bench_training_dag.py", 420, []),
 )
 README = common.BENCH_DIR / "README.md"

@@ -181,11 +181,14 @@ def deploy(spec: PipelineSpec, packaged: Package, trained: TrainedModel,
     except deployer.ShadowRejected as exc:  # a BakeFailed: the old version serves, alert
         log.error("deploy %s: version %s was not promoted from its shadow: %s", spec.name,
                   version, exc.reason)
+        _record_shadow(spec, version, "rejected", exc.judgement, run, settings)
         stage_alert(spec, "rollback", f"version {version} rejected after its shadow",
                     {"shadow": exc.judgement})
         raise
     if result.canary is not None:
         _record_canary(spec, version, "promoted", result.canary, canary, run, settings)
+    if result.shadow is not None:
+        _record_shadow(spec, version, "promoted", result.shadow, run, settings)
     log.info("deploy %s: version %s serves at %s from slot %s (%s); previous %s kept for "
              "rollback; timings %s", spec.name, version, result.stable_url, result.slot,
              target, result.previous_version, result.timings)
@@ -212,6 +215,17 @@ def _record_canary(spec: PipelineSpec, version: str, outcome: str,
     record = deploy_records.canary_record(spec.name, version, outcome, steps, plan,
                                           run.as_of.isoformat())
     deploy_records.record_canary(spec.registered_model_name, version, record,
+                                 settings.mlflow_tracking_uri)
+
+
+def _record_shadow(spec: PipelineSpec, version: str, outcome: str, judgement: dict[str, Any],
+                   run: RunContext, settings: Settings) -> None:
+    """The shadow's judgement on the model version in MLflow (best effort: never raises)."""
+    from airmlops.serving import deploy_records
+
+    record = {"pipeline": spec.name, "version": version, "outcome": outcome,
+              "started_at": run.as_of.isoformat(), "judgement": judgement}
+    deploy_records.record_shadow(spec.registered_model_name, version, record,
                                  settings.mlflow_tracking_uri)
 
 

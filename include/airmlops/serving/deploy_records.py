@@ -1,4 +1,4 @@
-"""What a canary deploy leaves in the model registry, on the version it tried.
+"""What a canary or shadow deploy leaves in the model registry, on the version it tried.
 
 When a canary ends, promoted or rolled back, the deploy stage records it on the MLflow model
 version: the whole record (outcome, plan, every step's numbers) as the JSON artifact
@@ -12,7 +12,13 @@ to filter and read at a glance:
   later canary of the same version is promoted);
 * ``canary.artifact``: where the record is, ``runs:/<run id>/deploy/canary-<version>.json``.
 
-The deployment state file keeps the same steps for the MLOps view. Writing here is best effort:
+A shadow deploy, promoted or rejected, leaves its judgement (the mirrored window's traffic on
+both sides, the comparison of the two models' predictions and the rules broken) the same way:
+the artifact ``deploy/shadow-<version>.json`` and the tags ``shadow.outcome`` (``promoted`` or
+``rejected``), ``shadow.pairs``, ``shadow.agreement``, ``shadow.score_ks`` and
+``shadow.artifact``.
+
+The deployment state file keeps the same records for the MLOps view. Writing here is best effort:
 the deploy has already been decided, so a failure is logged and never raised.
 """
 
@@ -60,12 +66,27 @@ def canary_tags(record: Mapping[str, Any]) -> dict[str, str]:
     return tags
 
 
-def artifact_path(version: str) -> str:
-    """The record's path in the version's run: ``deploy/canary-<version>.json``."""
+def shadow_tags(record: Mapping[str, Any]) -> dict[str, str]:
+    """The compact version tags of a shadow record (``{"outcome", "judgement"}`` as the state
+    file keeps it; without ``shadow.artifact``)."""
+    comparison = (record.get("judgement") or {}).get("comparison") or {}
+    tags = {"shadow.outcome": str(record["outcome"])}
+    for key, field in (("shadow.pairs", "pairs"), ("shadow.agreement", "agreement_rate"),
+                       ("shadow.score_ks", "score_ks")):
+        value = comparison.get(field)
+        if value is not None:
+            tags[key] = f"{value:.4f}" if isinstance(value, float) else str(value)
+    return tags
+
+
+def artifact_path(version: str, kind: str = "canary") -> str:
+    """The record's path in the version's run: ``deploy/<kind>-<version>.json``."""
     version = str(version)
     if not version.isdigit():
         raise ValueError(f"model version must be a number, got {version!r}")
-    return f"{ARTIFACT_DIR}/canary-{version}.json"
+    if kind not in ("canary", "shadow"):
+        raise ValueError(f"record kind must be canary or shadow, got {kind!r}")
+    return f"{ARTIFACT_DIR}/{kind}-{version}.json"
 
 
 def record_canary(name: str, version: str, record: Mapping[str, Any],
@@ -73,28 +94,41 @@ def record_canary(name: str, version: str, record: Mapping[str, Any],
     """Write ``record`` on model version ``version`` of ``name``: the artifact on its run, then
     the tags. True when all of it was written; on any failure, logs why and returns False (the
     deploy stands or falls on its own, not on this record). Safe to repeat."""
+    return _record("canary", name, version, record, canary_tags(record), tracking_uri)
+
+
+def record_shadow(name: str, version: str, record: Mapping[str, Any],
+                  tracking_uri: str) -> bool:
+    """Write a shadow ``record`` on model version ``version`` of ``name``, as
+    :func:`record_canary` does (best effort, safe to repeat)."""
+    return _record("shadow", name, version, record, shadow_tags(record), tracking_uri)
+
+
+def _record(kind: str, name: str, version: str, record: Mapping[str, Any],
+            tags: dict[str, str], tracking_uri: str) -> bool:
+    """The artifact of a ``kind`` record on the version's run, then ``tags``; False (logged)
+    on any failure."""
     try:
         from mlflow import MlflowClient
 
-        path = artifact_path(version)
+        path = artifact_path(version, kind)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         run_id = _run_of(client, name, str(version))
     except Exception as exc:  # any failure to reach MLflow is only logged
-        log.error("deploy %s: could not record the canary of version %s in MLflow: %s",
-                  name, version, exc)
+        log.error("deploy %s: could not record the %s of version %s in MLflow: %s",
+                  name, kind, version, exc)
         return False
-    tags = canary_tags(record)
     written = True
     if run_id:
         try:
             client.log_dict(run_id, dict(record), path)
-            tags["canary.artifact"] = f"runs:/{run_id}/{path}"
+            tags[f"{kind}.artifact"] = f"runs:/{run_id}/{path}"
         except Exception as exc:
             log.error("deploy %s: could not log %s on run %s: %s", name, path, run_id, exc)
             written = False
     else:
-        log.error("deploy %s: version %s has no run; its canary record stays in the state "
-                  "file only", name, version)
+        log.error("deploy %s: version %s has no run; its %s record stays in the state "
+                  "file only", name, version, kind)
         written = False
     return _set_tags(client, name, str(version), tags) and written
 
@@ -112,12 +146,12 @@ def _set_tags(client: MlflowClient, name: str, version: str, tags: Mapping[str, 
     try:
         for key, value in tags.items():
             client.set_model_version_tag(name, version, key, value)
-        if "canary.failed_step" not in tags:
+        if "canary.outcome" in tags and "canary.failed_step" not in tags:
             stale = client.get_model_version(name, version).tags
             if "canary.failed_step" in stale:
                 client.delete_model_version_tag(name, version, "canary.failed_step")
     except Exception as exc:
-        log.error("deploy %s: could not tag version %s with its canary: %s", name, version, exc)
+        log.error("deploy %s: could not tag version %s with its trial: %s", name, version, exc)
         return False
     return True
 

@@ -36,7 +36,6 @@ from typing import Any
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.deploy.canary import Z_CRITICAL, check_number, error_rate_z
 from airmlops.serving.deploy.errors import ShadowRejected
-from airmlops.times import utc
 
 logger = logging.getLogger("airmlops.serving.deploy")
 
@@ -134,7 +133,7 @@ def run_shadow(target: ShadowTarget, plan: ShadowPlan,
     the caller to switch). Raises :class:`ShadowRejected` with the judgement when it is not
     (the shadow is left set: the caller clears it), ProxyAdminError or ValueError if the
     address cannot be driven."""
-    started, began = time.monotonic(), utc()
+    started, began = time.monotonic(), dt.datetime.now(dt.UTC)
     before = _snapshots(target)
     proxy_mod.set_shadow(target.port, target.token, target.slot, plan.percent)
     sleep(plan.seconds)
@@ -144,7 +143,7 @@ def run_shadow(target: ShadowTarget, plan: ShadowPlan,
         sleep(plan.seconds)
         shadow, live = _windows(target, before)
     proxy_mod.clear_shadow(target.port, target.token)
-    ended = utc()
+    ended = dt.datetime.now(dt.UTC)
     try:
         comparison = dict(plan.compare(began, ended))
     except Exception as exc:  # the rule cannot be applied: reject, never promote blind

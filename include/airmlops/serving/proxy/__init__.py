@@ -73,7 +73,10 @@ proxied headers plus ``X-Airmlops-Shadow-Of: <live request id>``, within ``--rea
 and never retried. The shadow's answers go to no client: their status and latency count in the
 shadow slot's ``stats`` and in ``shadow_mirrored`` / ``shadow_errors`` (no connection, timeout,
 non-2xx). A client's own ``X-Airmlops-Shadow-Of`` is stripped from every forwarded request, so
-only the proxy marks a request as a shadow copy. Without a shadow nothing of this runs.
+only the proxy marks a request as a shadow copy. While live answers are slower than lately
+(:class:`.shadow.LivePressure`: a 0.25 s window's mean latency more than 25 % and 1 ms above the
+fastest window of the last 10 s), new and queued copies are shed, also counted in
+``shadow_dropped``. Without a shadow nothing of this runs.
 
 The POSTs need ``Authorization: Bearer <token>``; the token is random, kept with mode 0600
 in the state directory (:func:`ensure_admin_token`). The table is persisted there, so a

@@ -9,11 +9,18 @@ answer never waits for the shadow. A few workers send the queued copies, one at 
 healthy serving upstream of the shadow slot, with the client's proxied headers plus
 :data:`~airmlops.serving.shadow_header.SHADOW_HEADER` (the live request id); never retried, and
 their answers go nowhere but into the shadow slot's statistics and the ``shadow_*`` counters.
+
+Under pressure the shadow yields first (:class:`LivePressure`): every quarter second the mirror
+compares the mean latency of the live slot's answers in that window with the fastest window of
+the last ten seconds; while it is more than 25 % (and 1 ms) slower, copies are shed, queued ones
+too (counted in ``shadow_dropped``), so a shadow whose server competes with the live one for
+the CPU stops loading it. Windows of fewer than 20 answers change nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import re
 import time
@@ -33,6 +40,16 @@ SHADOW_QUEUE_SIZE = 256
 SHADOW_WORKERS = 2
 """Copies sent to the shadow at once at most."""
 SHADOW_COUNTERS = ("shadow_mirrored", "shadow_dropped", "shadow_errors")
+SHED_INTERVAL = 0.25
+"""Seconds between two looks at the live slot's latency."""
+SHED_MIN_ANSWERS = 20
+"""Live answers a window needs before it can change the verdict."""
+SHED_MARGIN = 0.25
+"""How much slower than the baseline window the live answers may get before copies are shed."""
+SHED_FLOOR_MS = 1.0
+"""...and by how many milliseconds at least (fast answers jitter by more than 25 %)."""
+SHED_MEMORY = 40
+"""Windows the baseline (the fastest of them) remembers: 10 s at the default interval."""
 
 _REQUEST_ID = re.compile(rb"[0-9a-f]{32}")
 
@@ -48,6 +65,49 @@ def request_id_of(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
 def selected(request_id: str, percent: int) -> bool:
     """True if the request ``request_id`` is mirrored at ``percent`` percent."""
     return int(request_id[:8], 16) % 100 < percent
+
+
+class LivePressure:
+    """The shedding rule: whether live answers are slower than lately.
+
+    Fed the live slot's cumulative statistics (answers, summed latency) at most every
+    ``interval`` seconds, it takes the mean latency of the answers since the last look (once
+    there are ``min_answers`` of them) and compares it with the fastest window mean of the last
+    ``memory`` windows: more than ``margin`` and ``floor_ms`` above it is pressure, and the
+    mirror sheds copies until a window is back under. A baseline that stays higher for
+    ``memory`` windows becomes the new normal; a switch of the live slot starts afresh.
+    """
+
+    def __init__(self, *, interval: float = SHED_INTERVAL, min_answers: int = SHED_MIN_ANSWERS,
+                 margin: float = SHED_MARGIN, floor_ms: float = SHED_FLOOR_MS,
+                 memory: int = SHED_MEMORY) -> None:
+        """A rule with these thresholds; no pressure until two windows were compared."""
+        self.interval, self.min_answers = interval, min_answers
+        self.margin, self.floor_ms = margin, floor_ms
+        self.shedding = False
+        self._next = 0.0
+        self._last: tuple[str, int, float] | None = None  # slot, answers, summed ms
+        self._means: collections.deque[float] = collections.deque(maxlen=memory)
+
+    def update(self, now: float, slot: str, answers: int, sum_ms: float) -> bool:
+        """The verdict after the live slot ``slot`` has answered ``answers`` requests taking
+        ``sum_ms`` in all (cumulative) by the monotonic time ``now``: True while shedding."""
+        if now < self._next:
+            return self.shedding
+        self._next = now + self.interval
+        last = self._last
+        if last is None or last[0] != slot or answers < last[1]:  # first look, or a new slot
+            self._last, self.shedding = (slot, answers, sum_ms), False
+            self._means.clear()
+            return False
+        if answers - last[1] < self.min_answers:  # too few yet: the window grows
+            return self.shedding
+        mean = (sum_ms - last[2]) / (answers - last[1])
+        self._last = (slot, answers, sum_ms)
+        baseline = min(self._means, default=mean)
+        self._means.append(mean)
+        self.shedding = mean > baseline * (1 + self.margin) and mean > baseline + self.floor_ms
+        return self.shedding
 
 
 class ShadowRoute:
@@ -79,8 +139,10 @@ class Mirror:
 
     def __init__(self, router: Router, counters: MutableMapping[str, int],
                  pool: Callable[[], UpstreamPool], read_timeout: float, *,
-                 queue_size: int = SHADOW_QUEUE_SIZE, workers: int = SHADOW_WORKERS) -> None:
-        """Mirror to ``router``'s shadow through ``pool()``, counting in ``counters``."""
+                 queue_size: int = SHADOW_QUEUE_SIZE, workers: int = SHADOW_WORKERS,
+                 pressure: LivePressure | None = None) -> None:
+        """Mirror to ``router``'s shadow through ``pool()``, counting in ``counters``,
+        shedding copies while ``pressure`` (by default :class:`LivePressure`'s rule) says so."""
         if queue_size < 1 or workers < 1:
             raise ValueError("the shadow queue size and worker count must be at least 1")
         self.router, self.counters, self.pool = router, counters, pool
@@ -89,6 +151,7 @@ class Mirror:
         self.workers = workers
         self.tasks: list[asyncio.Task[None]] = []
         self._turn = 0
+        self.pressure = pressure if pressure is not None else LivePressure()
         for key in SHADOW_COUNTERS:
             counters.setdefault(key, 0)
 
@@ -106,6 +169,9 @@ class Mirror:
         request_id = request_id_of(response_headers)
         if request_id is None or not selected(request_id, shadow.percent):
             return
+        if self.under_pressure():
+            self.counters["shadow_dropped"] += 1
+            return
         if not self.tasks:  # served without lifespan: start the workers on first use
             self.start()
         try:
@@ -113,10 +179,22 @@ class Mirror:
         except asyncio.QueueFull:
             self.counters["shadow_dropped"] += 1
 
+    def under_pressure(self) -> bool:
+        """True while copies are shed: the live slot answers slower than lately."""
+        router = self.router
+        active = router.table.active
+        if active is None:
+            return False
+        stats = router.stats_for(active)
+        return self.pressure.update(time.monotonic(), active, stats.requests, stats.sum_ms)
+
     async def _work(self) -> None:
-        """Send queued copies, one at a time, until cancelled."""
+        """Send queued copies, one at a time, until cancelled; shed them under pressure."""
         while True:
             copy = await self.queue.get()
+            if self.pressure.shedding:
+                self.counters["shadow_dropped"] += 1
+                continue
             try:
                 await self._send(copy)
             except Exception:  # a bug here must not stop the worker for good
