@@ -2,11 +2,11 @@
 
 Prepares what the benchmarks share (a ``redis-server`` binary, the bench-only Feast venv
 ``benchmarks/.venv-feast``), then runs, in order: online features, point-in-time retrieval,
-monitoring, serving, the canary split, shadow mirroring, the training DAG. Each writes
-``results/<name>.json`` and ``.md``; this script writes ``results/summary.md`` /
-``summary.json`` (status, duration and the machine's load average around each benchmark: other
-work on the machine skews latency) and replaces the figures between the markers in
-``benchmarks/README.md``.
+monitoring, serving, the canary split, shadow mirroring, the training DAG, DAG-folder parse
+time. Each writes ``results/<name>.json`` and ``.md``; this script writes
+``results/summary.md`` / ``summary.json`` (status, duration and the machine's load average
+around each benchmark: other work on the machine skews latency) and replaces the figures
+between the markers in ``benchmarks/README.md``.
 
     .venv/bin/python benchmarks/run_all.py                 # everything
     .venv/bin/python benchmarks/run_all.py --only online,pit
@@ -38,6 +38,7 @@ BENCHMARKS = (
     ("canary", "bench_canary.py", 180, ["--quick"]),
     ("shadow", "bench_shadow.py", 600, ["--quick"]),
     ("training_dag", "bench_training_dag.py", 420, []),
+    ("dag_parse", "bench_dag_parse.py", 600, ["--quick"]),
 )
 README = common.BENCH_DIR / "README.md"
 START_MARKER = "<!-- results:start (written by run_all.py) -->"

@@ -88,11 +88,53 @@ def _decode_spec(raw: bytes, path: Path) -> str:
                                           f"at offset {error.start})")]) from None
 
 
+_CSafeLoader = getattr(yaml, "CSafeLoader", None)
+_FastSpecLoader = None if _CSafeLoader is None else type(
+    "_FastSpecLoader", (_CSafeLoader,),
+    {"yaml_implicit_resolvers": _SpecLoader.yaml_implicit_resolvers})
+"""libyaml's parser with :class:`_SpecLoader`'s resolvers and PyYAML's safe constructor: the
+same document about 7x faster (it runs once per spec at every DAG-file parse)."""
+
+
+_PYYAML_STRICTER = ("\t", "?", "\ufeff")
+"""Characters where PyYAML refuses documents libyaml takes (a tab after a colon, ``?`` inside
+a flow mapping's plain scalar, a byte-order mark inside the text): such a text is read by
+:class:`_SpecLoader` only."""
+
+
+def _fast_load(text: str) -> tuple[bool, Any]:
+    """``(True, document)`` when libyaml reads ``text`` as a plain spec: none of
+    :data:`_PYYAML_STRICTER`, no anchor, no alias, no node deeper than :data:`MAX_NESTING`
+    (checked on its events before anything is built) and no error; ``(False, None)``
+    otherwise, and then :class:`_SpecLoader` reads it again, so that every refusal and its
+    message are PyYAML's own."""
+    if _FastSpecLoader is None or any(c in text for c in _PYYAML_STRICTER):
+        return False, None
+    try:
+        depth = 0
+        for event in yaml.parse(text, Loader=_CSafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                return False, None
+            if isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)) and (
+                    depth + 1 > MAX_NESTING):
+                return False, None
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+        return True, yaml.load(text, Loader=_FastSpecLoader)  # noqa: S506 - safe constructor
+    except Exception:  # PyYAML's loader below names the problem
+        return False, None
+
+
 def load_spec_yaml(raw: bytes, path: Path) -> Any:
     """The YAML document in a spec file's bytes (not yet validated); :class:`SpecError` naming
     ``path`` when it is too big, not UTF-8 or not plain YAML."""
     try:
         text = _decode_spec(raw, path)
+        done, document = _fast_load(text)
+        if done:
+            return document
         return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
     except SpecError:
         raise
