@@ -8,32 +8,18 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
+from toy_specs import LOANS_SPEC
 
 from airmlops.cli import main
 from airmlops.monitoring.file_replay import read_replay_file
 from airmlops.monitoring.replay import ReplayError
 from airmlops.spec import PipelineSpec, parse_spec
 
-SPEC: dict[str, Any] = {
-    "name": "loans",
-    "task": "binary_classification",
-    "source": {"kind": "file", "path": "history/*.csv"},
-    "entity_key": "loan_id",
-    "timestamp": "event_time",
-    "label": "defaulted",
-    "features": [
-        {"name": "amount", "type": "numeric", "min": 0, "max": 100_000},
-        {"name": "grade", "type": "categorical", "values": ["A", "B", "C"]},
-        {"name": "income", "type": "numeric", "min": 0, "max_null_fraction": 0.2},
-    ],
-    "estimator": {"class_path": "sklearn.linear_model.LogisticRegression"},
-    "gates": {"primary_metric": "roc_auc"},
-}
+SPEC = LOANS_SPEC
 START = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 
 

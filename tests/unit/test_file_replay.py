@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from toy_specs import LOANS_SPEC
 
 from airmlops.cli import main
 from airmlops.monitoring import file_replay
@@ -31,21 +32,7 @@ from airmlops.platform import free_port
 from airmlops.serving.synthetic import SYNTHETIC_HEADER
 from airmlops.spec import PipelineSpec, parse_spec
 
-SPEC: dict[str, Any] = {
-    "name": "loans",
-    "task": "binary_classification",
-    "source": {"kind": "file", "path": "history/*.csv"},
-    "entity_key": "loan_id",
-    "timestamp": "event_time",
-    "label": "defaulted",
-    "features": [
-        {"name": "amount", "type": "numeric", "min": 0, "max": 100_000},
-        {"name": "grade", "type": "categorical", "values": ["A", "B", "C"]},
-        {"name": "income", "type": "numeric", "min": 0, "max_null_fraction": 0.2},
-    ],
-    "estimator": {"class_path": "sklearn.linear_model.LogisticRegression"},
-    "gates": {"primary_metric": "roc_auc"},
-}
+SPEC = LOANS_SPEC
 START = dt.datetime(2026, 5, 1, tzinfo=dt.UTC)
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 
