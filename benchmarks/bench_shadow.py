@@ -17,7 +17,7 @@ shadow's server yields the CPU to the live one".
    send time) for ``--seconds`` per round; each round runs every case once, in a rotating
    order (the shadow set or cleared between them): no shadow; shadow at 100 %; (shadow at
    100 % on the niced server). Per round: the live p50/p99 and throughput, the shadow
-   counters of ``/__proxy/state`` (mirrored, dropped, errors) and the CPU time of the proxy
+   counters of ``/__proxy/state`` (mirrored, dropped, shed, errors) and the CPU time of the proxy
    and each server.
 3. The goal: the median over rounds of the live p99 with a shadow, over the same without,
    at most 1.10.
@@ -52,7 +52,7 @@ CONNECTIONS = 32
 RAMP_STEPS = 12
 NICE = 19
 LIVE, SHADOW, SHADOW_NICE = "blue", "green", "green-nice"
-SHADOW_COUNTERS = ("shadow_mirrored", "shadow_dropped", "shadow_errors")
+SHADOW_COUNTERS = ("shadow_mirrored", "shadow_dropped", "shadow_shed", "shadow_errors")
 
 
 # --- setup -----------------------------------------------------------------------------------
@@ -286,7 +286,8 @@ def summarize(measured: dict[str, Any], args: argparse.Namespace,
         s = summary[name]
         rows.append([name, s["p50_ms"], s["p99_ms"],
                      " / ".join(f"{p:.1f}" for p in s["p99_per_round"]), s["throughput"],
-                     s["failed"], s["shadow_mirrored"], s["shadow_dropped"], s["shadow_errors"]])
+                     s["failed"], s["shadow_mirrored"], s["shadow_dropped"], s["shadow_shed"],
+                     s["shadow_errors"]])
         cpu_rows.append([name, *(f"{v:.2f}" for v in s["cpu_ms_per_request"].values())])
         if name == "no shadow":
             continue
@@ -310,7 +311,7 @@ def summarize(measured: dict[str, Any], args: argparse.Namespace,
           f"{peak['throughput']:.0f} req/s), open loop, {CONNECTIONS} connections; medians "
           f"over {args.rounds} rounds of {args.seconds:.0f} s",
           ["case", "p50 ms", "p99 ms", "p99 per round", "req/s", "failed", "mirrored",
-           "dropped", "shadow errors"], rows),
+           "dropped", "shed", "shadow errors"], rows),
          (f"Goal: the live p99 with a shadow <= {GOAL_RATIO:.2f} x without",
           ["ratio", "p99 (medians)", "p99 per round", "p50 (medians)", "met"], goals),
          ("CPU time per live answer, by process tree (median over rounds)", cpu_headers,
@@ -326,7 +327,7 @@ def summarize(measured: dict[str, Any], args: argparse.Namespace,
                "the proxy sheds copies while its live answers are slower than lately "
                "(`LivePressure` in `serving/proxy/shadow.py`: a 0.25-s window's mean latency "
                "over 1.25 x and 1 ms above the fastest window of the last 10 s); shed copies "
-               "count as dropped.",
+               "are counted apart from those dropped by a full queue.",
                "each round runs every case once, the order rotating between rounds; the "
                "shadow set (`set_shadow`, 100 %) or cleared 1 s before each case; latency "
                "from the scheduled send time (no coordinated omission).",

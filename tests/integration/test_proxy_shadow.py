@@ -201,13 +201,14 @@ def test_copies_carry_the_live_request_id_and_the_live_answers_are_unchanged(
                        "the copies to be counted")
     assert (state["shadow"], state["shadow_routing"]) == ({"slot": "shadow", "percent": 100},
                                                           True)
-    assert (state["shadow_dropped"], state["shadow_errors"]) == (0, 0)
+    assert (state["shadow_dropped"], state["shadow_shed"], state["shadow_errors"]) == (0, 0, 0)
     window = proxy_mod.step_window(stats_before, proxy_mod.slot_stats(proxy.port, "shadow"))
     assert (window["requests"], window["errors"]) == (20, 0)
     assert window["p50_ms"] is not None
     metrics = httpx.get(f"{proxy.url}/__proxy/metrics", trust_env=False).text
     for line in ("airmlops_proxy_shadow_mirrored_total 20",
-                 "airmlops_proxy_shadow_dropped_total 0", "airmlops_proxy_shadow_errors_total 0"):
+                 "airmlops_proxy_shadow_dropped_total 0", "airmlops_proxy_shadow_shed_total 0",
+                 "airmlops_proxy_shadow_errors_total 0"):
         assert line in metrics.splitlines()
 
 

@@ -103,7 +103,8 @@ def test_the_mirror_drops_new_and_queued_copies_while_shedding() -> None:
         return counters, mirror.queue.qsize()
 
     counters, queued = asyncio.run(scenario())
-    assert (counters["shadow_dropped"], counters["shadow_mirrored"], queued) == (2, 0, 0)
+    assert (counters["shadow_shed"], counters["shadow_dropped"], counters["shadow_mirrored"],
+            queued) == (2, 0, 0, 0)
 
 
 def test_the_mirror_reads_the_live_slots_statistics() -> None:

@@ -75,8 +75,8 @@ shadow slot's ``stats`` and in ``shadow_mirrored`` / ``shadow_errors`` (no conne
 non-2xx). A client's own ``X-Airmlops-Shadow-Of`` is stripped from every forwarded request, so
 only the proxy marks a request as a shadow copy. While live answers are slower than lately
 (:class:`.shadow.LivePressure`: a 0.25 s window's mean latency more than 25 % and 1 ms above the
-fastest window of the last 10 s), new and queued copies are shed, also counted in
-``shadow_dropped``. Without a shadow nothing of this runs.
+fastest window of the last 10 s), new and queued copies are shed, counted in ``shadow_shed``.
+Without a shadow nothing of this runs.
 
 The POSTs need ``Authorization: Bearer <token>``; the token is random, kept with mode 0600
 in the state directory (:func:`ensure_admin_token`). The table is persisted there, so a

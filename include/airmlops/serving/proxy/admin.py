@@ -40,7 +40,9 @@ _COUNTER_HELP = (
     ("unavailable", "Requests answered 503 because no upstream was healthy."),
     ("switches", "Switches of the active slot."),
     ("shadow_mirrored", "Copies of live requests sent to the shadow slot."),
-    ("shadow_dropped", "Copies of live requests dropped: the shadow queue was full."),
+    ("shadow_dropped", "Copies of live requests dropped: the shadow queue was full, or the "
+     "shadow was cleared or had no healthy upstream before they were sent."),
+    ("shadow_shed", "Copies of live requests shed while live answers were slower than lately."),
     ("shadow_errors", "Copies the shadow slot failed: no connection, timeout or non-2xx."),
 )
 

@@ -13,7 +13,7 @@ their answers go nowhere but into the shadow slot's statistics and the ``shadow_
 Under pressure the shadow yields first (:class:`LivePressure`): every quarter second the mirror
 compares the mean latency of the live slot's answers in that window with the fastest window of
 the last ten seconds; while it is more than 25 % (and 1 ms) slower, copies are shed, queued ones
-too (counted in ``shadow_dropped``), so a shadow whose server competes with the live one for
+too (counted in ``shadow_shed``), so a shadow whose server competes with the live one for
 the CPU stops loading it. Windows of fewer than 20 answers change nothing.
 """
 
@@ -39,7 +39,7 @@ SHADOW_QUEUE_SIZE = 256
 """Copies waiting for a worker at most; one more is dropped (``shadow_dropped``)."""
 SHADOW_WORKERS = 2
 """Copies sent to the shadow at once at most."""
-SHADOW_COUNTERS = ("shadow_mirrored", "shadow_dropped", "shadow_errors")
+SHADOW_COUNTERS = ("shadow_mirrored", "shadow_dropped", "shadow_shed", "shadow_errors")
 SHED_INTERVAL = 0.25
 """Seconds between two looks at the live slot's latency."""
 SHED_MIN_ANSWERS = 20
@@ -170,7 +170,7 @@ class Mirror:
         if request_id is None or not selected(request_id, shadow.percent):
             return
         if self.under_pressure():
-            self.counters["shadow_dropped"] += 1
+            self.counters["shadow_shed"] += 1
             return
         if not self.tasks:  # served without lifespan: start the workers on first use
             self.start()
@@ -193,7 +193,7 @@ class Mirror:
         while True:
             copy = await self.queue.get()
             if self.pressure.shedding:
-                self.counters["shadow_dropped"] += 1
+                self.counters["shadow_shed"] += 1
                 continue
             try:
                 await self._send(copy)
