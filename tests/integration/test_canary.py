@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -361,3 +362,48 @@ def test_a_step_short_of_requests_is_held_once_more_then_fails_empty(tmp_path: P
     assert (step["percent"], step["extended"], step["requests"]) == (50, True, 0)
     assert step["verdict"] == "fail" and "no request" in step["reason"]
     assert 0.6 <= took < 3.0  # held twice
+
+
+def test_a_stable_address_lost_mid_canary_leaves_the_steps_it_took(tmp_path: Path) -> None:
+    """The proxy is killed after the first step: run_canary raises (the address cannot be
+    driven) and the caller's list holds the first step's judgement."""
+    proxy = ensure_proxy("canarylost", deploy_mod.free_port(), tmp_path)
+    steps: list[dict[str, Any]] = []
+
+    def sleep_then_kill_after_a_step(seconds: float) -> None:
+        time.sleep(seconds)
+        if steps and psutil.pid_exists(proxy.pid):
+            os.kill(proxy.pid, signal.SIGKILL)
+            psutil.Process(proxy.pid).wait(timeout=10)
+
+    try:
+        with named_server("stable") as stable, named_server("canary") as canary:
+            proxy_mod.switch(proxy.port, proxy.token, stable, "blue", version="1")
+            proxy_mod.register(proxy.port, proxy.token, "green", [canary], "2")
+            plan = CanaryPlan((50, 100), 0.5, "customer_id", min_requests=1)
+            target = CanaryTarget(proxy.port, proxy.token, "green", "blue")
+            stop = threading.Event()
+
+            def load() -> None:
+                with httpx.Client(base_url=proxy.url, trust_env=False, timeout=2.0) as client:
+                    turn = 0
+                    while not stop.is_set():
+                        turn += 1
+                        body = json.dumps({"customer_id": f"c{turn % 50}"}).encode()
+                        with contextlib.suppress(httpx.HTTPError):
+                            client.post("/predict", content=body)
+                        time.sleep(0.01)
+
+            loader = threading.Thread(target=load, daemon=True)
+            loader.start()
+            try:
+                with pytest.raises(proxy_mod.ProxyAdminError):
+                    run_canary(target, plan, sleep_then_kill_after_a_step, steps=steps)
+            finally:
+                stop.set()
+                loader.join(timeout=10)
+    finally:
+        undeploy("canarylost", tmp_path)
+    (step,) = steps
+    assert step["percent"] == 50 and step["verdict"] == "pass" and step["requests"] > 0
+

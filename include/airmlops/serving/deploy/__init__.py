@@ -37,6 +37,7 @@ from __future__ import annotations
 from airmlops.processes import free_port, marked_processes, process_alive
 from airmlops.serving.deploy.canary import CanaryPlan
 from airmlops.serving.deploy.errors import (
+    CanaryAborted,
     CanaryFailed,
     DeployError,
     DeployFailed,
@@ -83,8 +84,8 @@ from airmlops.serving.deploy.state import (
 
 __all__ = [
     "DEPLOYMENT_MARKER", "INSTANCE_MARKER", "LABEL_DEPLOYMENT", "LABEL_INSTANCE", "SLOTS",
-    "TARGETS", "CanaryFailed", "CanaryPlan", "DeployError", "DeployFailed", "DeployResult",
-    "NotReady", "ProxyHandle", "RollbackFailed", "RollbackResult", "ShadowPlan",
+    "TARGETS", "CanaryAborted", "CanaryFailed", "CanaryPlan", "DeployError", "DeployFailed",
+    "DeployResult", "NotReady", "ProxyHandle", "RollbackFailed", "RollbackResult", "ShadowPlan",
     "ShadowRejected", "SlotHandle", "SmokeResult", "deploy", "deployment_dir",
     "ensure_proxy", "free_port", "load_state", "marked_processes", "process_alive", "rollback",
     "slot_alive", "slot_log_tail", "smoke", "start_slot", "state_path", "status", "stop_slot",

@@ -138,12 +138,15 @@ class CanaryTarget:
 
 
 def run_canary(target: CanaryTarget, plan: CanaryPlan,
-               sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+               sleep: Callable[[float], None] = time.sleep,
+               steps: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Walk ``plan``'s steps on ``target`` (the new slot registered, not active); the steps'
     numbers when every one passed (the canary is then at 100 %, for the caller to switch).
     Raises :class:`CanaryFailed` at the first failed step (the canary is left set: the
-    caller clears it), ProxyAdminError or ValueError if the address cannot be driven."""
-    steps: list[dict[str, Any]] = []
+    caller clears it), ProxyAdminError or ValueError if the address cannot be driven. Each
+    step is appended to ``steps`` (a new list if None) as soon as it is judged, so a caller
+    whose canary was cut short still has the steps it took."""
+    steps = [] if steps is None else steps
     origin = proxy_mod.slot_stats(target.port, target.live_slot)
     for percent in plan.steps:
         proxy_mod.set_canary(target.port, target.token, target.slot, percent, plan.entity_key)

@@ -39,6 +39,17 @@ class CanaryFailed(DeployFailed, BakeFailed):
         self.steps = steps
 
 
+class CanaryAborted(DeployFailed):
+    """A canary could not be carried on (the stable address could not be driven mid-way, e.g.
+    it died): the new version was stopped, the live one serves. Not a judgement of the new
+    version, so not a :class:`~airmlops.errors.BakeFailed`. ``steps`` are the steps judged
+    before it stopped."""
+
+    def __init__(self, reason: str, steps: list[dict[str, Any]]) -> None:
+        super().__init__("canary", reason)
+        self.steps = steps
+
+
 class ShadowRejected(DeployFailed, BakeFailed):
     """A shadow window judged the new version not fit to promote (its promotion rule in the
     spec): the shadow was cleared and the new version stopped; live traffic never reached it.

@@ -27,6 +27,7 @@ from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.container import ContainerResources
 from airmlops.serving.deploy.canary import CanaryPlan, CanaryTarget, run_canary
 from airmlops.serving.deploy.errors import (
+    CanaryAborted,
     CanaryFailed,
     DeployError,
     DeployFailed,
@@ -319,10 +320,12 @@ def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str 
         return None
     if not _beside_live(request, proxy, slot, active, active_record, handles, "canary"):
         return None
+    steps: list[dict[str, Any]] = []
     try:
-        steps = run_canary(CanaryTarget(proxy.port, proxy.token, slot, active), request.canary)
+        run_canary(CanaryTarget(proxy.port, proxy.token, slot, active), request.canary,
+                   steps=steps)
     except (proxy_mod.ProxyAdminError, ValueError) as exc:
-        raise DeployFailed("canary", str(exc)) from None
+        raise CanaryAborted(str(exc), steps) from None
     timings.lap("canary_s")
     return steps
 
@@ -402,8 +405,9 @@ def _shadow_record(request: _DeployRequest, slot: str, outcome: str,
 def _record_failed_trial(request: _DeployRequest, slot: str, exc: BaseException) -> None:
     """Keep a failed canary's steps or a rejected shadow's judgement in the state file
     (nothing else changes there)."""
-    if isinstance(exc, CanaryFailed):
-        key, record = "canary", _canary_record(request, slot, "rolled_back", exc.steps)
+    if isinstance(exc, CanaryFailed | CanaryAborted):
+        outcome = "rolled_back" if isinstance(exc, CanaryFailed) else "aborted"
+        key, record = "canary", _canary_record(request, slot, outcome, exc.steps)
     elif isinstance(exc, ShadowRejected):
         key, record = "shadow", _shadow_record(request, slot, "rejected", exc.judgement)
     else:
