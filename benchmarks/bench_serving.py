@@ -424,16 +424,7 @@ def cpu_per_request(url: str, bodies: Path, processes: dict[str, list[int]],
     """CPU time (user + system) each process group spends per answered request, over
     ``requests`` requests from 8 clients. Unlike latency, barely moved by other work on the
     machine: the figure to compare when the machine is busy."""
-    import psutil
-
-    def cpu(pids: list[int]) -> float:
-        total = 0.0
-        for pid in pids:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = psutil.Process(pid).cpu_times()
-                total += times.user + times.system
-        return total
-
+    cpu = common.cpu_seconds
     before = {name: cpu(pids) for name, pids in processes.items()}
     result = load(url, bodies, "closed", concurrency=8, duration=60.0, max_requests=requests)
     answered = max(result["ok"], 1)

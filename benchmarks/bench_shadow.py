@@ -133,18 +133,6 @@ def servers(setup: dict[str, Any], redis_url: str, work: Path, workers: int,
 # --- measurement -----------------------------------------------------------------------------
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes ``pids`` so far."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-    return total
-
-
 def counters(port: int) -> dict[str, int]:
     """The proxy's shadow counters and its live slot's request count."""
     from airmlops.serving import proxy as proxy_mod
@@ -199,11 +187,11 @@ def one_round(proxy: Any, url: str, bodies: Path, rate: float, seconds: float,
     counters' increase and the CPU seconds each process group spent per live answer."""
     set_case(proxy, shadow)
     time.sleep(1.0)  # copies of the previous case drain; the servers settle
-    before, cpu_before = counters(proxy.port), {k: cpu_seconds(v) for k, v in groups.items()}
+    before, cpu_before = counters(proxy.port), {k: common.cpu_seconds(v) for k, v in groups.items()}
     result = serving.load(url, bodies, "open", concurrency=CONNECTIONS, duration=seconds,
                           rate=rate, max_requests=int(rate * seconds) + 10)
     time.sleep(0.5)  # the last copies reach the shadow
-    after, cpu_after = counters(proxy.port), {k: cpu_seconds(v) for k, v in groups.items()}
+    after, cpu_after = counters(proxy.port), {k: common.cpu_seconds(v) for k, v in groups.items()}
     answered = max(result["ok"], 1)
     result["shadow"] = {key: after[key] - before.get(key, 0) for key in after}
     result["cpu_ms_per_request"] = {k: (cpu_after[k] - cpu_before[k]) / answered * 1e3

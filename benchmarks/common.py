@@ -189,6 +189,18 @@ def memory_status_mb(key: str = "VmHWM") -> float | None:
     return None
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of the processes ``pids`` so far (a gone one counts 0)."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def last_json_line(text: str) -> dict[str, Any]:
     """The last line of ``text`` that parses as a JSON object (a worker's answer)."""
     for line in reversed(text.strip().splitlines()):
