@@ -42,7 +42,7 @@ from airmlops.serving.deploy import (
     status,
     undeploy,
 )
-from airmlops.serving.deploy.canary import CanaryTarget, run_canary
+from airmlops.serving.deploy.canary import TrialTarget, run_canary
 from airmlops.serving.proxy.canary import bucket
 
 pytestmark = pytest.mark.integration
@@ -351,7 +351,7 @@ def test_a_step_short_of_requests_is_held_once_more_then_fails_empty(tmp_path: P
             proxy_mod.switch(proxy.port, proxy.token, stable, "blue", version="1")
             proxy_mod.register(proxy.port, proxy.token, "green", [canary], "2")
             plan = CanaryPlan((50, 100), 0.3, "customer_id", min_requests=5)
-            target = CanaryTarget(proxy.port, proxy.token, "green", "blue")
+            target = TrialTarget(proxy.port, proxy.token, "green", "blue")
             started = time.monotonic()
             with pytest.raises(CanaryFailed) as failed:
                 run_canary(target, plan)  # no traffic at all
@@ -381,7 +381,7 @@ def test_a_stable_address_lost_mid_canary_leaves_the_steps_it_took(tmp_path: Pat
             proxy_mod.switch(proxy.port, proxy.token, stable, "blue", version="1")
             proxy_mod.register(proxy.port, proxy.token, "green", [canary], "2")
             plan = CanaryPlan((50, 100), 0.5, "customer_id", min_requests=1)
-            target = CanaryTarget(proxy.port, proxy.token, "green", "blue")
+            target = TrialTarget(proxy.port, proxy.token, "green", "blue")
             stop = threading.Event()
 
             def load() -> None:

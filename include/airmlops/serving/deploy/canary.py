@@ -127,9 +127,9 @@ def judge(canary: Mapping[str, Any], live: Mapping[str, Any], plan: CanaryPlan
 
 
 @dataclasses.dataclass(frozen=True)
-class CanaryTarget:
-    """Where a canary runs: the stable address (``port``, admin ``token``), the new version's
-    slot and the live one's."""
+class TrialTarget:
+    """Where a canary or a shadow runs: the stable address (``port``, admin ``token``), the new
+    version's slot and the live one's."""
 
     port: int
     token: str
@@ -137,7 +137,7 @@ class CanaryTarget:
     live_slot: str
 
 
-def run_canary(target: CanaryTarget, plan: CanaryPlan,
+def run_canary(target: TrialTarget, plan: CanaryPlan,
                sleep: Callable[[float], None] = time.sleep,
                steps: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Walk ``plan``'s steps on ``target`` (the new slot registered, not active); the steps'
@@ -158,11 +158,11 @@ def run_canary(target: CanaryTarget, plan: CanaryPlan,
     return steps
 
 
-def _hold_step(target: CanaryTarget, plan: CanaryPlan, percent: int,
+def _hold_step(target: TrialTarget, plan: CanaryPlan, percent: int,
                origin: Mapping[str, Any], sleep: Callable[[float], None]) -> dict[str, Any]:
     """Hold one step (once more if either side is short of requests) and judge it."""
     started = time.monotonic()
-    before = _snapshots(target)
+    before = snapshots(target)
     sleep(plan.step_seconds)
     canary, live = _windows(target, before, origin, plan)
     extended = min(canary["requests"], live["requests"]) < plan.min_requests
@@ -179,18 +179,18 @@ def _hold_step(target: CanaryTarget, plan: CanaryPlan, percent: int,
             "verdict": verdict, "reason": reason}
 
 
-def _snapshots(target: CanaryTarget) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The canary's and the live slot's cumulative statistics now."""
+def snapshots(target: TrialTarget) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The new slot's and the live slot's cumulative statistics now."""
     return (proxy_mod.slot_stats(target.port, target.slot),
             proxy_mod.slot_stats(target.port, target.live_slot))
 
 
-def _windows(target: CanaryTarget, before: Sequence[Mapping[str, Any]],
+def _windows(target: TrialTarget, before: Sequence[Mapping[str, Any]],
              origin: Mapping[str, Any], plan: CanaryPlan
              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The canary's window since ``before`` and the live side's: its own window, or since the
     canary began (``origin``) when its own holds fewer than ``min_requests``."""
-    canary_now, live_now = _snapshots(target)
+    canary_now, live_now = snapshots(target)
     canary = proxy_mod.step_window(before[0], canary_now)
     live = {**proxy_mod.step_window(before[1], live_now), "window": "step"}
     if live["requests"] < plan.min_requests:

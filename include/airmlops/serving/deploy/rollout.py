@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from airmlops.processes import free_port
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.container import ContainerResources
-from airmlops.serving.deploy.canary import CanaryPlan, CanaryTarget, run_canary
+from airmlops.serving.deploy.canary import CanaryPlan, TrialTarget, run_canary
 from airmlops.serving.deploy.errors import (
     CanaryAborted,
     CanaryFailed,
@@ -35,7 +35,7 @@ from airmlops.serving.deploy.errors import (
     ShadowRejected,
 )
 from airmlops.serving.deploy.proxy_control import ProxyHandle, ensure_proxy_locked
-from airmlops.serving.deploy.shadow import ShadowPlan, ShadowTarget, run_shadow
+from airmlops.serving.deploy.shadow import ShadowPlan, run_shadow
 from airmlops.serving.deploy.slots import (
     SmokeResult,
     Validator,
@@ -322,7 +322,7 @@ def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str 
         return None
     steps: list[dict[str, Any]] = []
     try:
-        run_canary(CanaryTarget(proxy.port, proxy.token, slot, active), request.canary,
+        run_canary(TrialTarget(proxy.port, proxy.token, slot, active), request.canary,
                    steps=steps)
     except (proxy_mod.ProxyAdminError, ValueError) as exc:
         raise CanaryAborted(str(exc), steps) from None
@@ -341,7 +341,7 @@ def _shadow(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str 
     if not _beside_live(request, proxy, slot, active, active_record, handles, "shadow"):
         return None
     try:
-        judgement = run_shadow(ShadowTarget(proxy.port, proxy.token, slot, active),
+        judgement = run_shadow(TrialTarget(proxy.port, proxy.token, slot, active),
                                request.shadow)
     except (proxy_mod.ProxyAdminError, ValueError) as exc:
         raise DeployFailed("shadow", str(exc)) from None

@@ -34,7 +34,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from airmlops.serving import proxy as proxy_mod
-from airmlops.serving.deploy.canary import Z_CRITICAL, check_number, error_rate_z
+from airmlops.serving.deploy.canary import (
+    Z_CRITICAL,
+    TrialTarget,
+    check_number,
+    error_rate_z,
+    snapshots,
+)
 from airmlops.serving.deploy.errors import ShadowRejected
 
 logger = logging.getLogger("airmlops.serving.deploy")
@@ -115,18 +121,7 @@ def judge_shadow(shadow: Mapping[str, Any], live: Mapping[str, Any],
     return ("reject" if reasons else "promote"), reasons
 
 
-@dataclasses.dataclass(frozen=True)
-class ShadowTarget:
-    """Where a shadow runs: the stable address (``port``, admin ``token``), the new version's
-    slot and the live one's."""
-
-    port: int
-    token: str
-    slot: str
-    live_slot: str
-
-
-def run_shadow(target: ShadowTarget, plan: ShadowPlan,
+def run_shadow(target: TrialTarget, plan: ShadowPlan,
                sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
     """Mirror live traffic to ``target``'s new slot (registered, not active) for the plan's
     window and judge it; the judgement when it is promoted (the shadow is then cleared, for
@@ -134,7 +129,7 @@ def run_shadow(target: ShadowTarget, plan: ShadowPlan,
     (the shadow is left set: the caller clears it), ProxyAdminError or ValueError if the
     address cannot be driven."""
     started, began = time.monotonic(), dt.datetime.now(dt.UTC)
-    before = _snapshots(target)
+    before = snapshots(target)
     proxy_mod.set_shadow(target.port, target.token, target.slot, plan.percent)
     sleep(plan.seconds)
     shadow, live = _windows(target, before)
@@ -163,16 +158,10 @@ def run_shadow(target: ShadowTarget, plan: ShadowPlan,
     return judgement
 
 
-def _snapshots(target: ShadowTarget) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The shadow's and the live slot's cumulative statistics now."""
-    return (proxy_mod.slot_stats(target.port, target.slot),
-            proxy_mod.slot_stats(target.port, target.live_slot))
-
-
-def _windows(target: ShadowTarget, before: tuple[Mapping[str, Any], Mapping[str, Any]]
+def _windows(target: TrialTarget, before: tuple[Mapping[str, Any], Mapping[str, Any]]
              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The shadow's and the live slot's windows since ``before``."""
-    shadow_now, live_now = _snapshots(target)
+    shadow_now, live_now = snapshots(target)
     return (proxy_mod.step_window(before[0], shadow_now),
             proxy_mod.step_window(before[1], live_now))
 
