@@ -309,46 +309,6 @@ def test_only_200_answers_with_a_request_id_are_mirrored_and_no_client_forges_on
     assert [seen.headers.get(SHADOW) for seen in live.seen] == [None] * 7
 
 
-def test_admin_refusals(proxy_factory, upstream) -> None:
-    proxy = proxy_factory()
-    live, shadow, third = upstream("live"), upstream("shadow"), upstream("third")
-    proxy.deploy(live, shadow)
-    proxy_mod.register(proxy.port, proxy.token, "third", [third.url], "3")
-
-    for token in ("", "wrong-token-" + "x" * 32):
-        refused = proxy.shadow({"slot": "shadow"}, token)
-        assert (refused.status_code, refused.json()["error"]) == (401, "unauthorized")
-    for body, named in (({"slot": "shadow", "weight": 5}, "'weight'"),
-                        ({"slot": "shadow", "percent": 0}, "'percent'"),
-                        ({"slot": "shadow", "percent": 101}, "'percent'"),
-                        ({"slot": "shadow", "percent": "50"}, "'percent'"),
-                        ({"slot": "shadow", "percent": 12.5}, "'percent'"),
-                        ({"slot": "Shadow!"}, "slot"),
-                        ({"slot": None, "percent": 10}, "'slot': null"),
-                        (["shadow"], "JSON object")):
-        refused = proxy.shadow(body)
-        assert refused.status_code == 400, body
-        assert named in refused.json()["message"], (body, refused.json())
-    proxy_mod.set_canary(proxy.port, proxy.token, "third", 10, "entity")
-    for slot, reason in (("nope", "not registered"), ("live", "is the active slot"),
-                         ("third", "is the canary slot")):
-        refused = proxy.shadow({"slot": slot})
-        assert (refused.status_code, refused.json()["error"]) == (409, "shadow_refused")
-        assert reason in refused.json()["message"]
-    assert proxy.state()["shadow"] is None
-
-    proxy_mod.set_shadow(proxy.port, proxy.token, "shadow", 50)
-    refused = httpx.post(f"{proxy.url}/__proxy/canary", json={
-        "slot": "shadow", "weight": 10, "entity_key": "entity"},
-        headers={"Authorization": f"Bearer {proxy.token}"}, trust_env=False)
-    assert refused.status_code == 409
-    with pytest.raises(proxy_mod.ProxyAdminError) as raised:
-        proxy_mod.set_shadow(proxy.port, "w" * 40, "shadow")
-    assert raised.value.status == 401
-    assert proxy_mod.clear_shadow(proxy.port, proxy.token)["shadow"] is None
-    assert proxy.state()["shadow"] is None
-
-
 def test_the_shadow_survives_a_restart_and_ends_with_its_slot(proxy_factory,
                                                               upstream) -> None:
     proxy, live, shadow = proxy_factory(), upstream("live"), upstream("shadow")

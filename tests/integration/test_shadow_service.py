@@ -1,8 +1,8 @@
 """Shadow traffic at the real model service (tests/model_service_fixtures.py): a /predict
 marked ``X-Airmlops-Shadow-Of: <live request id>`` is answered under that id and written to the
-shadow log only, on the request gate's direct lane and on BentoML's own; a malformed mark, or
-one beside the synthetic mark, is a 400 naming the header; a label for a request id that only
-the shadow log holds is refused like an unknown request."""
+shadow log only, on the request gate's direct lane and on BentoML's own; a label for a request
+id that only the shadow log holds is refused like an unknown request. (The refusals of bad
+marks are in tests/security/test_shadow_admin.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from model_service_fixtures import WINDOW, Model, Server, metric
 
 from airmlops.serving.prediction_log import read_predictions, read_shadow_pairs
 from airmlops.serving.shadow_header import SHADOW_HEADER
-from airmlops.serving.synthetic import SYNTHETIC_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -80,30 +79,6 @@ def test_a_shadow_request_is_answered_and_logged_to_the_shadow_log_only(model, s
     assert mine["shadow_probability"].tolist() == pytest.approx(
         mine["live_probability"].tolist())
     assert orphan not in set(pairs["request_id"])  # no live row to pair with
-
-
-@pytest.mark.parametrize("value", [
-    "ABCDEF0123456789ABCDEF0123456789",  # upper case
-    "0123456789abcdef0123456789abcde",  # 31 digits
-    "0123456789abcdef0123456789abcdefg",
-    "not-a-request-id",
-    "",
-])
-def test_a_malformed_shadow_mark_is_refused_naming_the_header(model, server, value):
-    refused = httpx.post(f"{server.url}/predict", json=_body(model, 33),
-                         headers={SHADOW_HEADER: value})
-    assert refused.status_code == 400, refused.text
-    assert refused.json()["error"] == "invalid_header"
-    assert SHADOW_HEADER in refused.json()["message"]
-
-
-def test_a_request_marked_synthetic_and_shadow_is_refused(model, server):
-    refused = httpx.post(f"{server.url}/predict", json=_body(model, 34),
-                         headers={SHADOW_HEADER: uuid.uuid4().hex, SYNTHETIC_HEADER: "smoke"})
-    assert refused.status_code == 400, refused.text
-    assert refused.json()["error"] == "invalid_header"
-    message = refused.json()["message"]
-    assert SHADOW_HEADER in message and SYNTHETIC_HEADER in message
 
 
 def test_feedback_for_a_request_only_the_shadow_log_holds_is_an_unknown_request(model, server):
