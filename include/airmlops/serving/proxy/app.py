@@ -69,6 +69,9 @@ from airmlops.serving.proxy.table import (
 from airmlops.serving.proxy.validation import ensure_admin_token
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from airmlops.serving.proxy.table import CanarySpec, ShadowSpec
     from airmlops.serving.upstream import Response, UpstreamPool
 
 logger = logging.getLogger("airmlops.serving.proxy")
@@ -432,30 +435,31 @@ class ReverseProxy:
         """Set (or, with ``"slot": null``, clear) the canary ``body`` describes; 409 when its
         slot is not a registered slot other than the active one."""
         canary = parse_canary(body)
-        async with self._switch_lock:
-            try:
-                table = self.router.table.with_canary(canary)
-            except ValueError as exc:
-                raise ClientError(409, "canary_refused", str(exc)) from None
-            self._change(table)
-        logger.info("canary %s", f"slot {canary.slot} at {canary.weight} % by "
-                    f"{canary.entity_key}" if canary else "cleared")
-        return {"canary": canary.to_json() if canary else None, "active": table.active,
-                "generation": self.generation}
+        return await self._set_trial(
+            "canary", canary, lambda table: table.with_canary(canary),
+            f"slot {canary.slot} at {canary.weight} % by {canary.entity_key}" if canary else "")
 
     async def _shadow(self, body: bytes) -> dict[str, Any]:
         """Set (or, with ``"slot": null``, clear) the shadow ``body`` describes; 409 when its
         slot is not a registered slot other than the active and the canary's."""
         shadow = parse_shadow(body)
+        return await self._set_trial(
+            "shadow", shadow, lambda table: table.with_shadow(shadow),
+            f"slot {shadow.slot} at {shadow.percent} %" if shadow else "")
+
+    async def _set_trial(self, kind: str, trial: CanarySpec | ShadowSpec | None,
+                         apply: Callable[[RoutingTable], RoutingTable],
+                         described: str) -> dict[str, Any]:
+        """Route by the table ``apply`` makes of the current one, where a ``kind`` (canary or
+        shadow) is set to ``trial`` or cleared; 409 ``<kind>_refused`` when it refuses."""
         async with self._switch_lock:
             try:
-                table = self.router.table.with_shadow(shadow)
+                table = apply(self.router.table)
             except ValueError as exc:
-                raise ClientError(409, "shadow_refused", str(exc)) from None
+                raise ClientError(409, f"{kind}_refused", str(exc)) from None
             self._change(table)
-        logger.info("shadow %s", f"slot {shadow.slot} at {shadow.percent} %" if shadow
-                    else "cleared")
-        return {"shadow": shadow.to_json() if shadow else None, "active": table.active,
+        logger.info("%s %s", kind, described or "cleared")
+        return {kind: trial.to_json() if trial else None, "active": table.active,
                 "generation": self.generation}
 
     def _change(self, table: RoutingTable,
