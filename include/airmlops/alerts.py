@@ -15,7 +15,10 @@ The events, and the process that sends each:
   ``proxy_died``: the stable-address proxy died and was restarted; ``failover``: the stable
   address routed around a dead slot; ``serving_unavailable``: the stable address had no healthy
   upstream and answered 503; ``log_dropped``: prediction-log entries were dropped past the disk
-  bound (all five by the serving supervisor, a long-lived process).
+  bound; ``log_quarantined``: prediction-log entries the backend refused were set aside in the
+  spill folder's quarantine (all six by the serving supervisor, a long-lived process).
+- ``shadow_awaiting_decision``: a shadow deploy with manual promotion finished its window and
+  waits for a promote or reject decision from the MLOps view (``deploy`` task).
 
 Every alert goes out through :func:`notify_config`; :func:`notify` is that for a spec. The
 serving supervisor has no spec object: it calls :func:`notify_config` with the ``alerts`` section
@@ -78,6 +81,7 @@ AlertEvent = Literal[
     "quarantine", "not_blessed", "rollback", "retraining_decision",
     "task_failed",
     "slot_died", "proxy_died", "failover", "serving_unavailable", "log_dropped",
+    "log_quarantined", "shadow_awaiting_decision",
 ]
 EVENTS: tuple[str, ...] = get_args(AlertEvent)
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")

@@ -311,7 +311,8 @@ def test_the_alert_prefix_is_no_setting_of_the_platform():
 def test_every_event_exists_and_a_spec_takes_them_all_by_default():
     assert EVENTS == ("quarantine", "not_blessed", "rollback", "retraining_decision",
                       "task_failed", "slot_died", "proxy_died", "failover",
-                      "serving_unavailable", "log_dropped")
+                      "serving_unavailable", "log_dropped", "log_quarantined",
+                      "shadow_awaiting_decision")
     assert _spec({"webhook": {"url": "https://h.example.com"}}).alerts.events == list(EVENTS)
     spec = _spec({"events": ["task_failed", "slot_died", "log_dropped"],
                   "webhook": {"url": "https://h.example.com"}})

@@ -63,6 +63,8 @@ class ServiceMetrics:
                 ("failed_writes", "Failed prediction-log writes (each retried)."),
                 ("dropped", "Log entries dropped: the memory buffer or the spill directory "
                  "was full, or the spill file could not be written."),
+                ("quarantined", "Log entries the backend refused while it answered, set aside "
+                 "in the spill directory's quarantine folder (never retried by themselves)."),
             )
         }
         self.log_buffered = prom.Gauge(

@@ -17,7 +17,8 @@ folder). Every :data:`INTERVAL` seconds it compares what the state file records 
 * the address's own counters are read every second: a ``failover`` or a 503 for want of any
   healthy server (``serving_unavailable``) is alerted;
 * the live servers' prediction-log counters (``/readyz``) are read every five seconds: entries
-  dropped past the spill folder's disk bound are alerted (``log_dropped``).
+  dropped past the spill folder's disk bound are alerted (``log_dropped``), and entries the
+  backend refused, set aside in the spill folder's quarantine (``log_quarantined``).
 
 Deploy, rollback and undeploy hold the pipeline's lock while they work; the supervisor only acts
 when it can take the lock at once, so it never restarts what an operation is stopping. It exits
@@ -64,6 +65,7 @@ from airmlops.serving.deploy.state import (
     validate_pipeline,
 )
 from airmlops.serving.deploy.state import deployment_dir as _deployment_dir
+from airmlops.serving.prediction_log.spill import QUARANTINE_DIR, spill_dir_path
 
 logger = logging.getLogger("airmlops.serving.supervisor")
 
@@ -161,6 +163,7 @@ class Supervisor:
         self.counters: dict[str, int] | None = None
         self.counters_read = 0.0
         self.dropped: dict[str, int] = {}
+        self.quarantined: dict[str, int] = {}
         self.logs_read = 0.0
         self.restarts = 0
         self._alerting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alerts")
@@ -313,7 +316,8 @@ class Supervisor:
 
     def _check_prediction_logs(self, state: Mapping[str, Any]) -> None:
         """Alert ``log_dropped`` when a live server's prediction log dropped entries (its spill
-        folder reached its disk bound): the only loss of acknowledged predictions."""
+        folder reached its disk bound): the only loss of acknowledged predictions; and
+        ``log_quarantined`` when it set aside entries its backend refused."""
         now = self.clock()
         active = state.get("active")
         record = state["slots"].get(active) if active else None
@@ -333,6 +337,20 @@ class Supervisor:
                             "the spill folder is full", {"upstream": one["upstream"],
                                                         "dropped_total": dropped,
                                                         "prediction_log": stats})
+            self._check_quarantine(one, stats)
+
+    def _check_quarantine(self, one: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+        """Alert ``log_quarantined`` when the count of a server's quarantined entries grew."""
+        quarantined = int(stats.get("quarantined") or 0)
+        before = self.quarantined.get(one["instance"], 0)
+        self.quarantined[one["instance"]] = quarantined
+        if quarantined > before:
+            folder = spill_dir_path(self.root, self.pipeline) / QUARANTINE_DIR
+            self._alert("log_quarantined", f"a model server of {self.pipeline} quarantined "
+                        f"{quarantined - before} prediction-log entries its backend refused: "
+                        f"they are kept in {folder} on its host", {
+                            "upstream": one["upstream"], "quarantined_total": quarantined,
+                            "quarantine_dir": str(folder), "prediction_log": dict(stats)})
 
     def _alert(self, event: str, message: str, details: Mapping[str, Any]) -> None:
         """Send ``event`` from the alert thread (at most one of a kind per :data:`ALERT_EVERY`

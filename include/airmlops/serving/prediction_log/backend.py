@@ -60,6 +60,12 @@ class LogBackend(Protocol):
         each entity, and (unless ``overwrite``) none has a label yet; else store nothing."""
         ...
 
+    def ping(self) -> None:
+        """Raise when the backend cannot be reached; return when it answers. This tells a
+        backend that is down from one that refuses particular entries (the writer's
+        quarantine)."""
+        ...
+
     def close(self) -> None:
         """Let go of the connection (a later call may open a new one)."""
         ...

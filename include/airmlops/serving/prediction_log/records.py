@@ -30,7 +30,8 @@ SHADOW_PAIR_COLUMNS = (
 
 Observer = Callable[[str, int], None]
 """``observer(event, amount)``: event is ``logged``, ``labels_logged``, ``failed_writes``,
-``dropped`` (increments) or ``buffered``, ``spilled``, ``backend_up`` (current values)."""
+``dropped``, ``quarantined`` (increments) or ``buffered``, ``spilled``, ``backend_up``
+(current values)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,8 @@ class LogStats:
     ``buffered`` entries are in memory, ``spilled`` ones in spill files (this log's own and the
     orphans it adopted); ``state`` is ``spilling`` while any are on disk, else ``ok``.
     ``seconds_since_drop`` is the time since an entry was last dropped (None: never).
+    ``quarantined`` entries were refused by a backend that answers and set aside on disk
+    (:mod:`~airmlops.serving.prediction_log.writer`).
     """
 
     logged: int
@@ -82,6 +85,7 @@ class LogStats:
     backend_up: bool
     state: LogState
     seconds_since_drop: float | None
+    quarantined: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The counters as a plain dict (the service's ``/readyz`` body)."""

@@ -273,6 +273,10 @@ class RedisLogBackend:
             return LabelClaim(issued=True, conflicts=tuple(entities))
         return LabelClaim(issued=True)
 
+    def ping(self) -> None:
+        """PING the server; raises when it cannot be reached."""
+        self._client.ping()
+
     def close(self) -> None:
         """Close the client's connections."""
         self._client.close()

@@ -58,6 +58,10 @@ class ShadowBackend:
         """Refused as an unknown request: shadow rows never accept labels."""
         return LabelClaim(issued=False)
 
+    def ping(self) -> None:
+        """Ping the wrapped backend."""
+        self.backend.ping()
+
     def close(self) -> None:
         """Close the wrapped backend."""
         self.backend.close()

@@ -14,11 +14,19 @@ on disk while its backend is down, in order, until they are replayed.
   the files of the same directory whose lock it can take (their writer died: a killed worker,
   a closed log) and whose header names its own backend, replays them and deletes them.
 - **Disk bound.** The spill directory of a pipeline holds at most ``spill_max_bytes`` (all
-  workers' files together); what does not fit is not written (the writer counts it dropped).
+  workers' files together, its quarantine folder included); what does not fit is not written
+  (the writer counts it dropped).
+- **Quarantine.** Entries the backend refuses while it answers (poison entries: see
+  :mod:`~airmlops.serving.prediction_log.writer`) are appended to
+  ``<spill dir>/quarantine/<spill file name>`` (mode 0600, fsync'ed): the spill file's header,
+  then each entry's line with one more field, ``quarantined``, holding the error's type and
+  message. :func:`decode_entry` ignores that field, so a quarantine file is a spill file: moved
+  back into the spill directory under a new spill file name, it is adopted and replayed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -45,6 +53,10 @@ SPILL_FILE_PATTERN = re.compile(r"^[0-9]{1,10}-[0-9a-f]{16}\.jsonl$")
 """A spill file's name: ``<pid>-<random>.jsonl``."""
 SPILL_TEMP_PATTERN = re.compile(r"^\.[0-9]{1,10}-[0-9a-f]{16}\.jsonl\.tmp$")
 """A spill file being created (renamed to its name once locked and headed)."""
+QUARANTINE_DIR = "quarantine"
+"""The folder of the spill directory that holds the entries the backend refused."""
+QUARANTINE_ERROR_CHARS = 1000
+"""At most this much of a refusal's message is kept beside each quarantined entry."""
 _READ_BLOCK = 1 << 20
 _ABANDONED_TEMP_S = 60.0
 
@@ -72,9 +84,20 @@ def encode_entry(record: Record) -> bytes:
     return (json.dumps(entry, separators=(",", ":"), default=str) + "\n").encode("utf-8")
 
 
+def quarantine_entry(record: Record, error: BaseException) -> bytes:
+    """One quarantine line: the record's spill line with a ``quarantined`` field, the type
+    and message of the error the backend refused it with."""
+    entry = json.loads(encode_entry(record))
+    entry["quarantined"] = {"error_type": type(error).__name__,
+                            "error": str(error)[:QUARANTINE_ERROR_CHARS]}
+    return (json.dumps(entry, separators=(",", ":")) + "\n").encode("utf-8")
+
+
 def decode_entry(line: bytes) -> Record:
-    """The record of one spill line (:func:`encode_entry`)."""
+    """The record of one spill line (:func:`encode_entry`) or quarantine line
+    (:func:`quarantine_entry`: why it was refused is left out)."""
     entry = json.loads(line)
+    entry.pop("quarantined", None)
     kind = entry.pop("kind")
     if kind == "prediction":
         return PredictionRecord(**entry)
@@ -195,16 +218,37 @@ class SpillFiles:
         return self.adopted[0] if self.adopted else self.own
 
     def used_bytes(self) -> int:
-        """Bytes in the spill directory (every worker's files)."""
-        total = 0
-        with os.scandir(self.directory) as entries:
-            for entry in entries:
-                try:
-                    if entry.is_file(follow_symlinks=False):
-                        total += entry.stat(follow_symlinks=False).st_size
-                except FileNotFoundError:  # replayed and deleted meanwhile
-                    continue
-        return total
+        """Bytes in the spill directory (every worker's files, and the quarantine's)."""
+        quarantine = self.directory / QUARANTINE_DIR
+        return _files_bytes(self.directory) + \
+            (_files_bytes(quarantine) if quarantine.is_dir() else 0)
+
+    def quarantine(self, name: str, lines: list[bytes], max_bytes: int) -> tuple[Path, int]:
+        """Append what fits under ``max_bytes`` (the whole spill directory) of ``lines`` to
+        the quarantine file ``name`` (created 0600 with this log's header) and fsync it;
+        return its path and how many lines it took. On failure the file is cut back and
+        OSError is raised."""
+        directory = self.directory / QUARANTINE_DIR
+        directory.mkdir(mode=0o700, exist_ok=True)
+        path = directory / name
+        size = path.stat().st_size if path.exists() else 0
+        head = b"" if size else self.header
+        fit = fitting(lines, max_bytes - self.used_bytes() - len(head))
+        if not fit:
+            return path, 0
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, head + b"".join(lines[:fit]))
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise
+        finally:
+            os.close(fd)
+        if not size:
+            _fsync_directory(directory)
+        return path, fit
 
     def append(self, lines: list[bytes]) -> None:
         """Append ``lines`` to this log's own file (created on first use) and fsync it; on
@@ -339,6 +383,19 @@ class SpillFiles:
             position += len(block)
         return SpillFile(path, fd, offset=end + 1, size=status.st_size, entries=entries,
                          own=False)
+
+
+def _files_bytes(directory: Path) -> int:
+    """Bytes in the plain files of ``directory``."""
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:  # replayed and deleted meanwhile
+                continue
+    return total
 
 
 def _remove_abandoned(path: Path) -> None:

@@ -184,6 +184,17 @@ class SqliteLogBackend:
                 r.entity_id for r in labels if r.entity_id in labelled))
         return claim
 
+    def ping(self) -> None:
+        """An empty write transaction on the connection (opened if need be): raises when the
+        file cannot be opened or its write lock not taken within the busy timeout (a lock
+        held that long is the backend being unavailable, not an entry being refused)."""
+        db = self._connection()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("SELECT 1").fetchone()
+        finally:
+            self._rollback(db)
+
     def close(self) -> None:
         """Close the connection (the next call opens a new one)."""
         if self._db is not None:

@@ -20,6 +20,13 @@ backend is down:
   spill files of dead writers for its backend and replays them before its memory.
 - **Disk bound.** Beyond ``spill_max_bytes`` entries are dropped and counted (``dropped``),
   with one ERROR line per episode (until the spill is replayed).
+- **Quarantine.** When the same spilled chunk has failed :data:`ISOLATE_AFTER` times in a row
+  and the backend answers ``ping``, it refuses entries: the poison ones are isolated
+  (:mod:`~airmlops.serving.prediction_log.poison`), appended with their error to
+  ``<spill dir>/quarantine/<spill file name>`` (within ``spill_max_bytes``; beyond it they are
+  dropped and counted) and counted (``quarantined``), one ERROR line per quarantine file, and
+  the replay goes on. A poison entry in memory is spilled, then isolated the same way
+  (without a spill directory it is retried like any failed write).
 - **What can still be lost.** Without a spill directory (``spill_max_bytes=0``) entries wait in
   memory (up to ``buffer_size``, beyond which they are dropped) and are dropped at close. With
   one, a ``kill -9`` of a worker loses what is in its memory and not yet written or spilled:
@@ -27,7 +34,7 @@ backend is down:
   hangs until its timeout: what arrived meanwhile). A crash of the machine can lose the spilled
   batch whose fsync had not returned.
 
-Counters (logged, buffered, spilled, failed writes, dropped) and the state (``ok`` or
+Counters (logged, buffered, spilled, failed writes, dropped, quarantined) and the state (``ok`` or
 ``spilling``) are in :meth:`~PredictionLog.stats` and are pushed to an optional ``observer`` as
 they change (the service turns them into Prometheus metrics and its ``/readyz`` body).
 """
@@ -42,6 +49,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from airmlops.serving.prediction_log.backend import LogBackend
+from airmlops.serving.prediction_log.poison import answers, isolate
 from airmlops.serving.prediction_log.records import (
     LabelRecord,
     LogStats,
@@ -55,6 +63,7 @@ from airmlops.serving.prediction_log.spill import (
     SpillFiles,
     encode_entry,
     fitting,
+    quarantine_entry,
     read_chunk,
 )
 
@@ -62,6 +71,9 @@ log = logging.getLogger(__name__)
 
 ADOPT_INTERVAL_S = 5.0
 """How often (at most) a log looks for orphaned spill files after a successful write."""
+ISOLATE_AFTER = 3
+"""After this many failed writes in a row of the same spilled chunk, if the backend answers
+``ping``, the chunk's poison entries are isolated and quarantined."""
 
 
 class PredictionLog:
@@ -123,6 +135,10 @@ class PredictionLog:
         self._spill_due: float | None = None
         self._spill_full_logged = False
         self._last_adopt = 0.0
+        self._quarantined = 0
+        self._refused_at: tuple[str, int] | None = None  # the chunk that keeps failing
+        self._refusals = 0
+        self._quarantine_logged: set[Path] = set()
         self._spill: SpillFiles | None = None
         if spill_dir is not None:
             self._open_spill_dir(Path(spill_dir))
@@ -189,10 +205,12 @@ class PredictionLog:
                 backend_up=self._backend_up,
                 state="spilling" if self._spilled else "ok",
                 seconds_since_drop=since,
+                quarantined=self._quarantined,
             )
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every accepted entry (and every spilled one) is stored; False if
+        """Wait until every accepted entry (and every spilled one) is stored, or set aside
+        for good (quarantined, or dropped: both counted in :meth:`stats`); False if
         ``timeout`` passed first."""
         deadline = time.monotonic() + timeout
         with self._condition:
@@ -211,9 +229,9 @@ class PredictionLog:
     def close(self, timeout: float = 10.0) -> bool:
         """Flush for at most ``timeout`` seconds, stop the writer and close the backend.
 
-        Returns True when everything accepted was stored. With a spill directory, entries not
-        written are spilled (a later log on the directory replays them); without one they are
-        counted as dropped.
+        Returns True when everything accepted was stored (or quarantined: see the module
+        docstring). With a spill directory, entries not written are spilled (a later log on the
+        directory replays them); without one they are counted as dropped.
         """
         flushed = self.flush(timeout)
         with self._condition:
@@ -459,7 +477,15 @@ class PredictionLog:
                 self.backend.write(predictions, labels)
             except Exception as error:
                 self._write_failed(error)
-                return
+                if not self._refused(spill):
+                    return
+                found = isolate(self.backend, chunk.records, error)
+                if found is None:
+                    return  # the backend stopped answering: keep the chunk, back off
+                if found.poison:
+                    self._quarantine(spill, found.poison)
+                predictions, labels = split_records(found.stored)
+        self._refused_at = None
         spill.offset = chunk.offset
         spill.entries -= chunk.lines
         if spill.replayed:
@@ -467,6 +493,47 @@ class PredictionLog:
         if chunk.records:
             self._written(predictions, labels)
         self._replayed(spill, chunk.lines, chunk.bad)
+
+    def _refused(self, spill: SpillFile) -> bool:
+        """Count a failed write of the chunk at ``spill.offset``: True when it has failed
+        :data:`ISOLATE_AFTER` times in a row and the backend answers (it refuses entries)."""
+        chunk = (spill.path.name, spill.offset)
+        if chunk != self._refused_at:
+            self._refused_at, self._refusals = chunk, 0
+        self._refusals += 1
+        return self._refusals >= ISOLATE_AFTER and answers(self.backend)
+
+    def _quarantine(self, spill: SpillFile, poison: list[tuple[Record, Exception]]) -> None:
+        """Set the refused entries of ``spill`` aside in its quarantine file and count them;
+        what does not fit under ``spill_max_bytes`` (or cannot be written) is dropped and
+        counted."""
+        assert self._spill is not None
+        lines = [quarantine_entry(record, error) for record, error in poison]
+        path, kept, reason = spill.path, 0, ""
+        try:
+            path, kept = self._spill.quarantine(spill.path.name, lines, self.spill_max_bytes)
+            if kept < len(lines):
+                reason = f"the spill directory is full ({self.spill_max_bytes} bytes)"
+        except OSError as failure:
+            reason = f"writing the quarantine of {spill.path} failed: {failure}"
+        lost = len(lines) - kept
+        with self._condition:
+            self._quarantined += kept
+            if lost:
+                self._count_dropped(lost)
+        refusal = poison[0][1]
+        if kept and path not in self._quarantine_logged:
+            self._quarantine_logged.add(path)
+            log.error("prediction log backend %s refused %d entries while it answers (%s: "
+                      "%.200s): they are quarantined in %s and the replay goes on; later "
+                      "refusals into that file are counted, not logged", self.backend.location,
+                      kept, type(refusal).__name__, refusal, path)
+        if lost:
+            log.error("prediction log dropped %d entries its backend refused: %s", lost,
+                      reason)
+            self._notify("dropped", lost)
+        if kept:
+            self._notify("quarantined", kept)
 
     def _replayed(self, spill: SpillFile, lines: int, bad: int) -> None:
         """Count ``lines`` spilled entries as gone (``bad`` of them unreadable, dropped)."""
