@@ -111,7 +111,9 @@ def _numeric_array(values: Any) -> Any:
     import numpy as np
     import pandas as pd
 
-    series = pd.Series(values)
+    series = pd.Series(values, copy=False)
+    if series.dtype == np.float64:  # already numbers with NaN missing: no copy
+        return series.to_numpy()
     if series.dtype == object:  # mixed values: exactly the scalar rule, row by row
         series = series.map(_number)
     return pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
