@@ -275,6 +275,12 @@ class FeatureStoreConfig(FeatureSet):
         default=None, description="CSV/Parquet glob of events for non-simulator sources.")
     profiles_path: str | None = Field(
         default=None, description="CSV/Parquet glob of profiles for non-simulator sources.")
+    offline_engine: Literal["memory", "duckdb"] = Field(
+        default="memory",
+        # The default is left out of dumps so the hashes of specs without the field stay put.
+        exclude_if=lambda engine: engine == "memory",
+        description="The point-in-time join of training sets: 'memory' (numpy, the fastest "
+        "while the join fits in memory) or 'duckdb' (spills to disk under the data root).")
 
 
 class PipelineSpec(_Strict):

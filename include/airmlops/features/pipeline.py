@@ -2,7 +2,8 @@
 
 - :func:`build_offline` computes the feature views for a range of days from the pipeline's
   events and profiles and writes them to the offline store (idempotent per day).
-- :func:`training_frame` joins a raw batch with its point-in-time features (training sets).
+- :func:`training_frame` joins a raw batch with its point-in-time features (training sets),
+  by the engine the spec names (:func:`historical_features`).
 - :func:`materialize_online` copies new offline rows to the online store (watermarked).
 - :func:`online_rows` is the serving path: one online read for all entities of a request and
   the on-demand features by the same code as training, as plain rows (no pandas per request);
@@ -137,8 +138,35 @@ def training_frame(spec: PipelineSpec, batch: pd.DataFrame, data_root: Path) -> 
     keep = [spec.entity_key, spec.timestamp, spec.label,
             *[f for f in store.request_fields if f in batch.columns and f != spec.timestamp]]
     entity_df = batch[list(dict.fromkeys(keep))]
-    return get_historical_features(entity_df, store.views, data_root, spec.name,
-                                   timestamp_column=spec.timestamp, on_demand=store.on_demand)
+    return historical_features(spec, entity_df, data_root)
+
+
+def historical_features(spec: PipelineSpec, entity_df: pd.DataFrame, data_root: Path, *,
+                        available_mb: float | None = None) -> pd.DataFrame:
+    """The point-in-time join by the spec's ``feature_store.offline_engine``.
+
+    ``memory`` first checks that the join fits (``available_mb``, default: the machine's
+    available memory) and refuses it, naming ``duckdb``, when it would not; ``duckdb`` joins
+    within a memory limit and spills to disk under ``data_root``.
+    """
+    store = _store(spec)
+    arguments = {"timestamp_column": spec.timestamp, "on_demand": store.on_demand}
+    if store.offline_engine == "duckdb":
+        from airmlops.features.offline_duckdb import get_historical_features_duckdb
+
+        return get_historical_features_duckdb(entity_df, store.views, data_root, spec.name,
+                                              **arguments)
+    from airmlops.features.join_memory import (
+        available_memory_mb,
+        check_join_fits,
+        estimate_join,
+    )
+
+    estimate = estimate_join(entity_df, store.views, data_root, spec.name, **arguments)
+    available = available_memory_mb() if available_mb is None else available_mb
+    if available is not None:  # unknown (no /proc/meminfo): the join runs unchecked
+        check_join_fits(estimate, available)
+    return get_historical_features(entity_df, store.views, data_root, spec.name, **arguments)
 
 
 def materialize_online(spec: PipelineSpec, data_root: Path, online_store: Any,
