@@ -98,6 +98,14 @@ class DeployConfig(_Strict):
         default=1.5, ge=1, le=100,
         description="Promotion rule: the shadow's median latency at most this times the live "
         "version's.")
+    shadow_promotion: Literal["rule", "manual"] = Field(
+        default="rule", description="rule: the promotion rule decides when the window ends "
+        "(a decision from the MLOps view may end it earlier); manual: the rule's verdict is "
+        "only advice and the deploy waits for a promote or reject decision from the view.")
+    shadow_decision_timeout_seconds: float = Field(
+        default=3600.0, ge=60, le=604800,
+        description="Manual promotion: how long to wait for a decision after the window; "
+        "none by then rejects the shadow (the live version keeps serving).")
 
     @field_validator("canary_steps")
     @classmethod

@@ -6,6 +6,9 @@ Routes (relative to the mount):
   it to one; the DAG tab uses the latter);
 - ``GET /api/pipelines`` and ``GET /api/pipelines/<name>``: the same data as JSON;
 - ``GET /pipelines/<name>/windows/<window id>/report``: that window's Evidently HTML report;
+- ``POST /api/pipelines/<name>/shadow/decision``: promote or reject the running shadow of a
+  version (JSON ``{"version": <int>, "action": "promote"|"reject"}``), for users who may edit
+  the pipeline's training DAG (:func:`_decide`);
 - ``GET /icon.svg``: the navigation icon (public).
 
 Airflow does not authenticate plugin apps, so every route but the icon requires the caller's
@@ -38,6 +41,7 @@ from starlette.concurrency import run_in_threadpool
 from airmlops.settings import Settings, get_settings
 from airmlops.spec import NAME_PATTERN, PipelineSpec
 from airmlops.ui import data
+from airmlops.ui.decision import DecisionRefused, decide
 from airmlops.ui.page import render_page
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,12 @@ class Viewer:
     name: str
     readable: Callable[[set[str]], Awaitable[set[str]]]
     """``readable(dag_ids)`` -> the subset this user may read."""
+    editable: Callable[[set[str]], Awaitable[set[str]]] | None = None
+    """``editable(dag_ids)`` -> the subset this user may edit (None: none)."""
+
+    async def may_edit(self, dag_id: str) -> bool:
+        """Whether this user may edit (``PUT``) the DAG ``dag_id``."""
+        return self.editable is not None and dag_id in await self.editable({dag_id})
 
 
 class Authenticator(Protocol):
@@ -117,7 +127,11 @@ class AirflowAuthenticator:
             return await run_in_threadpool(
                 manager.filter_authorized_dag_ids, dag_ids=set(dag_ids), user=user, method="GET")
 
-        return Viewer(name=str(user.get_name()), readable=readable)
+        async def editable(dag_ids: set[str]) -> set[str]:
+            return await run_in_threadpool(
+                manager.filter_authorized_dag_ids, dag_ids=set(dag_ids), user=user, method="PUT")
+
+        return Viewer(name=str(user.get_name()), readable=readable, editable=editable)
 
     def login_url(self, next_url: str) -> str | None:
         try:
@@ -225,6 +239,47 @@ async def current_viewer(request: Request, auth: AuthDep) -> Viewer:
 ViewerDep = Annotated[Viewer, Depends(current_viewer)]
 
 
+async def _deciders(viewer: Viewer, specs: list[PipelineSpec]) -> frozenset[str]:
+    """The pipelines among ``specs`` whose training DAG the viewer may edit (and so whose
+    running shadow they may promote or reject)."""
+    if viewer.editable is None or not specs:
+        return frozenset()
+    editable = await viewer.editable({s.training_dag_id for s in specs})
+    return frozenset(s.name for s in specs if s.training_dag_id in editable)
+
+
+async def shadow_decision(name: str, request: Request, viewer: ViewerDep,
+                          settings: SettingsDep, clock: ClockDep) -> JSONResponse:
+    """``POST /api/pipelines/<name>/shadow/decision``: promote or reject the running shadow of
+    a version (every refusal: :mod:`airmlops.ui.decision`)."""
+    specs, _ = await _visible_specs(settings, viewer)
+    try:
+        written = await decide(request, name, specs, viewer, settings.data_root, clock())
+    except DecisionRefused as refused:
+        return JSONResponse({"detail": refused.detail}, status_code=refused.status,
+                            headers=BASE_HEADERS)
+    return JSONResponse(written, status_code=202, headers=BASE_HEADERS)
+
+
+async def report(name: str, window_id: str, viewer: ViewerDep, settings: SettingsDep
+                 ) -> Response:
+    """``GET /pipelines/<name>/windows/<window id>/report``: the Evidently HTML report of one
+    window (404 when there is none to serve)."""
+    missing = JSONResponse({"detail": "no report for this window"}, status_code=404,
+                           headers=BASE_HEADERS)
+    if not _NAME.match(name):
+        return missing
+    specs, _ = await _visible_specs(settings, viewer)
+    if name not in {s.name for s in specs}:
+        return missing
+    path = await run_in_threadpool(data.window_report, settings.data_root,
+                                   settings.reports_dir, name, window_id)
+    if path is None:
+        return missing
+    return FileResponse(path, media_type="text/html; charset=utf-8",
+                        headers={**BASE_HEADERS, "Content-Security-Policy": REPORT_CSP})
+
+
 def create_app() -> FastAPI:
     """The MLOps view app. Builds routes only: settings are read per request, so the plugin
     imports even when nothing is configured."""
@@ -262,7 +317,8 @@ def create_app() -> FastAPI:
         nonce = secrets.token_urlsafe(16)
         html = render_page(overview, now=now, nonce=nonce, app_root=app_root,
                            airflow_root=airflow_root, viewer=viewer.name, selection=selection,
-                           pipelines_dir=str(settings.pipelines_dir))
+                           pipelines_dir=str(settings.pipelines_dir),
+                           deciders=await _deciders(viewer, specs))
         return HTMLResponse(html, headers={**BASE_HEADERS,
                                            "Content-Security-Policy": _page_csp(nonce)})
 
@@ -286,22 +342,9 @@ def create_app() -> FastAPI:
         overview = await _overview(chosen, [], settings, clock())
         return JSONResponse(dataclasses.asdict(overview.pipelines[0]), headers=BASE_HEADERS)
 
-    @app.get("/pipelines/{name}/windows/{window_id}/report")
-    async def report(name: str, window_id: str, viewer: ViewerDep, settings: SettingsDep
-                     ) -> Response:
-        """The Evidently HTML report of one window (404 when there is none to serve)."""
-        missing = JSONResponse({"detail": "no report for this window"}, status_code=404,
-                               headers=BASE_HEADERS)
-        if not _NAME.match(name):
-            return missing
-        specs, _ = await _visible_specs(settings, viewer)
-        if name not in {s.name for s in specs}:
-            return missing
-        path = await run_in_threadpool(data.window_report, settings.data_root,
-                                       settings.reports_dir, name, window_id)
-        if path is None:
-            return missing
-        return FileResponse(path, media_type="text/html; charset=utf-8",
-                            headers={**BASE_HEADERS, "Content-Security-Policy": REPORT_CSP})
+    app.add_api_route("/api/pipelines/{name}/shadow/decision", shadow_decision,
+                      methods=["POST"], status_code=202)
 
+    app.add_api_route("/pipelines/{name}/windows/{window_id}/report", report,
+                      methods=["GET"])
     return app

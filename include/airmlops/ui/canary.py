@@ -84,7 +84,7 @@ def shadow_view(record: Any, comparison: Mapping[str, Any] | None = None) -> Sha
     reasons = judgement.get("reasons")
     return ShadowView(
         version=_text(record.get("version")), slot=_text(record.get("slot")),
-        started_at=_text(record.get("started_at")), outcome=_text(record.get("outcome")),
+        outcome=_text(record.get("outcome")),
         percent=_count(judgement.get("percent")),
         shadow_requests=_count(shadow.get("requests")),
         shadow_error_rate=_number(shadow.get("error_rate")),
@@ -102,7 +102,33 @@ def shadow_view(record: Any, comparison: Mapping[str, Any] | None = None) -> Sha
         shadow_metric=_number(compared.get("shadow_metric")),
         reasons=tuple(str(r)[:500] for r in reasons[:MAX_STEPS] if isinstance(r, str))
         if isinstance(reasons, list | tuple) else (),
+        **_decision_fields(record, judgement),
     )
+
+
+RUNNING = ("running", "awaiting")
+RULE_KEYS = ("min_requests", "min_agreement", "max_score_ks", "max_error_rate_increase",
+             "max_latency_ratio")
+
+
+def _decision_fields(record: Mapping[str, Any], judgement: Mapping[str, Any]
+                     ) -> dict[str, Any]:
+    """Whether the shadow is still running, its promotion mode and rule, and who decided."""
+    status = record.get("status")
+    rule = _mapping(record.get("rule"))
+    decision = _mapping(record.get("decision") or judgement.get("decision"))
+    running = status in RUNNING
+    return {
+        "status": status if running else None,
+        "started_at": _text(record.get("started") if running else None)
+        or _text(record.get("started_at")),
+        "promotion": _text(record.get("promotion") or judgement.get("promotion")),
+        "rule": tuple((key, value) for key in RULE_KEYS
+                      if (value := _number(rule.get(key))) is not None),
+        "rule_verdict": _text(judgement.get("rule_verdict")),
+        "decided_by": _text(record.get("decided_by") or judgement.get("decided_by")),
+        "decided_at": _text(decision.get("at")),
+    }
 
 
 def shadow_window(record: Any) -> tuple[str, str] | None:

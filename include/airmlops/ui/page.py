@@ -21,7 +21,7 @@ from urllib.parse import quote, urlencode
 from airmlops.ui.chart import metrics_chart
 from airmlops.ui.html_text import e
 from airmlops.ui.html_text import time_html as _time
-from airmlops.ui.trials import canary_section, shadow_section
+from airmlops.ui.trials import DECISION_SCRIPT, canary_section, shadow_section
 from airmlops.ui.views import (
     LINEAGE_KEYS,
     DeploymentView,
@@ -251,7 +251,8 @@ def _version_panel(title: str, view: ModelVersionView | None, registry: Registry
     )
 
 
-def _deployment_panel(view: DeploymentView, now: dt.datetime) -> str:
+def _deployment_panel(view: DeploymentView, now: dt.datetime,
+                      decide_url: str | None = None) -> str:
     head = "<h3>Live deployment</h3>"
     note = f'<p class="error">{e(view.error)}</p>' if view.error else ""
     if not view.deployed:
@@ -290,7 +291,8 @@ def _deployment_panel(view: DeploymentView, now: dt.datetime) -> str:
         f"<dl><dt>address</dt><dd>{address}</dd>"
         f"<dt>live slot</dt><dd>{e(view.active_slot or '-')}</dd>"
         f"<dt>switched</dt><dd>{_time(view.switched_at, now)}</dd></dl>{table}"
-        f"{canary_section(view.canary, now)}{shadow_section(view.shadow, now)}</div>"
+        f"{canary_section(view.canary, now)}{shadow_section(view.shadow, now, decide_url)}"
+        "</div>"
     )
 
 
@@ -397,7 +399,7 @@ def _monitoring_section(pipeline: PipelineView, app_root: str, now: dt.datetime)
 
 
 def _pipeline_section(pipeline: PipelineView, *, airflow_root: str, app_root: str,
-                      now: dt.datetime) -> str:
+                      now: dt.datetime, may_decide: bool = False) -> str:
     dag_links = []
     for role, dag_id in pipeline.dag_ids.items():
         url = f"{airflow_root}/dags/{quote(dag_id, safe='')}"
@@ -427,7 +429,9 @@ def _pipeline_section(pipeline: PipelineView, *, airflow_root: str, app_root: st
         + _version_panel("Challenger", registry.challenger, registry, pipeline.primary_metric,
                          now, "No challenger: the next blessed training run registers one.",
                          same_as=registry.champion)
-        + _deployment_panel(pipeline.deployment, now)
+        + _deployment_panel(pipeline.deployment, now,
+                            f"{app_root}/api/pipelines/{quote(pipeline.name, safe='')}"
+                            "/shadow/decision" if may_decide else None)
         + "</div>"
         + _monitoring_section(pipeline, app_root, now)
         + "</section>"
@@ -444,9 +448,11 @@ def render_page(
     viewer: str | None = None,
     selection: Mapping[str, str] | None = None,
     pipelines_dir: str | None = None,
+    deciders: frozenset[str] = frozenset(),
 ) -> str:
     """The whole page. ``app_root``/``airflow_root`` are this app's and Airflow's URL paths;
-    ``selection`` is the filter the page was asked for (``pipeline`` or ``dag_id``)."""
+    ``selection`` is the filter the page was asked for (``pipeline`` or ``dag_id``);
+    ``deciders`` the pipelines whose running shadow the viewer may promote or reject."""
     selection = dict(selection or {})
     refresh = f"{app_root}/" + (f"?{urlencode(selection)}" if selection else "")
     mlflow = (_link(_external(overview.mlflow_ui_url), "MLflow UI", new_tab=True)
@@ -457,7 +463,8 @@ def render_page(
                   f'errors): {e(", ".join(overview.invalid_specs))}</p>')
     if overview.pipelines:
         body = "".join(_pipeline_section(p, airflow_root=airflow_root, app_root=app_root,
-                                         now=now) for p in overview.pipelines)
+                                         now=now, may_decide=p.name in deciders)
+                       for p in overview.pipelines)
     elif selection:
         shown = ", ".join(f"{k}={v}" for k, v in selection.items())
         body = (f'<p class="empty pipeline">No pipeline matches {e(shown)} (or you may not read '
@@ -478,5 +485,5 @@ def render_page(
         "</div></div>"
         f'<div>{mlflow}{" · " if mlflow else ""}{_link(refresh, "Refresh")}</div></div>'
         f"{banner}<main>{body}</main>"
-        f'<script nonce="{e(nonce)}">{SCRIPT}</script></body></html>'
+        f'<script nonce="{e(nonce)}">{SCRIPT}{DECISION_SCRIPT}</script></body></html>'
     )

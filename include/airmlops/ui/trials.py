@@ -1,7 +1,9 @@
 """The last canary and shadow rollouts of a deployment as HTML sections of the MLOps view.
 
 Every value is escaped (:func:`~airmlops.ui.html_text.e`); the views come from
-:mod:`airmlops.ui.canary`, which reads the state file tolerantly.
+:mod:`airmlops.ui.canary`, which reads the state file tolerantly. A running shadow gets Promote
+and Reject buttons for users who may decide; :data:`DECISION_SCRIPT` (run under the page's
+nonce) posts their decision to :mod:`airmlops.ui.decision` and shows the answer.
 """
 
 from __future__ import annotations
@@ -54,20 +56,93 @@ def canary_section(canary: CanaryView | None, now: dt.datetime) -> str:
 
 SHADOW_OUTCOMES = {"promoted": ("ok", "promoted"), "rejected": ("bad", "rejected")}
 """A shadow's recorded outcome: its chip's class and words."""
+SHADOW_STATUSES = {"running": "running", "awaiting": "awaiting a decision"}
+
+DECISION_SCRIPT = """
+(function () {
+  document.addEventListener("click", function (event) {
+    var button = event.target && event.target.closest ?
+      event.target.closest("button[data-shadow-action]") : null;
+    if (!button) { return; }
+    var box = button.closest("[data-decision-url]");
+    var out = box.querySelector(".decision-outcome");
+    var buttons = box.querySelectorAll("button[data-shadow-action]");
+    var enable = function (on) { buttons.forEach(function (b) { b.disabled = !on; }); };
+    enable(false);
+    out.textContent = "sending...";
+    fetch(box.getAttribute("data-decision-url"), {
+      method: "POST", mode: "same-origin", credentials: "same-origin",
+      headers: {"Content-Type": "application/json"},
+      body: JSON.stringify({version: Number(box.getAttribute("data-version")),
+                            action: button.getAttribute("data-shadow-action")})
+    }).then(function (response) {
+      return response.json().then(function (body) {
+        if (response.status === 202) {
+          out.textContent = body.action + " of version " + body.version + " sent by " +
+            body.by + ": the deploy applies it within a second; refresh to follow it.";
+        } else {
+          out.textContent = "refused (" + response.status + "): " + (body.detail || "");
+          enable(true);
+        }
+      });
+    }).catch(function (error) { out.textContent = "not sent: " + error; enable(true); });
+  });
+})();
+"""
 
 
-def shadow_section(shadow: ShadowView | None, now: dt.datetime) -> str:
+def running_shadow_section(shadow: ShadowView, now: dt.datetime, decide_url: str | None) -> str:
+    """A shadow the deploy holds now: since when, its promotion mode and rule, and (for a user
+    who may decide, ``decide_url`` set) the Promote and Reject buttons."""
+    status = SHADOW_STATUSES.get(shadow.status or "", "running")
+    rule = "".join(f"<dt>{e(name.replace('_', ' '))}</dt><dd>{e(f'{value:g}')}</dd>"
+                   for name, value in shadow.rule)
+    advice = (f' · the rule advises: <span class="verdict-'
+              f'{"pass" if shadow.rule_verdict == "promote" else "fail"}">'
+              f"{e(shadow.rule_verdict)}</span>" if shadow.rule_verdict else "")
+    head = (f'<h4>Shadow running: version {e(shadow.version or "-")} '
+            f'<span class="chip warn">{e(status)}</span></h4>'
+            f'<div class="muted">slot {e(shadow.slot or "-")} · since '
+            f"{time_html(shadow.started_at, now)} · promotion "
+            f'{e(shadow.promotion or "rule")}{advice}</div>'
+            f'<dl class="shadow-rule">{rule}</dl>')
+    actions = ""
+    if decide_url and shadow.version and shadow.version.isdigit():
+        actions = (f'<div class="shadow-decision" data-decision-url="{e(decide_url)}" '
+                   f'data-version="{e(shadow.version)}">'
+                   '<button type="button" data-shadow-action="promote">Promote</button> '
+                   '<button type="button" data-shadow-action="reject">Reject</button> '
+                   '<span class="decision-outcome muted" role="status"></span></div>')
+    return head + actions
+
+
+def shadow_section(shadow: ShadowView | None, now: dt.datetime,
+                   decide_url: str | None = None) -> str:
     """The last shadow rollout: both sides' traffic, how their predictions compared, both
     models' metric once labels arrived, and the rules it broke."""
     if shadow is None:
         return ""
+    if shadow.status is not None:
+        running = running_shadow_section(shadow, now, decide_url)
+        if shadow.status != "awaiting":
+            return f'<div class="shadow canary shadow-running">{running}</div>'
+        return (f'<div class="shadow canary shadow-running">{running}'
+                f"{_judgement_html(shadow)}</div>")
     css, words = SHADOW_OUTCOMES.get(shadow.outcome or "",
                                      ("warn", shadow.outcome or "outcome unknown"))
     percent = f" · {e(shadow.percent)} % mirrored" if shadow.percent is not None else ""
+    decided = (f' · decided by {e(shadow.decided_by)}'
+               + (f" {time_html(shadow.decided_at, now)}" if shadow.decided_at else "")
+               if shadow.decided_by else "")
     head = (f'<h4>Last shadow: version {e(shadow.version or "-")} '
             f'<span class="chip {css}">{e(words)}</span></h4>'
             f'<div class="muted">slot {e(shadow.slot or "-")} · started '
-            f"{time_html(shadow.started_at, now)}{percent}</div>")
+            f"{time_html(shadow.started_at, now)}{percent}{decided}</div>")
+    return f'<div class="shadow canary">{head}{_judgement_html(shadow)}</div>'
+
+
+def _judgement_html(shadow: ShadowView) -> str:
+    """A shadow window's numbers: both sides' traffic, the comparison, the rules broken."""
     traffic = (
         '<table class="shadow-traffic"><thead><tr><th></th><th class="num">requests</th>'
         '<th class="num">error rate</th><th class="num">p50</th></tr></thead><tbody>'
@@ -91,7 +166,7 @@ def shadow_section(shadow: ShadowView | None, now: dt.datetime) -> str:
         f"<dt>{metric} shadow</dt><dd>{labelled}</dd></dl>")
     reasons = "".join(f'<li class="verdict-fail">{e(reason)}</li>' for reason in shadow.reasons)
     reasons = f'<ul class="shadow-reasons">{reasons}</ul>' if reasons else ""
-    return f'<div class="shadow canary">{head}{traffic}{compared}{reasons}</div>'
+    return f"{traffic}{compared}{reasons}"
 
 
 def _number(value: float | None, *, signed: bool = False) -> str:

@@ -122,6 +122,15 @@ class ShadowView:
     live_metric: float | None = None
     shadow_metric: float | None = None
     reasons: tuple[str, ...] = ()
+    status: str | None = None
+    """``running`` or ``awaiting`` (a decision) while the deploy holds the shadow, else None."""
+    promotion: str | None = None
+    """``rule`` or ``manual``."""
+    rule: tuple[tuple[str, float], ...] = ()
+    """The promotion rule's thresholds (name, value) of a running shadow."""
+    rule_verdict: str | None = None
+    decided_by: str | None = None
+    decided_at: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from airmlops.processes import free_port
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.container import ContainerResources
+from airmlops.serving.deploy import decisions
 from airmlops.serving.deploy.canary import CanaryPlan, TrialTarget, run_canary
 from airmlops.serving.deploy.errors import (
     CanaryAborted,
@@ -151,7 +152,7 @@ def deploy(
         latency_budget_ms=latency_budget_ms, started_at=iso(now), validate=validate, path=path,
         env=env, bentoml_home=bentoml_home, docker_client=docker_client,
         stop_timeout=stop_timeout, headers=headers, resources=resources, replicas=replicas,
-        spares=spares, canary=canary, shadow=shadow)
+        spares=spares, canary=canary, shadow=shadow, alerts=alerts)
     timings = _Laps()
     with locked(pipeline, root):
         state = load_state(pipeline, root)
@@ -163,7 +164,7 @@ def deploy(
         try:
             results = _start_and_smoke(request, slot, state["deployment_id"], handles, timings)
             steps, judgement = _trials(request, proxy, slot, active, active_record, handles,
-                                       timings)
+                                       timings, state)
             _switch(request, proxy, slot, handles)
             switched = True
             timings.lap("switch_s")
@@ -208,6 +209,7 @@ class _DeployRequest:
     spares: int
     canary: CanaryPlan | None = None
     shadow: ShadowPlan | None = None
+    alerts: Mapping[str, Any] | None = None
 
 
 def _live_and_idle(state: Mapping[str, Any]
@@ -299,15 +301,18 @@ def _record_switch(request: _DeployRequest, state: dict[str, Any], slot: str,
         save_state(request.pipeline, request.root, state)
     except OSError as exc:
         raise DeployFailed("record", f"state could not be written: {exc}") from None
+    if judgement is not None:
+        decisions.discard_decision(request.pipeline, request.root)
     return replaced
 
 
 def _trials(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
             active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
-            timings: _Laps) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
+            timings: _Laps, state: dict[str, Any]
+            ) -> tuple[list[dict[str, Any]] | None, dict[str, Any] | None]:
     """The canary's steps and the shadow's judgement (each None without its plan)."""
     return (_canary(request, proxy, slot, active, active_record, handles, timings),
-            _shadow(request, proxy, slot, active, active_record, handles, timings))
+            _shadow(request, proxy, slot, active, active_record, handles, timings, state))
 
 
 def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
@@ -332,17 +337,24 @@ def _canary(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str 
 
 def _shadow(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str | None,
             active_record: Mapping[str, Any] | None, handles: Sequence[SlotHandle],
-            timings: _Laps) -> dict[str, Any] | None:
+            timings: _Laps, state: dict[str, Any]) -> dict[str, Any] | None:
     """Mirror live traffic to the new slot and judge it; the judgement, None without a shadow
-    plan or a live version to mirror. ShadowRejected when the rule is not met, DeployFailed
-    when the address cannot be driven."""
+    plan or a live version to mirror. ShadowRejected when the rule is not met (or a person
+    rejected it), DeployFailed when the address cannot be driven. While it runs, the state
+    file says so (the failure path puts the state back)."""
     if request.shadow is None:
         return None
     if not _beside_live(request, proxy, slot, active, active_record, handles, "shadow"):
         return None
+    channel = decisions.DecisionChannel(request.pipeline, request.root, request.version)
+    decisions.discard_decision(request.pipeline, request.root)  # none predates the shadow
+    state["shadow"] = decisions.running_record(request.version, slot, request.started_at,
+                                               request.shadow)
+    save_state(request.pipeline, request.root, state)
     try:
         judgement = run_shadow(TrialTarget(proxy.port, proxy.token, slot, active),
-                               request.shadow)
+                               request.shadow, decisions=channel,
+                               on_waiting=lambda advice: _awaiting(request, state, advice))
     except (proxy_mod.ProxyAdminError, ValueError) as exc:
         raise DeployFailed("shadow", str(exc)) from None
     timings.lap("shadow_s")
@@ -399,7 +411,18 @@ def _shadow_record(request: _DeployRequest, slot: str, outcome: str,
     """What the state file keeps of the last shadow: its version, slot, outcome and
     judgement (the window, both sides' traffic, the comparison and the rules broken)."""
     return {"version": request.version, "slot": slot, "started_at": request.started_at,
-            "outcome": outcome, "judgement": judgement}
+            "outcome": outcome, "judgement": judgement,
+            "promotion": judgement.get("promotion"), "decided_by": judgement.get("decided_by"),
+            "decision": judgement.get("decision")}
+
+
+def _awaiting(request: _DeployRequest, state: dict[str, Any], advice: dict[str, Any]) -> None:
+    """A manual shadow's window ended: record that it awaits a decision, with the rule's
+    advice, and send the alert saying so."""
+    state["shadow"] = {**state["shadow"], "status": "awaiting", "judgement": advice}
+    save_state(request.pipeline, request.root, state)
+    decisions.announce_awaiting(request.pipeline, request.alerts, request.version, advice,
+                                state["shadow"]["decision_timeout_seconds"])
 
 
 def _record_failed_trial(request: _DeployRequest, slot: str, exc: BaseException) -> None:
@@ -416,6 +439,8 @@ def _record_failed_trial(request: _DeployRequest, slot: str, exc: BaseException)
         state = load_state(request.pipeline, request.root)
         state[key] = record
         save_state(request.pipeline, request.root, state)
+        if key == "shadow":
+            decisions.discard_decision(request.pipeline, request.root)
     except (OSError, DeployError) as error:
         logger.error("could not record the failed %s of %s: %s", key, request.pipeline, error)
 

@@ -21,6 +21,14 @@ judged by the promotion rule of the spec on that window:
 Passing promotes it (the caller switches the address to it); failing raises
 :class:`ShadowRejected`, and the caller clears the shadow and stops the new version. Either
 way the judgement's numbers are kept.
+
+A person may decide instead, from the MLOps view (:mod:`.decisions`): the window is polled for
+a decision about every :data:`DECISION_POLL_SECONDS`; ``promote`` ends it early and promotes
+whatever the rule says, ``reject`` ends it and rejects. With ``promotion: manual`` the rule's
+verdict is only advice: after the window the deploy waits up to ``decision_timeout`` seconds
+for a decision (``on_waiting`` is told once, when it starts to wait) and rejects without one.
+The judgement keeps the rule's verdict (``rule_verdict``, ``reasons``) beside the final
+``verdict`` and who decided (``decided_by``: a user, or ``rule``).
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from airmlops.serving import proxy as proxy_mod
 from airmlops.serving.deploy.canary import (
@@ -41,6 +49,7 @@ from airmlops.serving.deploy.canary import (
     error_rate_z,
     snapshots,
 )
+from airmlops.serving.deploy.decisions import DecisionChannel, ShadowDecision
 from airmlops.serving.deploy.errors import ShadowRejected
 
 logger = logging.getLogger("airmlops.serving.deploy")
@@ -48,6 +57,9 @@ logger = logging.getLogger("airmlops.serving.deploy")
 Comparer = Callable[[dt.datetime, dt.datetime], Mapping[str, Any]]
 """``compare(start, end)``: the shadow comparison of the logged pairs in that window
 (:meth:`airmlops.monitoring.shadow.ShadowComparison.to_dict`)."""
+
+DECISION_POLL_SECONDS = 0.5
+"""How often a held shadow looks for a decision from the MLOps view."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +75,8 @@ class ShadowPlan:
     max_score_ks: float = 0.2
     max_error_rate_increase: float = 0.01
     max_latency_ratio: float = 1.5
+    promotion: Literal["rule", "manual"] = "rule"
+    decision_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
         """Refuse (ValueError naming the field) a plan the spec would refuse."""
@@ -78,6 +92,11 @@ class ShadowPlan:
         check_number("shadow_max_score_ks", self.max_score_ks, 0.0, 1.0)
         check_number("shadow_max_error_rate_increase", self.max_error_rate_increase, 0.0, 1.0)
         check_number("shadow_max_latency_ratio", self.max_latency_ratio, 1.0, 100.0)
+        if self.promotion not in ("rule", "manual"):
+            raise ValueError(f"shadow_promotion: rule or manual expected, got "
+                             f"{self.promotion!r}")
+        check_number("shadow_decision_timeout_seconds", self.decision_timeout, 0.0, 604800.0,
+                     open_low=True)
         if not callable(self.compare):
             raise ValueError("compare: a callable reading the shadow pairs expected")
 
@@ -87,7 +106,8 @@ class ShadowPlan:
         return cls(deploy.shadow_seconds, compare, deploy.shadow_percent,
                    deploy.shadow_min_requests, deploy.shadow_min_agreement,
                    deploy.shadow_max_score_ks, deploy.shadow_max_error_rate_increase,
-                   deploy.shadow_max_latency_ratio)
+                   deploy.shadow_max_latency_ratio, deploy.shadow_promotion,
+                   deploy.shadow_decision_timeout_seconds)
 
 
 def judge_shadow(shadow: Mapping[str, Any], live: Mapping[str, Any],
@@ -122,20 +142,25 @@ def judge_shadow(shadow: Mapping[str, Any], live: Mapping[str, Any],
 
 
 def run_shadow(target: TrialTarget, plan: ShadowPlan,
-               sleep: Callable[[float], None] = time.sleep) -> dict[str, Any]:
+               sleep: Callable[[float], None] = time.sleep,
+               decisions: DecisionChannel | None = None,
+               on_waiting: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Mirror live traffic to ``target``'s new slot (registered, not active) for the plan's
     window and judge it; the judgement when it is promoted (the shadow is then cleared, for
     the caller to switch). Raises :class:`ShadowRejected` with the judgement when it is not
     (the shadow is left set: the caller clears it), ProxyAdminError or ValueError if the
-    address cannot be driven."""
+    address cannot be driven. ``decisions`` brings a person's decision (required with manual
+    promotion); ``on_waiting`` gets the rule's judgement when a manual shadow starts waiting."""
+    if plan.promotion == "manual" and decisions is None:
+        raise ValueError("shadow_promotion manual: a decision channel is required")
     started, began = time.monotonic(), dt.datetime.now(dt.UTC)
     before = snapshots(target)
     proxy_mod.set_shadow(target.port, target.token, target.slot, plan.percent)
-    sleep(plan.seconds)
+    decision = _hold(plan.seconds, decisions, sleep)
     shadow, live = _windows(target, before)
-    extended = shadow["requests"] < plan.min_requests
+    extended = decision is None and shadow["requests"] < plan.min_requests
     if extended:
-        sleep(plan.seconds)
+        decision = _hold(plan.seconds, decisions, sleep)
         shadow, live = _windows(target, before)
     proxy_mod.clear_shadow(target.port, target.token)
     ended = dt.datetime.now(dt.UTC)
@@ -151,10 +176,61 @@ def run_shadow(target: TrialTarget, plan: ShadowPlan,
         "percent": plan.percent,
         "shadow": _traffic(shadow), "live": _traffic(live),
         "comparison": _finite(comparison), "verdict": verdict, "reasons": reasons,
+        "rule_verdict": verdict, "promotion": plan.promotion, "decided_by": "rule",
+        "decision": None,
     }
+    if decision is None and plan.promotion == "manual":
+        decision = _await_decision(judgement, plan, decisions, sleep, on_waiting)
+    return _conclude(target, judgement, decision, plan)
+
+
+def _hold(seconds: float, decisions: DecisionChannel | None,
+          sleep: Callable[[float], None]) -> ShadowDecision | None:
+    """Wait ``seconds``, or until a decision arrives (then returned)."""
+    if decisions is None:
+        sleep(seconds)
+        return None
+    deadline = time.monotonic() + seconds
+    while True:
+        decision = decisions.poll()
+        if decision is not None:
+            return decision
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        sleep(min(DECISION_POLL_SECONDS, left))
+
+
+def _await_decision(judgement: dict[str, Any], plan: ShadowPlan,
+                    decisions: DecisionChannel | None,
+                    sleep: Callable[[float], None],
+                    on_waiting: Callable[[dict[str, Any]], None] | None
+                    ) -> ShadowDecision | None:
+    """Manual promotion: wait for a person's decision after the window (None on timeout)."""
+    if on_waiting is not None:
+        try:
+            on_waiting(judgement)
+        except Exception as exc:  # telling about the wait must not end it
+            logger.error("shadow awaiting a decision could not be reported: %s", exc)
+    return _hold(plan.decision_timeout, decisions, sleep)
+
+
+def _conclude(target: TrialTarget, judgement: dict[str, Any],
+              decision: ShadowDecision | None, plan: ShadowPlan) -> dict[str, Any]:
+    """Apply ``decision`` (a person's) or the rule's verdict to ``judgement``: return it when
+    the shadow is promoted, raise :class:`ShadowRejected` when it is not."""
+    if decision is not None:
+        judgement.update(verdict=decision.action, decided_by=decision.by,
+                         decision=decision.to_dict())
+        reason = f"rejected from the MLOps view by {decision.by}"
+    elif plan.promotion == "manual":
+        judgement.update(verdict="reject", decided_by="timeout")
+        reason = f"no decision within {plan.decision_timeout:g} s"
+    else:
+        reason = "; ".join(judgement["reasons"])
     logger.info("shadow %s: %s", target.slot, judgement)
-    if verdict != "promote":
-        raise ShadowRejected("; ".join(reasons), judgement)
+    if judgement["verdict"] != "promote":
+        raise ShadowRejected(reason, judgement)
     return judgement
 
 
