@@ -102,6 +102,7 @@ def test_a_shadow_is_promoted_by_its_rule_and_a_failing_one_rejected(shadow_env,
 
     version = client.get_model_version(PIPELINE, "2")
     assert version.tags["shadow.outcome"] == "promoted"
+    assert version.tags["shadow.decided_by"] == "rule"
     assert version.tags["shadow.artifact"] == f"runs:/{version.run_id}/deploy/shadow-2.json"
     logged = json.loads(Path(client.download_artifacts(
         version.run_id, "deploy/shadow-2.json", str(tmp_path))).read_text())
@@ -119,4 +120,5 @@ def test_a_shadow_is_promoted_by_its_rule_and_a_failing_one_rejected(shadow_env,
     record = load_state(PIPELINE, root)["shadow"]
     assert (record["version"], record["outcome"]) == ("3", "rejected")
     assert any("KS" in reason for reason in record["judgement"]["reasons"]), record
-    assert client.get_model_version(PIPELINE, "3").tags["shadow.outcome"] == "rejected"
+    rejected = client.get_model_version(PIPELINE, "3").tags
+    assert (rejected["shadow.outcome"], rejected["shadow.decided_by"]) == ("rejected", "rule")

@@ -17,6 +17,7 @@ from airmlops.serving.deploy_records import (
     canary_record,
     canary_tags,
     record_canary,
+    shadow_tags,
 )
 
 PLAN = CanaryPlan((5, 25, 50, 100), 3.0, "customer_id", min_requests=10)
@@ -118,3 +119,13 @@ def test_the_tags_and_path_of_a_record():
         artifact_path("../7")
     with pytest.raises(ValueError, match="outcome"):
         canary_record("p", "7", "maybe", [], None, None)
+
+
+def test_the_tags_of_a_shadow_record_say_who_decided():
+    judgement = {"comparison": {"pairs": 120, "agreement_rate": 0.9833, "score_ks": 0.04}}
+    decided = {"outcome": "promoted", "judgement": judgement, "decided_by": "ada"}
+    assert shadow_tags(decided) == {"shadow.outcome": "promoted", "shadow.decided_by": "ada",
+                                    "shadow.pairs": "120", "shadow.agreement": "0.9833",
+                                    "shadow.score_ks": "0.0400"}
+    # A record from before decisions existed has no decided_by, and gets no such tag.
+    assert "shadow.decided_by" not in shadow_tags({"outcome": "rejected", "judgement": {}})
