@@ -9,8 +9,12 @@ Cost is bounded and decisions do not depend on traffic volume:
    with each column's method and threshold from the spec, never Evidently's size-dependent
    defaults; the prediction gets the same treatment;
 3. data quality shares (missing, out of range, new categories) are exact counts over the whole
-   window with vectorised pandas (cheap, and an incident touching 0.5 % of rows must not hide in
-   a sample); the HTML shows Evidently's matching metrics on the sample;
+   window (:mod:`airmlops.monitoring.quality`: cheap, and an incident touching 0.5 % of rows
+   must not hide in a sample); the HTML shows Evidently's matching metrics on the sample;
+
+A window given as the path of its Parquet file is streamed batch by batch
+(:mod:`airmlops.monitoring.window_scan`): the same counts and the same sample as the whole
+frame, with memory bounded by a batch, the time column and the sample.
 4. performance needs labels (joined on the request id): with at least ``min_labels`` labelled
    rows, a stratified sample of them goes through Evidently's classification or regression
    metrics; with fewer, performance is ``None`` and never a breach.
@@ -40,7 +44,9 @@ in :mod:`airmlops.monitoring.snapshots`; their names used by callers are importa
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import importlib
 import math
 import time
 from pathlib import Path
@@ -48,18 +54,15 @@ from typing import TYPE_CHECKING, Any
 
 from airmlops.data.categories import BOOLEAN_VALUES
 from airmlops.monitoring.config import validate_against_spec
-from airmlops.monitoring.judgement import WindowNumbers, judge, quality_limit
+from airmlops.monitoring.judgement import WindowNumbers, judge
 from airmlops.monitoring.measurement import ColumnDriftResult, WindowMeasurement, WindowReport
 from airmlops.monitoring.performance import measure_labels
 from airmlops.monitoring.policy import check_window_id
-from airmlops.monitoring.reference import (
-    PREDICTION_COLUMN,
-    ReferenceProfile,
-    prepare_column,
-    prepare_inputs,
-)
+from airmlops.monitoring.quality import quality_shares, valid_range
+from airmlops.monitoring.reference import PREDICTION_COLUMN, ReferenceProfile, prepare_inputs
 from airmlops.monitoring.sampling import stratified_sample, window_seed
 from airmlops.monitoring.snapshots import data_definition, finite, merge_snapshots, save_html
+from airmlops.monitoring.window_scan import WindowScan, scan_window
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,64 +73,6 @@ if TYPE_CHECKING:
 TIMESTAMP_COLUMN = "ts"
 """The prediction log's time column (airmlops.serving.prediction_log)."""
 REQUEST_ID_COLUMN = "request_id"
-
-
-def _valid_range(feature: Any, profile: Any) -> tuple[float | None, float | None]:
-    """The range a numeric input's values should fall in (None = open on that side): the spec's
-    bounds when it declares any, else the whole reference data's min and max."""
-    if feature is not None and (feature.min is not None or feature.max is not None):
-        return feature.min, feature.max
-    if profile is not None:
-        return profile.min, profile.max
-    return None, None
-
-
-def _quality_shares(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSpec,
-             config: MonitoringConfig) -> dict[str, dict[str, float]]:
-    """Exact data quality shares per model input over the whole window (one column at a time,
-    so memory stays at one column's copy), each with the limit it is judged against and, for
-    numeric inputs, the valid range it was measured against."""
-    import numpy as np
-    import pandas as pd
-
-    declared = {f.name: f for f in spec.features}
-    booleans = set(spec.boolean_features)
-    quality: dict[str, dict[str, float]] = {}
-    rows = len(window)
-    for name, kind in spec.input_types.items():
-        values = prepare_column(window, name, kind, boolean=name in booleans)
-        present = ~pd.isna(values)
-        count = int(present.sum())
-        missing_share = 1.0 - count / rows if rows else 0.0
-        feature = declared.get(name)
-        entry = {"missing_share": missing_share,
-                 "max_missing_share": quality_limit(config, spec, name, "missing")}
-        profile = reference.columns.get(name)
-        if kind == "numeric":
-            low, high = _valid_range(feature, profile)
-            array = values[present]
-            outside = np.zeros(len(array), dtype=bool)
-            if low is not None:
-                outside |= array < low
-            if high is not None:
-                outside |= array > high
-            share = float(outside.sum() / count) if count else 0.0
-            limit = quality_limit(config, spec, name, "out_of_range")
-            entry.update({"out_of_range_share": share, "max_out_of_range_share": limit,
-                          "range_min": low, "range_max": high})
-        else:
-            known = set(profile.categories) if profile is not None else set()
-            if feature is not None and feature.values:
-                known |= set(feature.values)
-            if name in booleans:  # "false" is no new category of a reference of all "true"
-                known |= set(BOOLEAN_VALUES)
-            new = (~pd.Series(values[present]).isin(known).to_numpy() if known
-                   else np.zeros(count, dtype=bool))
-            share = float(new.sum() / count) if count else 0.0
-            limit = quality_limit(config, spec, name, "new_category")
-            entry.update({"new_category_share": share, "max_new_category_share": limit})
-        quality[name] = entry
-    return quality
 
 
 def _verdicts(snapshot: Any) -> tuple[dict[str, float | None], dict[str, bool]]:
@@ -192,7 +137,8 @@ def _drift_metrics(testable: list[str], predicted: bool, tests: dict[str, DriftT
 
 def _quality_metrics(reference: ReferenceProfile, spec: PipelineSpec) -> list[Any]:
     """Evidently's data quality metrics of every input, for the HTML (the numbers are
-    :func:`_quality_shares`'s exact shares over the whole window)."""
+    :func:`~airmlops.monitoring.quality.quality_shares`'s exact
+    shares over the whole window)."""
     from evidently.metrics import MissingValueCount, OutListValueCount, OutRangeValueCount
 
     declared = {f.name: f for f in spec.features}
@@ -202,7 +148,7 @@ def _quality_metrics(reference: ReferenceProfile, spec: PipelineSpec) -> list[An
         metrics.append(MissingValueCount(column=name))
         feature, profile = declared.get(name), reference.columns[name]
         if kind == "numeric":
-            low, high = _valid_range(feature, profile)
+            low, high = valid_range(feature, profile)
             if low is not None or high is not None:
                 metrics.append(OutRangeValueCount(
                     column=name, left=-math.inf if low is None else low,
@@ -314,7 +260,54 @@ def _finish(seconds: dict[str, float], clock: float) -> dict[str, float]:
     return {k: round(v, 4) for k, v in seconds.items()}
 
 
-def measure_window(reference: ReferenceProfile, window: pd.DataFrame,
+def _warm_evidently() -> None:
+    """Import Evidently in a background thread while the window's file is streamed: its
+    import costs seconds of Python, the stream mostly Arrow's decoding outside the GIL."""
+    import sys
+    import threading
+
+    # The stream's own imports first, so the two threads never wait on each other's modules.
+    import pyarrow.compute
+    import pyarrow.parquet  # noqa: F401
+
+    if "evidently.metrics" not in sys.modules:
+        threading.Thread(target=_import_evidently, name="import-evidently", daemon=True).start()
+
+
+def _import_evidently() -> None:
+    with contextlib.suppress(Exception):  # the drift stage's own import reports a failure
+        importlib.import_module("evidently.metrics")
+
+
+def _scan_frame(window: pd.DataFrame, reference: ReferenceProfile, spec: PipelineSpec,
+                config: MonitoringConfig, seed: int, ts_column: str,
+                seconds: dict[str, float], clock: float) -> WindowScan:
+    """What :func:`scan_window` reads from a file, from a frame in memory."""
+    rows = len(window)
+    sample = (stratified_sample(window, ts_column, config.sample_size, seed,
+                                strata=config.strata) if rows >= config.min_rows else None)
+    _lap(seconds, "sample", clock)
+    quality = quality_shares(window, reference, spec, config)
+    return WindowScan(rows=rows, first=None, last=None, quality=quality, sample=sample)
+
+
+def _labelled_window(window: pd.DataFrame | Path | str, labels: pd.DataFrame | None,
+                     ts_column: str, prediction_column: str,
+                     label_keys: tuple[str, ...]) -> pd.DataFrame | None:
+    """The window's columns the label join reads (from its file only when there are labels)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    if not isinstance(window, (str, Path)):
+        return window
+    if labels is None:
+        return None
+    names = pq.ParquetFile(window).schema_arrow.names
+    wanted = [c for c in (*label_keys, ts_column, prediction_column) if c in names]
+    return pd.read_parquet(window, columns=list(dict.fromkeys(wanted)))
+
+
+def measure_window(reference: ReferenceProfile, window: pd.DataFrame | Path | str,
                    labels: pd.DataFrame | None, spec: PipelineSpec, config: MonitoringConfig,
                    *, window_id: str, html_path: Path | None = None,
                    start: dt.datetime | None = None, end: dt.datetime | None = None,
@@ -326,9 +319,12 @@ def measure_window(reference: ReferenceProfile, window: pd.DataFrame,
 
     ``window`` has one row per prediction: the model inputs as columns, the model output
     (``prediction_column``: the positive-class probability for classification, the value for
-    regression) and the time (``ts_column``). ``labels`` has ``label_keys`` and
-    ``label_column`` (default: the spec's label) and is joined on ``label_keys`` (for the
-    prediction log: ``("request_id", "entity_id")``, ``label_column="label"``).
+    regression) and the time (``ts_column``); it is a frame, or the path of its Parquet file,
+    which is then streamed (:func:`~airmlops.monitoring.window_scan.scan_window`: memory
+    bounded by a batch and the sample, the same numbers as the whole frame). ``labels`` has
+    ``label_keys`` and ``label_column`` (default: the spec's label) and is joined on
+    ``label_keys`` (for the prediction log: ``("request_id", "entity_id")``,
+    ``label_column="label"``).
     ``start``/``end`` default to the first and last timestamp. With ``html_path`` the Evidently
     HTML report is written there atomically, and its snapshot beside it as
     ``<name>.snapshot.json``; a window with too few rows to test and no labelled rows has no
@@ -339,20 +335,27 @@ def measure_window(reference: ReferenceProfile, window: pd.DataFrame,
     clock = time.perf_counter()
     seconds: dict[str, float] = {}
     notes: list[str] = []
-    start, end = _window_bounds(window, ts_column, start, end)
-    rows = len(window)
     seed = window_seed(config.seed, window_id)
-    sample_rows = (stratified_sample(window, ts_column, config.sample_size, seed,
-                                     strata=config.strata) if rows >= config.min_rows else None)
-    _lap(seconds, "sample", clock)
-
-    quality = _quality_shares(window, reference, spec, config)
+    if isinstance(window, (str, Path)):
+        _warm_evidently()
+        scan = scan_window(window, reference, spec, config, seed=seed, ts_column=ts_column,
+                           prediction_column=prediction_column)
+        if start is None or end is None:
+            if scan.first is None:
+                raise ValueError("start/end are required for a window without timestamps")
+            start, end = start or scan.first, end or scan.last
+        seconds["sample"] = scan.sample_seconds
+    else:
+        start, end = _window_bounds(window, ts_column, start, end)
+        scan = _scan_frame(window, reference, spec, config, seed, ts_column, seconds, clock)
     _lap(seconds, "quality", clock)
 
     snapshots = []
     prediction_result = None
+    sample_rows = scan.sample
     if sample_rows is None:
-        notes.append(f"drift not tested: {rows} rows, fewer than min_rows ({config.min_rows})")
+        notes.append(f"drift not tested: {scan.rows} rows, fewer than min_rows "
+                     f"({config.min_rows})")
         columns = _untested_columns(spec, config)
     else:
         if prediction_column != PREDICTION_COLUMN:
@@ -364,9 +367,9 @@ def measure_window(reference: ReferenceProfile, window: pd.DataFrame,
     _lap(seconds, "drift", clock)
 
     performance, label_count, snapshot = measure_labels(
-        window, labels, spec, config, seed, notes, ts_column=ts_column,
-        prediction_column=prediction_column, label_keys=label_keys,
-        label_column=label_column or spec.label)
+        _labelled_window(window, labels, ts_column, prediction_column, label_keys), labels,
+        spec, config, seed, notes, ts_column=ts_column, prediction_column=prediction_column,
+        label_keys=label_keys, label_column=label_column or spec.label)
     if snapshot is not None:
         snapshots.append(snapshot)
     _lap(seconds, "performance", clock)
@@ -375,10 +378,10 @@ def measure_window(reference: ReferenceProfile, window: pd.DataFrame,
         save_html(merge_snapshots(snapshots), Path(html_path))
     _lap(seconds, "html", clock)
     return WindowMeasurement(
-        window_id=window_id, start=start, end=end, rows=rows,
+        window_id=window_id, start=start, end=end, rows=scan.rows,
         sampled=0 if sample_rows is None else len(sample_rows), columns=columns,
-        drift_share=_share_drifted(columns), prediction_drift=prediction_result, quality=quality,
-        performance=performance, label_count=label_count, notes=notes,
+        drift_share=_share_drifted(columns), prediction_drift=prediction_result,
+        quality=scan.quality, performance=performance, label_count=label_count, notes=notes,
         html_path=str(html_path) if html_path is not None and snapshots else None,
         seconds=_finish(seconds, clock),
     )
@@ -420,7 +423,7 @@ def measure_performance(window: pd.DataFrame, labels: pd.DataFrame, spec: Pipeli
     )
 
 
-def compute_window_report(reference: ReferenceProfile, window: pd.DataFrame,
+def compute_window_report(reference: ReferenceProfile, window: pd.DataFrame | Path | str,
                           labels: pd.DataFrame | None, spec: PipelineSpec,
                           config: MonitoringConfig, *, window_id: str,
                           html_path: Path | None = None, start: dt.datetime | None = None,

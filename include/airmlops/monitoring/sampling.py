@@ -28,20 +28,32 @@ def stratified_sample(window_df: pd.DataFrame, ts_column: str, size: int, seed: 
     their input order). Rows without a timestamp are left out; a window of at most ``size`` rows
     comes back whole.
     """
-    import numpy as np
     import pandas as pd
+
+    stamps = pd.DatetimeIndex(pd.to_datetime(window_df[ts_column], utc=True)).asi8
+    rows = stratified_positions(stamps, size, seed, strata=strata)
+    return window_df.iloc[rows].reset_index(drop=True)
+
+
+def stratified_positions(stamps: Any, size: int, seed: int, *, strata: int = 12) -> Any:
+    """The row positions :func:`stratified_sample` picks, in its order, from the rows' times
+    as int64 (``numpy.iinfo(int64).min`` where missing): what lets a window streamed from a
+    file draw the very sample its whole frame would give."""
+    import numpy as np
 
     if size < 1 or strata < 1:
         raise ValueError(f"size and strata must be positive (got {size}, {strata})")
-    stamps = pd.DatetimeIndex(pd.to_datetime(window_df[ts_column], utc=True)).asi8
+    stamps = np.asarray(stamps, dtype=np.int64)
     valid = np.flatnonzero(stamps != np.iinfo(np.int64).min)
     order = valid[np.argsort(stamps[valid], kind="stable")]
+    del valid
     if len(order) <= size:
-        return window_df.iloc[order].reset_index(drop=True)
+        return order
     ordered = stamps[order]
     first, span = int(ordered[0]), int(ordered[-1]) - int(ordered[0]) + 1
     edges = first + (np.arange(1, strata) * span) // strata
     bounds = np.concatenate(([0], np.searchsorted(ordered, edges, side="left"), [len(order)]))
+    del ordered
     capacity = np.diff(bounds)
     quota = _equal_shares(capacity, size)
     picked = []
@@ -51,8 +63,7 @@ def stratified_sample(window_df: pd.DataFrame, ts_column: str, size: int, seed: 
         rng = np.random.default_rng([seed, bucket])
         chosen = rng.choice(int(capacity[bucket]), size=int(quota[bucket]), replace=False)
         picked.append(bounds[bucket] + np.sort(chosen))
-    positions = np.concatenate(picked)
-    return window_df.iloc[order[positions]].reset_index(drop=True)
+    return order[np.concatenate(picked)]
 
 
 def _equal_shares(capacity: Any, size: int) -> Any:

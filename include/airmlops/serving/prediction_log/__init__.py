@@ -36,6 +36,7 @@ from airmlops.serving.prediction_log.reading import (
     open_log,
     open_shadow_log,
     read_labels,
+    read_prediction_features,
     read_predictions,
     read_shadow_pairs,
 )
@@ -103,6 +104,7 @@ __all__ = [
     "open_log",
     "open_shadow_log",
     "read_labels",
+    "read_prediction_features",
     "read_predictions",
     "read_shadow_pairs",
     "request_key",

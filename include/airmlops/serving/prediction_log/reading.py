@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airmlops.serving.prediction_log.backend import LogBackend
@@ -31,6 +32,7 @@ from airmlops.serving.prediction_log.shadow import SHADOW_BUFFER_MAX, ShadowBack
 from airmlops.serving.prediction_log.spill import spill_dir_path
 from airmlops.serving.prediction_log.sqlite import (
     SqliteLogBackend,
+    read_sqlite_predictions,
     read_sqlite_rows,
     sqlite_log_path,
 )
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
 
     from airmlops.settings import PredictionLogSettings, Settings
 
+FEATURE_READ_COLUMNS = ("request_id", "position", "ts", "model_version", "entity_id", "features",
+                        "prediction", "probability")
+"""What :func:`read_prediction_features` reads of the SQLite log (never ``inputs``)."""
 SHADOW_MARGIN_US = 300 * 1_000_000
 """How far a shadow row's ``ts`` (the challenger's clock, when the mirrored copy reached it)
 may be from its live row's: :func:`read_shadow_pairs` reads shadow rows this much beyond
@@ -193,6 +198,64 @@ def read_predictions(pipeline: str, start: dt.datetime, end: dt.datetime, *,
     rows = _read_rows(pipeline, "predictions", PREDICTION_COLUMNS, *_window(pipeline, start, end),
                       settings, log_settings, _parse_stream_prediction)
     return _prediction_frame(rows)
+
+
+@dataclass(frozen=True)
+class PredictionFeatures:
+    """A window of predictions as columns: ``keys`` has the log's columns but ``inputs`` and
+    ``features`` (``ts`` a UTC timestamp, ``probability`` NaN for regression), ``features``
+    one column per asked feature name, its logged value (None where a row has none)."""
+
+    keys: pd.DataFrame
+    features: pd.DataFrame
+
+
+def _key_frame(columns: dict[str, list[Any]]) -> pd.DataFrame:
+    """SQLite prediction columns as :func:`read_predictions` types them."""
+    import pandas as pd
+
+    keys = pd.DataFrame(columns)
+    keys["ts"] = pd.to_datetime(keys["ts"].astype("int64"), unit="us", utc=True)
+    keys["position"] = keys["position"].astype("int64")
+    keys["prediction"] = keys["prediction"].astype("float64")
+    keys["probability"] = pd.to_numeric(keys["probability"], errors="coerce")
+    return keys
+
+
+def read_prediction_features(pipeline: str, start: dt.datetime, end: dt.datetime,
+                             names: Sequence[str], *, settings: Settings | None = None,
+                             log_settings: PredictionLogSettings | None = None
+                             ) -> PredictionFeatures:
+    """Predictions with ``start <= ts < end`` (time order, each (request_id, position) once)
+    with the logged features ``names``, column by column.
+
+    The rows are those of :func:`read_predictions`; from SQLite only the needed columns are
+    read, the ``features`` JSON of the whole window is parsed in one call and the inputs JSON
+    not at all.
+    """
+    import pandas as pd
+
+    from airmlops.settings import get_settings
+
+    settings = settings or get_settings()
+    if log_redis_url(settings, log_settings):
+        frame = read_predictions(pipeline, start, end, settings=settings,
+                                 log_settings=log_settings)
+        rows = list(frame["features"])
+        keys = frame.drop(columns=["inputs", "features"])
+    else:
+        columns = read_sqlite_predictions(sqlite_log_path(settings.data_root, pipeline),
+                                          FEATURE_READ_COLUMNS, *_window(pipeline, start, end))
+        texts = columns.pop("features")
+        rows = json.loads(f"[{','.join(texts)}]") if texts else []
+        del texts
+        keys = _key_frame(columns) if rows else _empty_frame(list(columns))
+    if not all(type(row) is dict for row in rows):
+        rows = [row if isinstance(row, dict) else {} for row in rows]
+    features = pd.DataFrame(
+        {name: pd.Series([row.get(name) for row in rows], dtype=None if rows else object)
+         for name in names}, index=pd.RangeIndex(len(rows)))
+    return PredictionFeatures(keys=keys.reset_index(drop=True), features=features)
 
 
 def read_labels(pipeline: str, start: dt.datetime, end: dt.datetime, *,

@@ -229,3 +229,30 @@ def read_sqlite_rows(path: Path, table: str, columns: Sequence[str], start_us: i
         return [dict(zip(columns, row, strict=True)) for row in cursor]
     finally:
         db.close()
+
+
+def read_sqlite_predictions(path: Path, columns: Sequence[str], start_us: int,
+                            end_us: int) -> dict[str, list[Any]]:
+    """``columns`` of the predictions with ``start_us <= ts < end_us``, each as one list (no
+    dict per row), ordered by ``(ts, request_id, position)``; read-only, and a log file or
+    table that does not exist yet has none."""
+    empty: dict[str, list[Any]] = {name: [] for name in columns}
+    if not path.exists():
+        return empty
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+    try:
+        # columns are module constants of the caller; the bounds are parameters.
+        query = (f"SELECT {', '.join(columns)} FROM predictions"  # noqa: S608
+                 " WHERE ts >= ? AND ts < ? ORDER BY ts, request_id, position")
+        try:
+            rows = db.execute(query, (start_us, end_us)).fetchall()
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                return empty
+            raise
+    finally:
+        db.close()
+    if not rows:
+        return empty
+    return {name: list(values) for name, values in zip(columns, zip(*rows, strict=True),
+                                                       strict=True)}
