@@ -18,8 +18,12 @@ Airflow's own view: a ``DagBag`` over the repository's ``dags/`` folder in a fre
 file's parse duration as the DagBag records it (``FileLoadStat.duration``, what the DAG
 processor reports) and the time to serialize every DAG (what the processor stores).
 
-Scheduler loop time is not measured: without a running scheduler and a database under load a
-number would not mean much (see the README).
+One more run per size under cProfile counts the Python function calls of the parse: the work
+done, which the machine's load does not change, so a per-spec count that stays the same from 10
+to 200 specs shows that no code of the parse grows with the number of specs.
+
+The scheduler's loop time with these sizes is measured by ``bench_scale_scheduler.py``, on a
+running platform.
 
 Run: ``.venv/bin/python benchmarks/bench_dag_parse.py`` (``--quick``: fewer rounds).
 """
@@ -63,13 +67,21 @@ if sys.argv[2] == "pure-yaml":
     airmlops.spec_parsing._FastSpecLoader = None
 rss_before = status("VmRSS")
 heavy = ("sklearn", "mlflow", "great_expectations", "evidently", "bentoml", "pandas")
+calls = None
 wall, cpu = time.perf_counter(), time.process_time()
-namespace = runpy.run_path(sys.argv[1])
+if sys.argv[2] == "calls":  # function calls made: the parse's work, whatever the machine's load
+    import cProfile, pstats
+    profile = cProfile.Profile()
+    namespace = profile.runcall(runpy.run_path, sys.argv[1])
+    calls = sum(row[1] for row in pstats.Stats(profile).stats.values())
+else:
+    namespace = runpy.run_path(sys.argv[1])
 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 from airflow.sdk import DAG
 dags = {v.dag_id: v for v in namespace.values() if isinstance(v, DAG)}
 print(json.dumps({
-    "wall_s": wall, "cpu_s": cpu, "rss_before_mb": rss_before, "vmhwm_mb": status("VmHWM"),
+    "wall_s": wall, "cpu_s": cpu, "calls": calls, "rss_before_mb": rss_before,
+    "vmhwm_mb": status("VmHWM"),
     "dags": len(dags), "tasks": sum(len(d.tasks) for d in dags.values()),
     "invalid": sorted(i for i in dags if i.endswith("_invalid_spec")),
     "heavy": sorted({m.split(".")[0] for m in sys.modules} & set(heavy)),
@@ -152,6 +164,17 @@ def measure_parse(folders: dict[int, Path], home: Path, rounds: int) -> dict[str
     return runs
 
 
+def measure_calls(folders: dict[int, Path], home: Path) -> dict[int, int]:
+    """Python function calls of one parse per size (under cProfile): a count of the work that
+    the machine's load does not change, so its growth per spec shows any non-linear code."""
+    calls = {}
+    for n in SIZES:
+        calls[n] = run_child(PROBE, [str(DAG_FILE), "calls"], child_env(home, folders[n]),
+                             600)["calls"]
+        common.log(f"{n} specs: {calls[n]:,} function calls")
+    return calls
+
+
 def measure_dagbag(folders: dict[int, Path], home: Path, rounds: int,
                    sizes: tuple[int, ...] = SIZES) -> dict[int, list[dict]]:
     """Airflow's DagBag over dags/ for each size, ``rounds`` times (sizes rotating)."""
@@ -172,7 +195,8 @@ def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def summarize(runs: dict[str, list[dict]], bag: dict[int, list[dict]]) -> dict[str, Any]:
+def summarize(runs: dict[str, list[dict]], bag: dict[int, list[dict]],
+              calls: dict[int, int]) -> dict[str, Any]:
     """Medians per size, the per-spec costs, the goals."""
     base_wall, base_cpu = median(runs["1"], "wall_s"), median(runs["1"], "cpu_s")
     sizes = []
@@ -188,6 +212,8 @@ def summarize(runs: dict[str, list[dict]], bag: dict[int, list[dict]]) -> dict[s
             "wall_max_s": max(r["wall_s"] for r in rows), "cpu_s": cpu,
             "per_spec_wall_ms": (wall - base_wall) / (n - 1) * 1e3 if n > 1 else None,
             "per_spec_cpu_ms": (cpu - base_cpu) / (n - 1) * 1e3 if n > 1 else None,
+            "calls": calls.get(n),
+            "per_spec_calls": (calls[n] - calls[1]) / (n - 1) if n > 1 and calls else None,
             "peak_rss_mb": median(rows, "vmhwm_mb"),
             "parse_rss_mb": statistics.median(r["vmhwm_mb"] - r["rss_before_mb"] for r in rows),
             "dagbag_parse_s": median(bag[n], "parse_s") if bag.get(n) else None,
@@ -204,7 +230,10 @@ def summarize(runs: dict[str, list[dict]], bag: dict[int, list[dict]]) -> dict[s
                   "parse_50_specs_ok": by_size[50]["wall_s"] <= GOAL_50_SPECS_S,
                   "per_spec_ratio_200_vs_10_wall": flat_wall,
                   "per_spec_ratio_200_vs_10_cpu": flat_cpu,
-                  "per_spec_flat": min(flat_wall, flat_cpu) <= FLAT_RATIO},
+                  "per_spec_flat": min(flat_wall, flat_cpu) <= FLAT_RATIO,
+                  "per_spec_ratio_200_vs_10_calls": (
+                      by_size[200]["per_spec_calls"] / by_size[10]["per_spec_calls"]
+                      if calls else None)},
     }
 
 
@@ -243,22 +272,26 @@ def report(summary: dict[str, Any], rounds: int, bag_rounds: int, loads: list[st
     """Print the tables and write results/dag_parse.json and .md."""
     rows = [[s["specs"], s["dags"], s["tasks"], s["wall_s"],
              f"{s['wall_min_s']:.2f}-{s['wall_max_s']:.2f}", s["cpu_s"], s["per_spec_wall_ms"],
-             s["per_spec_cpu_ms"], s["peak_rss_mb"], s["parse_rss_mb"], s["dagbag_parse_s"],
-             s["dagbag_serialize_s"]] for s in summary["sizes"]]
+             s["per_spec_cpu_ms"], s["per_spec_calls"], s["peak_rss_mb"], s["parse_rss_mb"],
+             s["dagbag_parse_s"], s["dagbag_serialize_s"]] for s in summary["sizes"]]
     goals = summary["goals"]
     by_size = {s["specs"]: s for s in summary["sizes"]}
     pure = summary["pure_yaml_200"]
     common.write_results(
         "dag_parse", "8. DAG-folder parse time with 1 to 200 pipeline specs", summary,
         [("", ["specs", "DAGs", "tasks", "parse wall s (median)", "min-max", "parse CPU s",
-               "per spec ms (wall)", "per spec ms (CPU)", "peak RSS MB", "RSS added MB",
+               "per spec ms (wall)", "per spec ms (CPU)", "per spec Python calls",
+               "peak RSS MB", "RSS added MB",
                "Airflow DagBag parse s", "serialize s"], rows),
          ("Goals (issue 18)", ["goal", "measured", "met"],
           [["parse time of 50 specs <= 2 s (wall, median)", f"{goals['parse_50_specs_s']:.2f} s",
             goals["parse_50_specs_ok"]],
            ["per-spec cost flat from 10 to 200 (cost at 200 / cost at 10 <= "
             f"{FLAT_RATIO})", f"{goals['per_spec_ratio_200_vs_10_wall']:.2f} wall, "
-            f"{goals['per_spec_ratio_200_vs_10_cpu']:.2f} CPU", goals["per_spec_flat"]]]),
+            f"{goals['per_spec_ratio_200_vs_10_cpu']:.2f} CPU", goals["per_spec_flat"]],
+           ["per-spec work flat from 10 to 200 (Python calls per spec, 200 / 10, <= "
+            f"{FLAT_RATIO})", f"{goals['per_spec_ratio_200_vs_10_calls']:.3f}",
+            goals["per_spec_ratio_200_vs_10_calls"] <= FLAT_RATIO]]),
          ("The fix: spec YAML read by libyaml (200 specs, same rounds)",
           ["YAML parser", "parse wall s", "parse CPU s"],
           [["PyYAML pure Python (before)", pure["wall_s"], pure["cpu_s"]],
@@ -277,8 +310,10 @@ def report(summary: dict[str, Any], rounds: int, bag_rounds: int, loads: list[st
                "serialize = DagSerialization.to_dict of every DAG, what the DAG processor "
                "stores after each parse: most of it is Airflow validating each task's copy of "
                "the DAG params with jsonschema (check_schema per Param per task)",
-               "scheduler loop time: not measured (it needs a running scheduler and database; "
-               "a number from `airflow dags test` would not be the loop's)",
+               "per spec Python calls = (function calls at N - at 1 spec) / (N - 1), counted "
+               "once per size under cProfile: the same count at every N means the parse does "
+               "the same work per spec, whatever the timings say",
+               "scheduler loop time with 1 to 200 specs: results/scale_scheduler.md",
                "curve: results/dag_parse.png" if png else
                "no curve: matplotlib is not installed in the venv"])
 
@@ -308,12 +343,13 @@ def main() -> int:
         home.mkdir()
         started = time.perf_counter()
         runs = measure_parse(folders, home, rounds)
+        calls = measure_calls(folders, home)
         bag = measure_dagbag(folders, home, bag_rounds, bag_sizes) if bag_rounds > 0 else {}
         common.log(f"measured in {time.perf_counter() - started:.0f} s")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     loads.append(load())
-    summary = summarize(runs, bag)
+    summary = summarize(runs, bag, calls)
     summary.update(rounds=rounds, dagbag_rounds=bag_rounds, load_before=loads[0],
                    load_after=loads[1], runs=runs, dagbag_runs=bag)
     png = plot(summary, common.RESULTS_DIR / "dag_parse.png")

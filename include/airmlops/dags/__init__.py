@@ -96,6 +96,24 @@ def _forget(dags: list[DAG]) -> None:
 
 
 @contextlib.contextmanager
+def _registered_here() -> Iterator[set]:
+    """The DAGs Airflow autoregisters inside the block, in a set of their own that joins the
+    DAG context's set when the block ends.
+
+    Each spec's DAGs are told apart from the earlier specs' this way, without copying the
+    context's set (which grows with every spec) once per spec."""
+    from airflow.sdk.definitions._internal.contextmanager import DagContext
+
+    earlier = DagContext.autoregistered_dags
+    DagContext.autoregistered_dags = here = set()
+    try:
+        yield here
+    finally:
+        DagContext.autoregistered_dags = earlier
+        earlier |= here
+
+
+@contextlib.contextmanager
 def _no_cyclic_gc() -> Iterator[None]:
     """No cyclic garbage collection while the DAGs are built (it is switched back on after).
 
@@ -127,19 +145,19 @@ def _build_folder(folder: Path) -> dict[str, DAG]:
     dags: dict[str, DAG] = {}
     owners: dict[str, Path] = {}
     for path in spec_paths(folder):
-        before = set(_autoregistered())
-        try:
-            spec = load_spec(path)
-            built = _build_pipeline(spec, path)
-            taken = sorted({dag.dag_id for dag in built} & set(dags))
-            if taken:
-                raise SpecError(path, [("name", f"'{spec.name}' gives DAG ids {taken} that "
-                                        f"{owners[taken[0]].name} already defines")])
-        except Exception as error:  # one bad spec must never break the DAG file
-            _forget([item[0] for item in set(_autoregistered()) - before])
-            log.error("%s", error if isinstance(error, SpecError) else
-                      f"pipeline spec {path}: {type(error).__name__}: {error}")
-            built = [build_invalid_spec_dag(path, error)]
+        with _registered_here() as registered:
+            try:
+                spec = load_spec(path)
+                built = _build_pipeline(spec, path)
+                taken = sorted({dag.dag_id for dag in built if dag.dag_id in dags})
+                if taken:
+                    raise SpecError(path, [("name", f"'{spec.name}' gives DAG ids {taken} "
+                                            f"that {owners[taken[0]].name} already defines")])
+            except Exception as error:  # one bad spec must never break the DAG file
+                registered.clear()  # its half-built DAGs stay out of the DagBag
+                log.error("%s", error if isinstance(error, SpecError) else
+                          f"pipeline spec {path}: {type(error).__name__}: {error}")
+                built = [build_invalid_spec_dag(path, error)]
         for item in built:
             if item.dag_id in dags:
                 log.error("%s: dag_id %s is already defined by another spec; skipped",
