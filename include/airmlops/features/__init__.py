@@ -9,7 +9,11 @@ The pieces, each in its own module (import the one you need; nothing runs at imp
   columns, the bare name for on-demand features.
 - :mod:`~airmlops.features.compute`: raw event rows -> feature-view rows (vectorised).
 - :mod:`~airmlops.features.offline`: the offline store (Parquet partitioned by date) and
-  point-in-time-correct retrieval for training sets.
+  point-in-time-correct retrieval for training sets; the join itself is
+  :mod:`~airmlops.features.offline_join` (in memory) or
+  :mod:`~airmlops.features.offline_duckdb` (DuckDB, spilling to disk), chosen by
+  ``feature_store.offline_engine``; :mod:`~airmlops.features.join_memory` refuses an in-memory
+  join that would not fit.
 - :mod:`~airmlops.features.online`: the online store (SQLite embedded default, Redis when
   configured) behind one small interface; one round trip per read.
 - :mod:`~airmlops.features.materialize`: incremental offline -> online copy with a watermark.
