@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 AIRMLOPS := $(PY) -m airmlops.cli
 STAMP := $(VENV)/.installed
 
-.PHONY: help setup run stop status test test-unit test-shuffled test-integration test-compose compose-images lint format lock bench bench-scale chaos clean replay
+.PHONY: help setup run stop status test test-unit test-shuffled test-integration test-compose compose-images lint format lock bench bench-scale bench-workers chaos clean replay
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ bench: setup ## Benchmarks side by side with peers (Feast, mlflow serve, Evident
 
 bench-scale: setup ## Scale curves (100k, 1M, 10M): every benchmarks/bench_scale_*.py in turn; results/scale_*.md, .json, .png
 	for f in benchmarks/bench_scale_*.py; do $(PY) $$f || exit 1; done
+
+bench-workers: setup ## Training DAGs at once (1, 4, 8 pipelines) on the compose stack with 1 and 3 Celery workers (long); results/scale_workers.md
+	$(PY) benchmarks/bench_scale_workers.py
 
 replay: setup ## Replay simulator traffic to a deployed model (the spec's world; SCENARIO=stable|covariate_drift|concept_drift|covariate_and_concept_drift|data_quality for a what-if)
 	$(AIRMLOPS) replay --pipeline $(or $(PIPELINE),churn) $(if $(SCENARIO),--scenario $(SCENARIO)) --rows $(or $(ROWS),2000) --rate $(or $(RATE),20) $(REPLAY_ARGS)

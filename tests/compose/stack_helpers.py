@@ -1,13 +1,19 @@
-"""Helpers of the compose stack test: the stack's handle, health waiting, the spec it serves.
+"""Helpers of the compose stack test: the stack's handle, starting it, health waiting, the specs
+it serves, and taking it down.
 
-Used by conftest.py (the fixtures) and test_compose_stack.py.
+Used by conftest.py (the fixtures), the compose tests and benchmarks/bench_scale_workers.py.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import secrets
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +22,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ("docker-compose.yaml", "docker-compose.host.yaml")
 PIPELINE = "churn"
+SCALE_PIPELINES = ("churn_a", "churn_b", "churn_c")
+"""Copies of the small spec under other names, trained at once by the scale-out test."""
 ADMIN_USER = "airflow"
 MLFLOW_ADMIN = "mlops-admin"
 GIT_COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -24,7 +32,13 @@ SERVICES = (
     "airflow-dag-processor", "airflow-triggerer", "airflow-worker",
 )
 """The long-running services; each has a health check that must pass."""
+WORKER = "airflow-worker"
+WORKERS = 3
+"""Celery worker replicas of the test stack (``up --scale airflow-worker=3``)."""
+WORKER_CONCURRENCY = 2
+"""Task slots per worker: 3 x 2 training tasks fit in memory beside the other services."""
 HEALTH_TIMEOUT_S = 600
+UP_ATTEMPTS = 3
 ENSURE_TIMEOUT_S = 3600
 DEPLOYMENT_LABEL = "ai.airmlops.deployment"
 
@@ -86,10 +100,23 @@ class ComposeStack:
         """``{service: container id}`` of the stack's containers (first replica)."""
         ids: dict[str, str] = {}
         for service in (*SERVICES, "airflow-init"):
-            out = self.compose("ps", "-q", service, check=False).stdout.split()
+            out = self.replica_ids(service)
             if out:
                 ids[service] = out[0]
         return ids
+
+    def replica_ids(self, service: str) -> list[str]:
+        """Ids of every running or stopped replica of ``service``, in replica order."""
+        return self.compose("ps", "-q", service, check=False).stdout.split()
+
+    def scale_workers(self, workers: int, timeout: float = HEALTH_TIMEOUT_S) -> float:
+        """Run ``workers`` Celery worker replicas (the others untouched); wait until each is
+        healthy; returns the seconds it took."""
+        started = time.monotonic()
+        self.compose("up", "-d", "--no-recreate", "--scale", f"{WORKER}={workers}", WORKER,
+                     timeout=timeout)
+        wait_healthy(self, timeout=timeout)
+        return time.monotonic() - started
 
 
 def _inspect(container_id: str) -> dict:
@@ -99,7 +126,8 @@ def _inspect(container_id: str) -> dict:
 
 
 def wait_healthy(stack: ComposeStack, timeout: float = HEALTH_TIMEOUT_S) -> float:
-    """Wait until airflow-init exited 0 and every service reports healthy; returns seconds."""
+    """Wait until airflow-init exited 0 and every service (each worker replica) reports
+    healthy; returns seconds."""
     started = time.monotonic()
     last_report = 0.0
     while True:
@@ -112,16 +140,20 @@ def wait_healthy(stack: ComposeStack, timeout: float = HEALTH_TIMEOUT_S) -> floa
                 raise RuntimeError("airflow-init failed:\n"
                                    + stack.compose("logs", "--tail", "60", "airflow-init").stdout)
         for service in SERVICES:
-            if service not in ids:
+            replicas = stack.replica_ids(service) if service == WORKER else (
+                [ids[service]] if service in ids else [])
+            if not replicas:
                 states[service] = "not created"
                 continue
-            state = _inspect(ids[service])["State"]
-            states[service] = (state.get("Health") or {}).get("Status") or state["Status"]
-            if state["Status"] in ("exited", "dead") or (states[service] == "unhealthy" and (
-                    time.monotonic() - started > 120)):
-                logs = stack.compose("logs", "--tail", "60", service, check=False).stdout
-                health = json.dumps((state.get("Health") or {}).get("Log", [])[-2:], indent=1)
-                raise RuntimeError(f"{service} is {states[service]}:\n{health}\n{logs}")
+            for index, container in enumerate(replicas, start=1):
+                name = service if len(replicas) == 1 else f"{service}_{index}"
+                state = _inspect(container)["State"]
+                states[name] = (state.get("Health") or {}).get("Status") or state["Status"]
+                if state["Status"] in ("exited", "dead") or (states[name] == "unhealthy" and (
+                        time.monotonic() - started > 120)):
+                    logs = stack.compose("logs", "--tail", "60", service, check=False).stdout
+                    health = json.dumps((state.get("Health") or {}).get("Log", [])[-2:], indent=1)
+                    raise RuntimeError(f"{name} is {states[name]}:\n{health}\n{logs}")
         elapsed = time.monotonic() - started
         pending = {k: v for k, v in states.items() if v != "healthy"}
         if not pending:
@@ -134,31 +166,160 @@ def wait_healthy(stack: ComposeStack, timeout: float = HEALTH_TIMEOUT_S) -> floa
         time.sleep(3)
 
 
-def write_spec(pipelines: Path, stable_port: int) -> None:
-    """A smaller copy of the demo spec: same name, free stable port, short bake, no schedule
-    (so unpausing the DAG starts no scheduled run beside the one the test triggers)."""
+def ensure_images() -> dict[str, str]:
+    """Run scripts/ensure-compose.sh; ``{NAME: tag}`` of the images it printed, plus
+    ``_seconds`` (how long it took). Raises with the script's output if it fails."""
+    started = time.monotonic()
+    result = subprocess.run(["bash", str(REPO_ROOT / "scripts" / "ensure-compose.sh")],
+                            capture_output=True, text=True, timeout=ENSURE_TIMEOUT_S, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"scripts/ensure-compose.sh failed ({result.returncode}):\n"
+                           f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    images = dict(line.removeprefix("image ").split("=", 1)
+                  for line in result.stdout.splitlines() if line.startswith("image "))
+    for line in result.stdout.splitlines():
+        if line.startswith("ensure-compose:"):
+            report(line)
+    report(f"ensure-compose.sh took {time.monotonic() - started:.0f} s")
+    wanted = {"AIRMLOPS_IMAGE", "POSTGRES_IMAGE", "REDIS_IMAGE", "BASE_IMAGE", "MODEL_BASE_IMAGE"}
+    if not wanted <= set(images):
+        raise RuntimeError(f"scripts/ensure-compose.sh printed no tag for {wanted - set(images)}")
+    images["_seconds"] = f"{time.monotonic() - started:.1f}"
+    return images
+
+
+def write_spec(pipelines: Path, stable_port: int, name: str = PIPELINE) -> None:
+    """A smaller copy of the demo spec: named ``name``, free stable port, short bake, no
+    schedule (so unpausing the DAG starts no scheduled run beside the one triggered)."""
     spec = yaml.safe_load((REPO_ROOT / "include" / "pipelines" / "churn.yaml").read_text())
+    spec["name"] = name
     spec["schedule"] = None
     spec["source"]["customers"] = 1000
     spec["training"]["min_rows"] = 500
     spec["deploy"].update(port=stable_port, bake_seconds=3)
-    (pipelines / f"{PIPELINE}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (pipelines / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def start_stack(images: dict[str, str], *, pipelines: Iterable[str] = (PIPELINE,),
+                workers: int = WORKERS, concurrency: int = WORKER_CONCURRENCY) -> ComposeStack:
+    """Bring a stack up under a project name of its own, on free loopback ports, with generated
+    secrets, ``workers`` Celery worker replicas and a small spec per name of ``pipelines`` (each
+    on a free stable port, ``stack.ports["stable:<name>"]``); wait until it is healthy.
+
+    ``images`` is what scripts/ensure-compose.sh printed. On failure the stack is taken down.
+    """
+    # Not under pytest's tmp_path: the airflow user (uid 50000) in the containers must read the
+    # pipelines folder, and /tmp/pytest-of-root is private to root.
+    workdir = Path(tempfile.mkdtemp(prefix="airmlops-compose-"))
+    workdir.chmod(0o755)
+    folder = workdir / "pipelines"
+    folder.mkdir(mode=0o755)
+    ports = {name: free_port() for name in ("airflow", "mlflow", "postgres", "redis")}
+    for name in pipelines:
+        ports[f"stable:{name}"] = free_port()
+        write_spec(folder, ports[f"stable:{name}"], name)
+    ports["stable"] = ports.get(f"stable:{PIPELINE}", 0)
+    password = secrets.token_urlsafe(16)
+    # Hex: these go into connection URLs.
+    redis_password, mlflow_password = secrets.token_hex(16), secrets.token_hex(16)
+    env_file = workdir / ".env"
+    settings = {
+        "AIRMLOPS_ENV_FILE": env_file,
+        "AIRMLOPS_IMAGE": images["AIRMLOPS_IMAGE"],
+        "POSTGRES_IMAGE": images["POSTGRES_IMAGE"],
+        "REDIS_IMAGE": images["REDIS_IMAGE"],
+        "BASE_IMAGE": images["BASE_IMAGE"],
+        "PIP_SOURCE": "wheelhouse",
+        "MODEL_BASE_IMAGE": images["MODEL_BASE_IMAGE"],
+        "DOCKER_GID": os.stat("/var/run/docker.sock").st_gid,
+        "AIRFLOW_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        "AIRFLOW_API_SECRET_KEY": secrets.token_urlsafe(32),
+        "AIRFLOW_JWT_SECRET": secrets.token_urlsafe(32),
+        "_AIRFLOW_WWW_USER_USERNAME": ADMIN_USER,
+        "_AIRFLOW_WWW_USER_PASSWORD": password,
+        "POSTGRES_PASSWORD": secrets.token_urlsafe(16),
+        "MLFLOW_DB_PASSWORD": secrets.token_urlsafe(16),
+        "REDIS_PASSWORD": redis_password,
+        "MLFLOW_ADMIN_USERNAME": MLFLOW_ADMIN,
+        "MLFLOW_ADMIN_PASSWORD": mlflow_password,
+        "MLFLOW_SECRET_KEY": secrets.token_hex(32),
+        "AIRFLOW_API_PORT": ports["airflow"],
+        "MLFLOW_PORT": ports["mlflow"],
+        "POSTGRES_PORT": ports["postgres"],
+        "REDIS_PORT": ports["redis"],
+        "AIRMLOPS_PIPELINES_DIR": folder,
+        "AIRFLOW_WORKER_CONCURRENCY": concurrency,
+        "MLOPS_GIT_COMMIT": GIT_COMMIT,
+    }
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+    env_file.chmod(0o644)  # read by compose only; the containers get it through env_file
+    stack = ComposeStack(project=f"airmlops-compose-{secrets.token_hex(4)}", env_file=env_file,
+                         workdir=workdir, ports=ports, password=password,
+                         redis_password=redis_password, mlflow_password=mlflow_password)
+    report(f"project {stack.project}: Airflow {stack.airflow_url}, MLflow {stack.mlflow_url}, "
+           f"{workers} worker(s) x {concurrency} slots")
+    try:
+        started = time.monotonic()
+        for attempt in range(1, UP_ATTEMPTS + 1):
+            up = stack.compose("up", "-d", "--scale", f"{WORKER}={workers}",
+                               timeout=HEALTH_TIMEOUT_S + 300, check=False)
+            if up.returncode == 0:
+                break
+            # docker-compose v1 gives up on a dependency whose health check ran out of retries
+            # while it was still starting (an API server on a loaded machine); its health turns
+            # healthy at its next passing check, so `up` is run again (the created containers
+            # are kept). Anything else, or the last attempt, fails loudly.
+            if "is unhealthy" not in up.stderr + up.stdout or attempt == UP_ATTEMPTS:
+                raise RuntimeError(f"docker-compose up failed ({up.returncode}):\n"
+                                   f"{up.stdout[-4000:]}\n{up.stderr[-4000:]}")
+            report(f"`up -d` found a dependency unhealthy (attempt {attempt}); again in 30 s")
+            time.sleep(30)
+        stack.timings["up"] = time.monotonic() - started
+        report(f"`up -d` returned after {stack.timings['up']:.0f} s")
+        stack.timings["healthy"] = stack.timings["up"] + wait_healthy(stack)
+        report(f"every service healthy {stack.timings['healthy']:.0f} s after `up`")
+    except BaseException:
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def stop_stack(stack: ComposeStack) -> None:
+    """Take ``stack`` down with its volumes, deployments, model containers and images."""
+    import shutil
+
+    containers = model_containers(stack)
+    teardown(stack, containers, images_of(containers))
+    shutil.rmtree(stack.workdir, ignore_errors=True)
 
 
 def model_containers(stack: ComposeStack) -> set[str]:
-    """Ids of the containers of the stack's deployments (from their recorded deployment id)."""
+    """Ids of the containers of the stack's deployments, every pipeline's (from their recorded
+    deployment ids in the shared data root)."""
     try:
-        state = json.loads(stack.exec(
-            "airflow-worker", "cat", f"/opt/airmlops/data/deployments/{PIPELINE}/state.json"))
-    except (RuntimeError, ValueError, subprocess.TimeoutExpired):
+        states = stack.exec(WORKER, "sh", "-c",
+                            "cat /opt/airmlops/data/deployments/*/state.json 2>/dev/null; true")
+    except (RuntimeError, subprocess.TimeoutExpired):
         return set()
-    deployment = state.get("deployment_id")
-    if not deployment:
-        return set()
-    label = f"label={DEPLOYMENT_LABEL}={deployment}"
-    out = subprocess.run(["docker", "ps", "-aq", "--filter", label],
-                         capture_output=True, text=True, timeout=30, check=False).stdout
-    return set(out.split())
+    found: set[str] = set()
+    decoder = json.JSONDecoder()
+    text, position = states.strip(), 0
+    while position < len(text):
+        try:
+            state, end = decoder.raw_decode(text, position)
+        except ValueError:
+            break
+        position = end
+        while position < len(text) and text[position].isspace():
+            position += 1
+        deployment = state.get("deployment_id") if isinstance(state, dict) else None
+        if not deployment:
+            continue
+        label = f"label={DEPLOYMENT_LABEL}={deployment}"
+        out = subprocess.run(["docker", "ps", "-aq", "--filter", label],
+                             capture_output=True, text=True, timeout=30, check=False).stdout
+        found |= set(out.split())
+    return found
 
 
 def images_of(containers: set[str]) -> set[str]:
