@@ -127,5 +127,8 @@ def test_the_tags_of_a_shadow_record_say_who_decided():
     assert shadow_tags(decided) == {"shadow.outcome": "promoted", "shadow.decided_by": "ada",
                                     "shadow.pairs": "120", "shadow.agreement": "0.9833",
                                     "shadow.score_ks": "0.0400"}
+    # The deploy stage's record keeps it in the judgement.
+    kept = {"outcome": "rejected", "judgement": {**judgement, "decided_by": "rule"}}
+    assert shadow_tags(kept)["shadow.decided_by"] == "rule"
     # A record from before decisions existed has no decided_by, and gets no such tag.
     assert "shadow.decided_by" not in shadow_tags({"outcome": "rejected", "judgement": {}})

@@ -69,10 +69,12 @@ def canary_tags(record: Mapping[str, Any]) -> dict[str, str]:
 def shadow_tags(record: Mapping[str, Any]) -> dict[str, str]:
     """The compact version tags of a shadow record (``{"outcome", "judgement", "decided_by"}``
     as the state file keeps it; without ``shadow.artifact``)."""
-    comparison = (record.get("judgement") or {}).get("comparison") or {}
+    judgement = record.get("judgement") or {}
+    comparison = judgement.get("comparison") or {}
     tags = {"shadow.outcome": str(record["outcome"])}
-    if record.get("decided_by"):  # a user of the MLOps view, the rule or a timeout
-        tags["shadow.decided_by"] = str(record["decided_by"])[:200]
+    decided_by = record.get("decided_by") or judgement.get("decided_by")
+    if decided_by:  # a user of the MLOps view, the rule or a timeout
+        tags["shadow.decided_by"] = str(decided_by)[:200]
     for key, field in (("shadow.pairs", "pairs"), ("shadow.agreement", "agreement_rate"),
                        ("shadow.score_ks", "score_ks")):
         value = comparison.get(field)
