@@ -25,7 +25,6 @@ import datetime as dt
 import logging
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +34,7 @@ from airmlops.features.compute import DAY_US, NAT_US, to_epoch_us
 from airmlops.features.definitions import FEATURE_TIMESTAMP, FeatureView
 from airmlops.features.join_memory import available_memory_mb
 from airmlops.features.offline import partition_files
+from airmlops.features.offline_join import result_frame
 from airmlops.paths import safe_join
 from airmlops.times import EPOCH_DATE
 
@@ -290,38 +290,4 @@ def get_historical_features_duckdb(
     del table
     log.info("point-in-time join (duckdb): memory_limit %d MB, %d thread(s), %d file(s) in "
              "the temporary folder %s", limit, threads, len(spilled), temp)
-    return _assemble(entity_df, views, features, on_demand)
-
-
-def _assemble(entity_df: pd.DataFrame, views: Sequence[FeatureView],
-              features: dict[str, np.ndarray],
-              on_demand: Sequence[OnDemandFeature]) -> pd.DataFrame:
-    """The result frame: the entity frame's columns, the features, the on-demand features,
-    none of them copied."""
-    import pandas as pd
-
-    columns = {n: features.pop(n) for v in views for n in v.feature_names}
-    if on_demand:
-        from airmlops.features.on_demand import on_demand_columns
-
-        def lookup(name: str) -> Any:
-            if name in columns:
-                return pd.Series(columns[name], index=entity_df.index, copy=False)
-            return entity_df[name] if name in entity_df.columns else None
-
-        columns.update(on_demand_columns(lookup, len(entity_df), entity_df.index, on_demand))
-    if not entity_df.columns.is_unique:  # a dict cannot hold the same name twice
-        result = entity_df.copy(deep=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", pd.errors.PerformanceWarning)
-            for name, values in columns.items():
-                result[name] = values
-        return result
-    data: dict[Any, Any] = {name: entity_df.iloc[:, i]
-                            for i, name in enumerate(entity_df.columns)}
-    data.update(columns)
-    # copy=False also skips consolidating same-typed columns into one block (a full copy).
-    result = pd.DataFrame(data, index=entity_df.index, copy=False)
-    result.columns.name = entity_df.columns.name
-    result.attrs = dict(entity_df.attrs)
-    return result
+    return result_frame(entity_df, views, features, on_demand)

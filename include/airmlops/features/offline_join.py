@@ -65,6 +65,15 @@ def point_in_time_frame(
         features.update(_key_columns(entity_df[join_key], left_us, key_views, list_files,
                                      read_columns, n_rows))
     del left_us
+    return result_frame(entity_df, views, features, on_demand)
+
+
+def result_frame(entity_df: pd.DataFrame, views: Sequence[FeatureView],
+                 features: dict[str, np.ndarray],
+                 on_demand: Sequence[OnDemandFeature]) -> pd.DataFrame:
+    """The join's answer, whichever engine joined: the entity frame's columns, then each
+    view's ``features`` (taken out of the dict) in view order, then the on-demand features
+    computed over them; none of them copied."""
     columns = {n: features.pop(n) for v in views for n in v.feature_names}
     if on_demand:
         columns.update(_on_demand_columns(entity_df, columns, on_demand))
