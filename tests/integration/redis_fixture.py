@@ -9,6 +9,7 @@ skips: a missing Redis is a failure.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -89,3 +90,42 @@ def run_redis_server(workdir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+class PrivateRedis:
+    """A redis-server one test owns (it may change its settings), stopped (saving its data)
+    and started again on the same port."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = _ensure_binary()
+        self.workdir = workdir
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "dump.rdb",
+             "--logfile", str(self.workdir / "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while not _ping(self.port):
+            assert time.monotonic() < deadline and self.process.poll() is None
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Shut the server down (saving its data) and wait until its port is closed."""
+        import redis
+
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(redis.ConnectionError):  # it closes as the server exits
+            redis.Redis.from_url(self.url).shutdown(save=True)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", self.port)) != 0

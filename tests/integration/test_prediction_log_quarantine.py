@@ -19,7 +19,6 @@ import logging
 import os
 import secrets
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from airmlops.serving.prediction_log.spill import QUARANTINE_DIR, decode_entry
 from airmlops.serving.prediction_log.writer import ISOLATE_AFTER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from redis_fixture import _ensure_binary, _free_port, _ping
+import redis_fixture
 
 pytestmark = pytest.mark.integration
 
@@ -71,38 +70,8 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
-class PrivateRedis:
-    """A redis-server this module owns (its settings are changed), stopped and started on one
-    port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.binary = _ensure_binary()
-        self.workdir = workdir
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "dump.rdb",
-             "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not _ping(self.port):
-            assert time.monotonic() < deadline and self.process.poll() is None
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(redis.ConnectionError):  # it closes as the server exits
-            self.client().shutdown(save=True)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+class PrivateRedis(redis_fixture.PrivateRedis):
+    """The module's private redis-server, with a client and the prediction stream read raw."""
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url)

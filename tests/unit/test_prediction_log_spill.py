@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -50,7 +49,7 @@ from airmlops.serving.prediction_log import writer as prediction_log_writer
 from airmlops.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from redis_fixture import _ensure_binary, _free_port, _ping
+from redis_fixture import PrivateRedis, _free_port
 
 PIPELINE = "churn"
 T0_US = 1_772_366_400_000_000  # 2026-03-01 12:00 UTC
@@ -81,41 +80,6 @@ def wait_until(condition, timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.01)
-
-
-class PrivateRedis:
-    """A redis-server this test owns, stopped (saving its data) and started on one port."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.binary = _ensure_binary()
-        self.workdir = workdir
-        self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "dump.rdb",
-             "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while not _ping(self.port):
-            assert time.monotonic() < deadline and self.process.poll() is None
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(redis.ConnectionError):  # it closes as the server exits
-            redis.Redis.from_url(self.url).shutdown(save=True)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", self.port)) != 0
 
 
 class LogStore:
