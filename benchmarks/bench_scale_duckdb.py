@@ -139,37 +139,16 @@ def table_rows(duckdb_runs: list[dict], memory_runs: list[dict]) -> list[list[An
 
 def plot(duckdb_runs: list[dict], memory_runs: list[dict], path: Path) -> None:
     """Time and peak memory against rows, log-log, one line per engine and memory limit."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: dict[str, list[dict]] = {"memory engine": [r for r in memory_runs
-                                                       if "failed" not in r]}
+    runs: dict[str, list[dict]] = {"memory engine": [r for r in memory_runs
+                                                     if "failed" not in r]}
     for r in duckdb_runs:
         if "failed" not in r:
-            series.setdefault(f"duckdb, memory_limit {r['memory_limit_mb']} MB", []).append(r)
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for label, runs in series.items():
-        xs = [r["rows"] for r in runs]
-        peaks = [r.get("call_peak_mb") or r["_process"]["peak_rss_mb"] for r in runs]
-        axes[0].plot(xs, [r["seconds"] for r in runs], marker="o", label=label)
-        axes[1].plot(xs, peaks, marker="o", label=label)
-    for axis, title, unit in ((axes[0], "wall time of the call", "seconds"),
-                              (axes[1], "peak RSS of the process", "MB")):
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_title(title)
-        axis.set_xlabel("entity rows")
-        axis.set_ylabel(unit)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle("Point-in-time join: memory engine vs DuckDB engine")
-    figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
+            runs.setdefault(f"duckdb, memory_limit {r['memory_limit_mb']} MB", []).append(r)
+    series = {label: ([r["rows"] for r in done], [r["seconds"] for r in done],
+                      [r.get("call_peak_mb") or r["_process"]["peak_rss_mb"] for r in done])
+              for label, done in runs.items()}
+    common.time_and_memory_figure(path, "Point-in-time join: memory engine vs DuckDB engine",
+                                  "entity rows", series)
 
 
 def report(duckdb_runs: list[dict], notes: list[str]) -> None:

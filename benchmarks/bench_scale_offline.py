@@ -427,41 +427,17 @@ def goal_rows(curves: dict[str, list[dict]]) -> list[list[Any]]:
 
 def plot(curves: dict[str, list[dict]], path: Path) -> None:
     """Time and peak memory against rows, log-log, with a linear guide from the first point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = {"pit": "point-in-time (airmlops)", "feast": "point-in-time (Feast DuckDB)",
               "monitoring": "monitoring window (airmlops)",
               "collect": "collect window from SQLite log"}
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    series = {}
     for kind, runs in curves.items():
         done = [r for r in runs if "failed" not in r]
-        if not done:
-            continue
-        xs = [r["rows"] for r in done]
-        for axis, ys in ((axes[0], [r["seconds"] for r in done]),
-                         (axes[1], [r["_process"]["peak_rss_mb"] for r in done])):
-            line, = axis.plot(xs, ys, marker="o", label=labels[kind])
-            if len(xs) > 1:
-                axis.plot([xs[0], xs[-1]], [ys[0], ys[0] * xs[-1] / xs[0]], linestyle=":",
-                          color=line.get_color(), alpha=0.6)
-    for axis, title, unit in ((axes[0], "wall time of the call", "seconds"),
-                              (axes[1], "peak RSS of the process", "MB")):
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_title(title)
-        axis.set_xlabel("rows")
-        axis.set_ylabel(unit)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
-    figure.suptitle("Scale curves (dotted: linear from the first point)")
-    figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
+        if done:
+            series[labels[kind]] = ([r["rows"] for r in done], [r["seconds"] for r in done],
+                                    [r["_process"]["peak_rss_mb"] for r in done])
+    common.time_and_memory_figure(path, "Scale curves (dotted: linear from the first point)",
+                                  "rows", series, linear_guide=True)
 
 
 def report(curves: dict[str, list[dict]], profile: dict[str, Any] | None,

@@ -448,3 +448,39 @@ def run_worker(script: str, kind: str, *args: str, timeout: float = 900) -> dict
     answer = last_json_line(done["stdout"])
     answer["_process"] = process_figures(done, answer)
     return answer
+
+
+def time_and_memory_figure(path: Path, title: str, xlabel: str,
+                           series: Mapping[str, tuple[Sequence[float], Sequence[float],
+                                                      Sequence[float]]],
+                           *, linear_guide: bool = False) -> None:
+    """Write a PNG of two log-log panels, seconds and peak MB against ``xlabel``: one line per
+    ``series`` entry, ``label -> (xs, seconds, peaks)`` (with ``linear_guide``, a dotted line
+    growing linearly from each series' first point). Written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for label, (xs, seconds, peaks) in series.items():
+        for axis, ys in ((axes[0], seconds), (axes[1], peaks)):
+            line, = axis.plot(xs, ys, marker="o", label=label)
+            if linear_guide and len(xs) > 1:
+                axis.plot([xs[0], xs[-1]], [ys[0], ys[0] * xs[-1] / xs[0]], linestyle=":",
+                          color=line.get_color(), alpha=0.6)
+    for axis, panel, unit in ((axes[0], "wall time of the call", "seconds"),
+                              (axes[1], "peak RSS of the process", "MB")):
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_title(panel)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(unit)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
