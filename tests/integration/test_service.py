@@ -10,12 +10,9 @@ with the online store and the log on the session's Redis.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import re
 import shutil
-import socket
-import subprocess
 import sys
 import tarfile
 import time
@@ -29,7 +26,6 @@ import redis
 import yaml
 
 from airmlops.model_files import ModelDigests, check_model_dir
-from airmlops.platform import free_port
 from airmlops.serving.bento import (
     BentoBuildError,
     build_bento,
@@ -46,7 +42,7 @@ from airmlops.spec import load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_service_fixtures import AS_OF, WINDOW, Server, metric
-from redis_fixture import _ensure_binary, _ping, redis_server  # noqa: F401  (a session fixture)
+from redis_fixture import PrivateRedis, redis_server  # noqa: F401  (a session fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -500,43 +496,6 @@ def test_bearer_token_protects_everything_but_probes_and_metrics(model, serve):
 
 
 # --- Redis -------------------------------------------------------------------------------------
-
-
-class PrivateRedis:
-    """A redis-server this test can stop and restart on the same port (persisting to RDB)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.binary = _ensure_binary()
-        self.workdir = workdir
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--dbfilename", "dump.rdb",
-             "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 20
-        while not _ping(self.port):
-            assert time.monotonic() < deadline and self.process.poll() is None
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """Shut down, saving the data (so the restarted server still has it)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        with contextlib.suppress(redis.ConnectionError):  # it closes as the server exits
-            redis.Redis.from_url(self.url).shutdown(save=True)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        with socket.socket() as sock:
-            assert sock.connect_ex(("127.0.0.1", self.port)) != 0
 
 
 @pytest.fixture
