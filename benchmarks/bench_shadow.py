@@ -7,23 +7,24 @@ stages as ``bench_serving.py``); then two real model servers of that bento (``be
 the spec's workers each, the prediction log and the shadow log on Redis) behind the
 deployment's proxy, started by ``deploy.ensure_proxy`` as a deploy starts it. Slot ``blue``
 serves the live traffic; slot ``green`` is registered and becomes the shadow
-(``set_shadow``, the real admin client) at 100 %. A third server of the same bento runs at
-nice 19 as slot ``green-nice`` (``--no-nice-shadow`` leaves it out): the mitigation "the
-shadow's server yields the CPU to the live one".
+(``set_shadow``, the real admin client) at 100 %. A third server of the same bento runs as
+slot ``green-idle`` in the idle CPU class a deploy gives its shadow
+(:mod:`airmlops.serving.cpu_class`; ``--no-idle-shadow`` leaves it out): the shadow's server
+yields the CPU to the live one.
 
 1. The live path's maximum throughput through the stable address, no shadow: an open-loop
    ramp (x1.25 per step of ``--max-seconds``) up to the first rate it does not sustain.
 2. At half of it, open-loop load (``loadgen.py``, 32 connections, latency from the scheduled
    send time) for ``--seconds`` per round; each round runs every case once, in a rotating
    order (the shadow set or cleared between them): no shadow; shadow at 100 %; (shadow at
-   100 % on the niced server). Per round: the live p50/p99 and throughput, the shadow
+   100 % on the idle-class server). Per round: the live p50/p99 and throughput, the shadow
    counters of ``/__proxy/state`` (mirrored, dropped, shed, errors) and the CPU time of the proxy
    and each server.
 3. The goal: the median over rounds of the live p99 with a shadow, over the same without,
    at most 1.10.
 
     .venv/bin/python benchmarks/bench_shadow.py                  # 3 rounds x 20 s per case
-    .venv/bin/python benchmarks/bench_shadow.py --no-nice-shadow # without the niced shadow
+    .venv/bin/python benchmarks/bench_shadow.py --no-idle-shadow # without the idle-class shadow
     .venv/bin/python benchmarks/bench_shadow.py --quick          # 2 rounds x 8 s
 """
 
@@ -50,8 +51,7 @@ LOAD_SHARE = 0.5
 """The open-loop rate, as a share of the live path's maximum throughput."""
 CONNECTIONS = 32
 RAMP_STEPS = 12
-NICE = 19
-LIVE, SHADOW, SHADOW_NICE = "blue", "green", "green-nice"
+LIVE, SHADOW, SHADOW_IDLE = "blue", "green", "green-idle"
 SHADOW_COUNTERS = ("shadow_mirrored", "shadow_dropped", "shadow_shed", "shadow_errors")
 
 
@@ -72,8 +72,9 @@ def build(work: Path, redis_url: str) -> dict[str, Any]:
 
 
 def start_server(setup: dict[str, Any], env: dict[str, str], work: Path, name: str,
-                 nice: int = 0) -> tuple[subprocess.Popen, str]:
-    """One model server of the bento (``bentoml serve``, its own session), at ``nice``."""
+                 idle: bool = False) -> tuple[subprocess.Popen, str]:
+    """One model server of the bento (``bentoml serve``, its own session); with ``idle``, put
+    in the idle CPU class as a deploy puts a shadow (``cpu_class.yield_cpu``)."""
     from airmlops.serving.bento import serve_command
 
     port = common.free_port()
@@ -88,46 +89,35 @@ def start_server(setup: dict[str, Any], env: dict[str, str], work: Path, name: s
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     serving.wait_http(f"{url}/readyz", proc, log_path)
-    if nice:
-        common.log(f"{name}: nice {nice}, session weight set for {lower_priority(proc.pid, nice)}"
-                   " processes")
+    if idle:
+        from airmlops.serving.cpu_class import yield_cpu
+        from airmlops.serving.deploy.state import SlotHandle
+
+        handle = SlotHandle(target="process", artifact=str(setup["ref"].tag), port=port,
+                            instance="bench", pid=proc.pid)
+        common.log(f"{name}: idle CPU class {yield_cpu(handle, f'bench-{name}')}")
     return proc, url
-
-
-def lower_priority(pid: int, nice: int) -> int:
-    """Give the process ``pid`` and its descendants the CPU weight of ``nice``: each one's own
-    nice and, with Linux autogroups on, its session's (a nice only ranks a process within its
-    session, and BentoML starts every worker in a session of its own). The number of
-    processes whose session weight was set."""
-    import psutil
-
-    done = 0
-    root = psutil.Process(pid)
-    for process in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(OSError, psutil.Error):
-            process.nice(nice)
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{process.pid}/autogroup").write_text(str(nice))
-            done += 1
-    return done
 
 
 @contextlib.contextmanager
 def servers(setup: dict[str, Any], redis_url: str, work: Path, workers: int,
-            nice_shadow: bool) -> Iterator[dict[str, tuple[subprocess.Popen, str]]]:
-    """The live server, the shadow server (and the niced one), by slot; stopped at the end."""
+            idle_shadow: bool) -> Iterator[dict[str, tuple[subprocess.Popen, str]]]:
+    """The live server, the shadow server (and the idle-class one), by slot; stopped at the end."""
     env = {"MLOPS_DATA_ROOT": str(setup["settings"].data_root), "MLOPS_REDIS_URL": redis_url,
            "MLOPS_SERVING_WORKERS": str(workers)}
     started: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        for slot, nice in ((LIVE, 0), (SHADOW, 0), *(((SHADOW_NICE, NICE),) if nice_shadow
-                                                     else ())):
-            started[slot] = start_server(setup, env, work, slot, nice)
-            common.log(f"slot {slot}: {started[slot][1]} (nice {nice})")
+        for slot, idle in ((LIVE, False), (SHADOW, False),
+                           *(((SHADOW_IDLE, True),) if idle_shadow else ())):
+            started[slot] = start_server(setup, env, work, slot, idle)
+            common.log(f"slot {slot}: {started[slot][1]}{' (idle CPU class)' if idle else ''}")
         yield started
     finally:
-        for proc, _ in started.values():
+        from airmlops.serving.cpu_class import release_group
+
+        for slot, (proc, _) in started.items():
             common.stop_process(proc)
+            release_group(f"bench-{slot}")
 
 
 # --- measurement -----------------------------------------------------------------------------
@@ -207,11 +197,11 @@ def measure(setup: dict[str, Any], redis_url: str, work: Path, args: argparse.Na
     from airmlops.serving.deploy import ensure_proxy, undeploy
 
     cases = [("no shadow", None), ("shadow 100 %", SHADOW)]
-    if args.nice_shadow:
-        cases.append((f"shadow 100 %, shadow server at nice {NICE}", SHADOW_NICE))
+    if args.idle_shadow:
+        cases.append(("shadow 100 %, shadow server in the idle CPU class", SHADOW_IDLE))
     root = work / "deployments"
     version = str(setup["version"])
-    with servers(setup, redis_url, work, args.workers, args.nice_shadow) as started:
+    with servers(setup, redis_url, work, args.workers, args.idle_shadow) as started:
         proxy = ensure_proxy(setup["spec"].name, common.free_port(), root)
         try:
             proxy_mod.switch(proxy.port, proxy.token, started[LIVE][1], LIVE, version=version)
@@ -332,8 +322,8 @@ def main() -> int:
     parser.add_argument("--max-seconds", type=float, default=5.0,
                         help="per closed-loop run finding the maximum")
     parser.add_argument("--workers", type=int, help="workers per server (default: the spec's)")
-    parser.add_argument("--no-nice-shadow", dest="nice_shadow", action="store_false",
-                        help=f"leave out the case of the shadow server at nice {NICE}")
+    parser.add_argument("--no-idle-shadow", dest="idle_shadow", action="store_false",
+                        help="leave out the case of the shadow server in the idle CPU class")
     parser.add_argument("--quick", action="store_true", help="2 rounds x 8 s")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()

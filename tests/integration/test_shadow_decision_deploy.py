@@ -18,16 +18,19 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from proxy_process import WAIT, wait_until
 from shadow_decision_app import AUTH, DECIDE, DecidingAuth, settings_for, view_client
 from versioned_service_fixtures import FIXTURE, V1, V2
 
+from airmlops.serving import cpu_class
 from airmlops.serving import deploy as deploy_mod
 from airmlops.serving.deploy import ShadowPlan, ShadowRejected, deploy, load_state, undeploy
 
@@ -37,6 +40,13 @@ NOW = dt.datetime(2026, 4, 10, 12, 0, tzinfo=dt.UTC)
 GOLDEN = [{"x": 1.0}, {"x": -2.5}]
 LONG = 600.0
 """A window far longer than any test: only a decision ends it."""
+
+
+def servers_of(tag: str, since: float = 0.0) -> list[psutil.Process]:
+    """The worker processes of the model servers of the bento ``tag`` (what uses the CPU)
+    started after ``since`` (an earlier test's may still be exiting)."""
+    return [p for p in psutil.process_iter(["cmdline", "create_time"])
+            if tag in (p.info["cmdline"] or []) and p.info["create_time"] >= since]
 
 
 def no_pairs(start: dt.datetime, end: dt.datetime) -> dict[str, Any]:
@@ -111,8 +121,10 @@ class Rollout:
         self.url = first.stable_url
         self.outcome: dict[str, Any] = {}
         self._thread: threading.Thread | None = None
+        self.started = 0.0
 
     def start(self, plan: ShadowPlan) -> None:
+        self.started = time.time()
         def run() -> None:
             try:
                 self.outcome["result"] = deploy("churn", "2", V2, "process", GOLDEN,
@@ -166,10 +178,16 @@ def test_a_promote_posted_mid_window_ends_it_and_promotes_whatever_the_rule_says
     running = rollout.wait_status("running")
     assert (running["version"], running["promotion"]) == ("2", "rule")
     assert rollout.serving() == "1"
+    shadow_servers = servers_of(V2, rollout.started)  # in the idle CPU class as the shadow
+    assert shadow_servers and all(cpu_class.is_idle(p.pid) for p in shadow_servers)
+    assert not any(cpu_class.is_idle(p.pid) for p in servers_of(V1))
     assert rollout.decide("promote").status_code == 202
     outcome = rollout.finish()
     assert "error" not in outcome, outcome.get("error")
     judgement = outcome["result"].shadow
+    assert judgement["cpu_class"] == ["cgroup"]  # the project's machines: root, cgroup tree
+    assert not any(cpu_class.is_idle(p.pid) for p in shadow_servers)  # out before it serves
+    assert not cpu_class.shadow_groups()
     assert judgement["verdict"] == "promote" and judgement["decided_by"] == "alice"
     assert judgement["rule_verdict"] == "reject" and judgement["seconds"] < LONG
     record = rollout.shadow()
@@ -183,9 +201,12 @@ def test_a_reject_posted_mid_window_rejects_and_the_live_version_keeps_serving(
         rollout: Rollout) -> None:
     rollout.start(ShadowPlan(LONG, no_pairs, min_requests=1))
     rollout.wait_status("running")
+    shadow_servers = servers_of(V2, rollout.started)
+    assert shadow_servers and all(cpu_class.is_idle(p.pid) for p in shadow_servers)
     assert rollout.decide("reject", name="bob").status_code == 202
     error = rollout.finish().get("error")
     assert isinstance(error, ShadowRejected)
+    assert not cpu_class.shadow_groups()  # taken out, then stopped
     assert "rejected from the MLOps view by bob" in str(error)
     record = rollout.shadow()
     assert (record["outcome"], record["decided_by"]) == ("rejected", "bob")

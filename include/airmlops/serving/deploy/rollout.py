@@ -36,7 +36,7 @@ from airmlops.serving.deploy.errors import (
     ShadowRejected,
 )
 from airmlops.serving.deploy.proxy_control import ProxyHandle, ensure_proxy_locked
-from airmlops.serving.deploy.shadow import ShadowPlan, run_shadow
+from airmlops.serving.deploy.shadow import ShadowPlan, idle_cpu_class, run_shadow
 from airmlops.serving.deploy.slots import (
     SmokeResult,
     Validator,
@@ -348,13 +348,15 @@ def _shadow(request: _DeployRequest, proxy: ProxyHandle, slot: str, active: str 
         return None
     channel = decisions.DecisionChannel(request.pipeline, request.root, request.version)
     decisions.discard_decision(request.pipeline, request.root)  # none predates the shadow
-    state["shadow"] = decisions.running_record(request.version, slot, request.started_at,
-                                               request.shadow)
-    save_state(request.pipeline, request.root, state)
     try:
-        judgement = run_shadow(TrialTarget(proxy.port, proxy.token, slot, active),
-                               request.shadow, decisions=channel,
-                               on_waiting=lambda advice: _awaiting(request, state, advice))
+        with idle_cpu_class(handles, f"{request.pipeline}-{slot}", request.docker_client) as how:
+            state["shadow"] = decisions.running_record(request.version, slot,
+                                                       request.started_at, request.shadow)
+            save_state(request.pipeline, request.root, state)
+            judgement = run_shadow(TrialTarget(proxy.port, proxy.token, slot, active),
+                                   request.shadow, decisions=channel,
+                                   on_waiting=lambda advice: _awaiting(request, state, advice))
+        judgement["cpu_class"] = how
     except (proxy_mod.ProxyAdminError, ValueError) as exc:
         raise DeployFailed("shadow", str(exc)) from None
     timings.lap("shadow_s")

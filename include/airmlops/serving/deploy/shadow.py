@@ -33,15 +33,17 @@ The judgement keeps the rule's verdict (``rule_verdict``, ``reasons``) beside th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from airmlops.serving import proxy as proxy_mod
+from airmlops.serving.cpu_class import reclaim_cpu, yield_cpu
 from airmlops.serving.deploy.canary import (
     Z_CRITICAL,
     TrialTarget,
@@ -50,7 +52,12 @@ from airmlops.serving.deploy.canary import (
     snapshots,
 )
 from airmlops.serving.deploy.decisions import DecisionChannel, ShadowDecision
-from airmlops.serving.deploy.errors import ShadowRejected
+from airmlops.serving.deploy.errors import DeployFailed, ShadowRejected
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+
+    from airmlops.serving.deploy.state import SlotHandle
 
 logger = logging.getLogger("airmlops.serving.deploy")
 
@@ -139,6 +146,31 @@ def judge_shadow(shadow: Mapping[str, Any], live: Mapping[str, Any],
     if ks is not None and ks > plan.max_score_ks:
         reasons.append(f"score distribution KS {ks:.4f} above {plan.max_score_ks:g}")
     return ("reject" if reasons else "promote"), reasons
+
+
+@contextlib.contextmanager
+def idle_cpu_class(handles: Sequence[SlotHandle], prefix: str,
+                   docker_client: DockerClient | None = None) -> Iterator[list[str]]:
+    """The shadow's servers ``handles`` in the idle CPU class (:mod:`airmlops.serving.cpu_class`)
+    for the block, so mirrored copies take only CPU the live servers leave idle; how, per
+    server. Out of it again after the block, whatever its outcome: DeployFailed when one could
+    not be taken out, since it must not take live traffic in that class."""
+    records = [(handle, yield_cpu(handle, f"{prefix}-{handle.port}", docker_client))
+               for handle in handles]
+    logger.info("shadow %s: CPU class %s", prefix, [record["how"] for _, record in records])
+    try:
+        yield [record["how"] for _, record in records]
+    except BaseException:
+        for handle, record in records:
+            with contextlib.suppress(Exception):  # it is stopped next anyway
+                reclaim_cpu(handle, record, docker_client)
+        raise
+    for handle, record in records:
+        try:
+            reclaim_cpu(handle, record, docker_client)
+        except Exception as exc:
+            raise DeployFailed("shadow", f"the shadow's server {handle.upstream} could not "
+                                         f"leave the idle CPU class: {exc}") from None
 
 
 def run_shadow(target: TrialTarget, plan: ShadowPlan,
