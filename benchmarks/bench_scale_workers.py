@@ -7,8 +7,9 @@ first and scaled with ``up --scale airflow-worker=N``), and each number of pipel
 
 - that many fresh copies of the small compose spec (1,000 customers, 3 s bake, each on its own
   stable port) are written to the pipelines folder and parsed;
-- their training DAGs (ingest ... train ... containerize, deploy, monitor) are triggered at
-  once through the REST API;
+- their training DAGs are triggered at once through the REST API, with ``skip_deploy`` (ingest
+  to register, as ``bench_scale_training.py`` runs them; ``--deploy`` adds containerize,
+  deploy and monitor: a model image per pipeline);
 - measured: wall time from the first trigger to the last run's end, each run's own duration
   (the API's start and end dates), how many succeeded, and on how many worker replicas their
   task instances ran (from the replicas' container logs);
@@ -94,9 +95,10 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
     return (dt.datetime.fromisoformat(end) - dt.datetime.fromisoformat(start)).total_seconds()
 
 
-def run_case(stack: ComposeStack, workers: int, pipelines: int, timeout: float
-             ) -> dict[str, Any]:
-    """Trigger ``pipelines`` fresh training DAGs at once; follow them (bounded) to their end."""
+def run_case(stack: ComposeStack, workers: int, pipelines: int, timeout: float,
+             deploy: bool = False) -> dict[str, Any]:
+    """Trigger ``pipelines`` fresh training DAGs at once (``skip_deploy`` unless ``deploy``);
+    follow them (bounded) to their end."""
     tag = secrets.token_hex(2)
     names = [f"bench_w{workers}_p{pipelines}_{tag}_{i}" for i in range(pipelines)]
     folder = stack.workdir / "pipelines"
@@ -110,7 +112,8 @@ def run_case(stack: ComposeStack, workers: int, pipelines: int, timeout: float
         load_before = load_average()
         started = time.monotonic()
         for dag_id, run_id in runs.items():
-            api.trigger(dag_id, run_id, conf={"git_commit": GIT_COMMIT})
+            api.trigger(dag_id, run_id,
+                        conf={"git_commit": GIT_COMMIT, "skip_deploy": not deploy})
         states: dict[str, str] = {}
         durations: list[float] = []
         while len(states) < len(runs) and time.monotonic() - started < timeout:
@@ -137,7 +140,7 @@ def run_case(stack: ComposeStack, workers: int, pipelines: int, timeout: float
         "run_s_mean": round(sum(durations) / len(durations), 1) if durations else None,
         "run_s_max": round(max(durations), 1) if durations else None,
         "replicas_used": replicas_used(stack, set(runs.values())),
-        "loadavg_before": load_before, "loadavg_after": load_average(),
+        "loadavg_before": load_before, "loadavg_after": load_average(), "deploy": deploy,
     }
     common.log(f"workers={workers} pipelines={pipelines}: {result}")
     stop_deployments(stack)
@@ -180,8 +183,10 @@ def publish(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         [("", ["workers", "pipelines at once", "wall time (s)", "run mean (s)", "run max (s)",
                "succeeded", "workers used", "load average before"], rows)],
         notes=[f"Each worker has {args.concurrency} task slots (AIRFLOW_WORKER_CONCURRENCY); "
-               "every run is the whole training DAG of a 1,000-customer spec, through "
-               "containerize and deploy (a model image per pipeline).",
+               "every run is the training DAG of a 1,000-customer spec, "
+               + ("through containerize and deploy (a model image per pipeline)." if args.deploy
+                  else "ingest to register (skip_deploy: true; `--deploy` runs containerize, "
+                       "deploy and monitor too)."),
                "Wall time: from the first trigger to the last run's end, polled every 5 s.",
                "Noisy: the machine is shared; the load average (1, 5, 15 min) is recorded "
                "before each case."])
@@ -194,6 +199,8 @@ def main() -> None:
     parser.add_argument("--workers", type=parse_counts, default=WORKERS)
     parser.add_argument("--concurrency", type=int, default=2, help="task slots per worker")
     parser.add_argument("--case-timeout", type=float, default=CASE_TIMEOUT_S)
+    parser.add_argument("--deploy", action="store_true",
+                        help="run containerize, deploy and monitor too (no skip_deploy)")
     args = parser.parse_args()
 
     images = ensure_images()
@@ -206,7 +213,8 @@ def main() -> None:
                 common.log(f"scaling to {workers} worker(s): "
                            f"{stack.scale_workers(workers):.0f} s")
             for pipelines in args.pipelines:
-                results.append(run_case(stack, workers, pipelines, args.case_timeout))
+                results.append(run_case(stack, workers, pipelines, args.case_timeout,
+                                        args.deploy))
                 publish(results, args)  # after each case: an interrupted run keeps its cases
     finally:
         if os.environ.get("AIRMLOPS_COMPOSE_KEEP") != "1":

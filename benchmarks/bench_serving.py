@@ -410,13 +410,9 @@ def bentoml_floor(work: Path, home: Path) -> dict[str, Any]:
 
 def server_processes(pid: int) -> list[int]:
     """A server process and its descendants (workers)."""
-    import psutil
+    from airmlops.processes import process_tree
 
-    try:
-        root = psutil.Process(pid)
-        return [root.pid, *(child.pid for child in root.children(recursive=True))]
-    except psutil.NoSuchProcess:
-        return []
+    return process_tree(pid)
 
 
 def cpu_per_request(url: str, bodies: Path, processes: dict[str, list[int]],

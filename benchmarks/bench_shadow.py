@@ -134,14 +134,23 @@ def counters(port: int) -> dict[str, int]:
     return out
 
 
-def set_case(proxy: Any, shadow: str | None) -> None:
-    """Make ``shadow`` the shadow at 100 %, or clear it (None)."""
+def set_case(proxy: Any, shadow: tuple[str, int] | None) -> None:
+    """Make slot ``shadow[0]`` the shadow at ``shadow[1]`` %, or clear it (None)."""
     from airmlops.serving import proxy as proxy_mod
 
     if shadow is None:
         proxy_mod.clear_shadow(proxy.port, proxy.token)
     else:
-        proxy_mod.set_shadow(proxy.port, proxy.token, shadow, 100)
+        proxy_mod.set_shadow(proxy.port, proxy.token, *shadow)
+
+
+def listening_pids(url: str) -> list[int]:
+    """The processes listening on the port of ``url`` (the benchmark's Redis)."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    return sorted({c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid})
 
 
 def maximum(url: str, bodies: Path, seconds: float) -> dict[str, Any]:
@@ -172,7 +181,7 @@ def maximum(url: str, bodies: Path, seconds: float) -> dict[str, Any]:
 
 
 def one_round(proxy: Any, url: str, bodies: Path, rate: float, seconds: float,
-              shadow: str | None, groups: dict[str, list[int]]) -> dict[str, Any]:
+              shadow: tuple[str, int] | None, groups: dict[str, list[int]]) -> dict[str, Any]:
     """One case for one round: open-loop load at ``rate``; the live figures, the shadow
     counters' increase and the CPU seconds each process group spent per live answer."""
     set_case(proxy, shadow)
@@ -196,9 +205,11 @@ def measure(setup: dict[str, Any], redis_url: str, work: Path, args: argparse.Na
     from airmlops.serving import proxy as proxy_mod
     from airmlops.serving.deploy import ensure_proxy, undeploy
 
-    cases = [("no shadow", None), ("shadow 100 %", SHADOW)]
+    cases: list[tuple[str, tuple[str, int] | None]] = [("no shadow", None),
+                                                       ("shadow 100 %", (SHADOW, 100))]
     if args.idle_shadow:
-        cases.append(("shadow 100 %, shadow server in the idle CPU class", SHADOW_IDLE))
+        cases += [(f"shadow {percent} %, shadow server in the idle CPU class",
+                   (SHADOW_IDLE, percent)) for percent in args.idle_percents]
     root = work / "deployments"
     version = str(setup["version"])
     with servers(setup, redis_url, work, args.workers, args.idle_shadow) as started:
@@ -210,6 +221,7 @@ def measure(setup: dict[str, Any], redis_url: str, work: Path, args: argparse.Na
                     proxy_mod.register(proxy.port, proxy.token, slot, [started[slot][1]],
                                        version)
             groups = {"proxy": serving.server_processes(proxy.pid),
+                      "redis": listening_pids(redis_url),
                       **{f"server {slot}": serving.server_processes(proc.pid)
                          for slot, (proc, _) in started.items()}}
             url = f"{proxy.url}/predict"
@@ -324,6 +336,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, help="workers per server (default: the spec's)")
     parser.add_argument("--no-idle-shadow", dest="idle_shadow", action="store_false",
                         help="leave out the case of the shadow server in the idle CPU class")
+    parser.add_argument("--idle-percents", type=lambda text: [int(p) for p in text.split(",")],
+                        default=[100], help="mirrored shares of the idle-class shadow's cases "
+                        "(comma-separated, default 100)")
     parser.add_argument("--quick", action="store_true", help="2 rounds x 8 s")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()

@@ -241,6 +241,17 @@ def process_alive(pid: int | None, create_time: float | None) -> bool:
     return True
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants' pids (empty if it is gone)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root.pid, *(child.pid for child in root.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
 def marked_processes(name: str, value: str) -> list[Any]:
     """Live processes whose environment has ``name=value`` (a deployment or instance marker).
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from airmlops.serving.proxy.routing import Router
-from airmlops.serving.proxy.shadow import LivePressure, Mirror, ShadowCopy
+from airmlops.serving.proxy.shadow import CopyBudget, LivePressure, Mirror, ShadowCopy
 from airmlops.serving.proxy.table import RoutingTable, ShadowSpec, SlotSpec
 
 RID = "0" * 32  # selected at any percent (its first 8 hex digits are 0)
@@ -120,3 +120,54 @@ def test_the_mirror_reads_the_live_slots_statistics() -> None:
     assert verdicts == [False, False, False, True]
     router.stats_for("b").record(200, 1.0)  # the shadow's own answers do not count
     assert mirror.under_pressure() is True
+
+
+def test_the_budget_is_unlimited_until_pressure_then_half_the_rate_sent() -> None:
+    budget = CopyBudget(step=10.0, floor=5.0, burst=0.1)
+    assert all(budget.take(index / 1000) for index in range(500))  # 1,000/s: all pass
+    budget.adjust(0.5, pressure=False)
+    assert budget.rate is None  # calm: still unlimited
+    assert all(budget.take(0.5 + index / 1000) for index in range(250))
+    budget.adjust(0.75, pressure=True)
+    assert budget.rate == 500.0  # half of the 1,000/s sent in that window
+
+
+def test_the_budget_grows_by_a_step_when_calm_and_halves_under_pressure() -> None:
+    budget = CopyBudget(step=10.0, floor=5.0, burst=0.1)
+    budget.take(0.0)
+    budget.adjust(1.0, pressure=True)  # 1 copy in 1 s: half of it, but not under the floor
+    assert budget.rate == 5.0
+    for look in range(2, 12):
+        budget.adjust(float(look), pressure=False)
+    assert budget.rate == 105.0
+    budget.adjust(12.0, pressure=True)
+    assert budget.rate == 5.0  # what was sent since the last look (nothing) bounds it too
+
+
+def test_the_budget_spends_its_rate_without_bursts() -> None:
+    budget = CopyBudget(step=10.0, floor=5.0, burst=0.1)
+    budget.take(0.0)
+    budget.adjust(1.0, pressure=True)
+    budget.rate = 100.0  # 100 copies/s, at most 10 at once
+    taken = sum(budget.take(1.0 + index / 1000) for index in range(2000))  # 1,000/s offered
+    assert 195 <= taken <= 215  # 2 s at 100/s, plus at most one burst
+    assert sum(budget.take(3.0) for _ in range(50)) <= 1  # all at once: the bucket is empty
+
+
+def test_the_mirror_sheds_copies_over_the_budget_and_starts_afresh_for_a_new_shadow() -> None:
+    router = shadowed_router()
+    counters: dict[str, int] = {}
+    budget = CopyBudget(floor=5.0, burst=0.1)
+    mirror = Mirror(router, counters, pool=lambda: None, read_timeout=1.0,  # type: ignore
+                    pressure=LivePressure(interval=1e9), budget=budget)
+    mirror._budgeted = ("b", 100)  # the budget is this shadow's
+    mirror.tasks = [object()]  # type: ignore[list-item]  # no workers: copies stay queued
+    budget.take(0.0)
+    budget.adjust(1.0, pressure=True)  # 5 copies/s from now on
+    for _ in range(20):
+        mirror.offer(router.shadow, [(b"x-request-id", RID.encode())], "/predict", [], b"{}")
+    assert (mirror.queue.qsize(), counters["shadow_shed"]) == (1, 19)
+    router.install(router.table.with_shadow(ShadowSpec("b", 50)))  # set again: fresh budget
+    mirror.offer(router.shadow, [(b"x-request-id", RID.encode())], "/predict", [], b"{}")
+    assert mirror.budget is not budget and mirror.budget.rate is None
+    assert mirror.queue.qsize() == 2

@@ -34,6 +34,8 @@ import resource
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airmlops.processes import process_tree
+
 if TYPE_CHECKING:
     from docker import DockerClient
 
@@ -81,7 +83,7 @@ def reclaim_cpu(handle: SlotHandle, record: dict[str, Any],
     elif how == "docker-shares":
         _container(handle, docker_client).update(cpu_shares=int(record["shares"]))
     elif how == "sched-idle":
-        _set_policy(_tree(handle.pid), os.SCHED_OTHER, 0)
+        _set_policy(process_tree(handle.pid), os.SCHED_OTHER, 0)
 
 
 def is_idle(pid: int) -> bool:
@@ -103,7 +105,7 @@ def _yield_process(pid: int | None, name: str) -> dict[str, Any]:
     """A process slot's tree into a cgroup of its own with ``cpu.idle``, else SCHED_IDLE."""
     if pid is None:
         raise ValueError("a process slot without a pid")
-    pids = _tree(pid)
+    pids = process_tree(pid)
     root = _cpu_root()
     home = _cgroup_of(pid, root) if root is not None else None
     if root is not None and home is not None and home == root:
@@ -136,7 +138,7 @@ def _leave_group(pid: int | None, group: Path, home: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 _write(home / "cgroup.procs", each)
         group.rmdir()
-    elif pid is not None and _tree(pid):
+    elif pid is not None and process_tree(pid):
         raise OSError(f"the shadow's cgroup {group} is gone")
 
 
@@ -152,17 +154,6 @@ def release_group(name: str) -> None:
     if root is not None and _NAME.fullmatch(name):
         with contextlib.suppress(OSError):
             (root / GROUP_PARENT / name).rmdir()
-
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (empty if it is gone)."""
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        return [root.pid, *(child.pid for child in root.children(recursive=True))]
-    except psutil.Error:
-        return []
 
 
 def _set_policy(pids: list[int], policy: int, nice: int) -> None:

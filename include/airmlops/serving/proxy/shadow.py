@@ -15,6 +15,13 @@ compares the mean latency of the live slot's answers in that window with the fas
 the last ten seconds; while it is more than 25 % (and 1 ms) slower, copies are shed, queued ones
 too (counted in ``shadow_shed``), so a shadow whose server competes with the live one for
 the CPU stops loading it. Windows of fewer than 20 answers change nothing.
+
+Once a look has found pressure, copies flow at a budgeted rate (:class:`CopyBudget`), not in
+bursts: half the rate sent in that window, then a step more at every calm look and half at
+every look under pressure (additive increase, multiplicative decrease, as TCP's congestion
+window), so the mirror settles just below the rate that slows the live answers instead of
+swinging between all and nothing. Copies over the budget are shed too. A shadow that never
+slows the live answers is never budgeted.
 """
 
 from __future__ import annotations
@@ -50,6 +57,12 @@ SHED_FLOOR_MS = 1.0
 """...and by how many milliseconds at least (fast answers jitter by more than 25 %)."""
 SHED_MEMORY = 40
 """Windows the baseline (the fastest of them) remembers: 10 s at the default interval."""
+BUDGET_STEP = 25.0
+"""Copies per second added at each calm look (every :data:`SHED_INTERVAL`): +100/s a second."""
+BUDGET_FLOOR = 5.0
+"""The budget never falls below this many copies per second."""
+BUDGET_BURST = 0.05
+"""Seconds of budget that may be spent at once."""
 
 _REQUEST_ID = re.compile(rb"[0-9a-f]{32}")
 
@@ -85,6 +98,8 @@ class LivePressure:
         self.interval, self.min_answers = interval, min_answers
         self.margin, self.floor_ms = margin, floor_ms
         self.shedding = False
+        self.looks = 0
+        """Windows compared so far (each one a verdict the copy budget follows)."""
         self._next = 0.0
         self._last: tuple[str, int, float] | None = None  # slot, answers, summed ms
         self._means: collections.deque[float] = collections.deque(maxlen=memory)
@@ -104,10 +119,57 @@ class LivePressure:
             return self.shedding
         mean = (sum_ms - last[2]) / (answers - last[1])
         self._last = (slot, answers, sum_ms)
+        self.looks += 1
         baseline = min(self._means, default=mean)
         self._means.append(mean)
         self.shedding = mean > baseline * (1 + self.margin) and mean > baseline + self.floor_ms
         return self.shedding
+
+
+class CopyBudget:
+    """How many copies per second the mirror may send: none counted until the first look under
+    pressure, which sets the rate to half of what was sent in that window; from then on a
+    token bucket whose rate grows by ``step`` at each calm look and halves at each look under
+    pressure (never under ``floor``); at most ``burst`` seconds of it are spent at once."""
+
+    def __init__(self, *, step: float = BUDGET_STEP, floor: float = BUDGET_FLOOR,
+                 burst: float = BUDGET_BURST) -> None:
+        """An unlimited budget until the first pressure."""
+        self.step, self.floor, self.burst = step, floor, burst
+        self.rate: float | None = None
+        self._tokens = 0.0
+        self._last: float | None = None
+        self._window: tuple[float, int] | None = None  # when the window began, copies sent
+
+    def adjust(self, now: float, pressure: bool) -> None:
+        """One look's verdict at the monotonic time ``now``: halve the rate (or, the first
+        time, half the rate just sent) under ``pressure``, else add a step to a set rate."""
+        began, sent = self._window or (now, 0)
+        self._window = (now, 0)
+        if pressure:
+            measured = sent / (now - began) if now > began else self.floor
+            if self.rate is None:  # the first pressure: a full bucket at half the rate sent
+                self.rate = max(self.floor, measured / 2)
+                self._tokens, self._last = max(1.0, self.rate * self.burst), None
+            else:
+                self.rate = max(self.floor, min(self.rate, max(measured, 1.0)) / 2)
+        elif self.rate is not None:
+            self.rate += self.step
+
+    def take(self, now: float) -> bool:
+        """Spend one copy at the monotonic time ``now``: True if the budget had it."""
+        if self._window is None:
+            self._window = (now, 0)
+        if self.rate is not None:
+            if self._last is not None:
+                self._tokens = min(max(1.0, self.rate * self.burst),
+                                   self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1.0:
+                return False
+            self._tokens -= 1.0
+        self._window = (self._window[0], self._window[1] + 1)
+        return True
 
 
 class ShadowRoute:
@@ -140,9 +202,11 @@ class Mirror:
     def __init__(self, router: Router, counters: MutableMapping[str, int],
                  pool: Callable[[], UpstreamPool], read_timeout: float, *,
                  queue_size: int = SHADOW_QUEUE_SIZE, workers: int = SHADOW_WORKERS,
-                 pressure: LivePressure | None = None) -> None:
+                 pressure: LivePressure | None = None,
+                 budget: CopyBudget | None = None) -> None:
         """Mirror to ``router``'s shadow through ``pool()``, counting in ``counters``,
-        shedding copies while ``pressure`` (by default :class:`LivePressure`'s rule) says so."""
+        shedding copies while ``pressure`` (by default :class:`LivePressure`'s rule) says so
+        and beyond ``budget`` (by default a fresh :class:`CopyBudget`)."""
         if queue_size < 1 or workers < 1:
             raise ValueError("the shadow queue size and worker count must be at least 1")
         self.router, self.counters, self.pool = router, counters, pool
@@ -152,6 +216,9 @@ class Mirror:
         self.tasks: list[asyncio.Task[None]] = []
         self._turn = 0
         self.pressure = pressure if pressure is not None else LivePressure()
+        self.budget = budget if budget is not None else CopyBudget()
+        self._budgeted: tuple[str, int] | None = None  # the shadow the budget is for
+        self._looks = 0
         for key in SHADOW_COUNTERS:
             counters.setdefault(key, 0)
 
@@ -169,7 +236,9 @@ class Mirror:
         request_id = request_id_of(response_headers)
         if request_id is None or not selected(request_id, shadow.percent):
             return
-        if self.under_pressure():
+        if (shadow.slot, shadow.percent) != self._budgeted:  # a new shadow: a fresh budget
+            self._budgeted, self.budget = (shadow.slot, shadow.percent), CopyBudget()
+        if self.under_pressure() or not self.budget.take(time.monotonic()):
             self.counters["shadow_shed"] += 1
             return
         if not self.tasks:  # served without lifespan: start the workers on first use
@@ -186,7 +255,12 @@ class Mirror:
         if active is None:
             return False
         stats = router.stats_for(active)
-        return self.pressure.update(time.monotonic(), active, stats.requests, stats.sum_ms)
+        pressure = self.pressure
+        shedding = pressure.update(time.monotonic(), active, stats.requests, stats.sum_ms)
+        if pressure.looks != self._looks:  # a window was judged: the budget follows it
+            self._looks = pressure.looks
+            self.budget.adjust(time.monotonic(), shedding)
+        return shedding
 
     async def _work(self) -> None:
         """Send queued copies, one at a time, until cancelled; shed them under pressure."""
