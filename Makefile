@@ -42,7 +42,7 @@ status: setup ## Show which platform processes are alive
 	$(AIRMLOPS) platform status
 
 test: setup lint ## Lint, then every test suite (unit, DAG, integration, e2e)
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest tests --durations=40
 
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit tests/dags

@@ -316,8 +316,10 @@ def summarize(measured: dict[str, Any], args: argparse.Namespace,
                f"{peak['burst']['throughput']:.0f} req/s).",
                "the proxy sheds copies while its live answers are slower than lately "
                "(`LivePressure` in `serving/proxy/shadow.py`: a 0.25-s window's mean latency "
-               "over 1.25 x and 1 ms above the fastest window of the last 10 s); shed copies "
-               "are counted apart from those dropped by a full queue.",
+               "over 1.25 x and 1 ms above the fastest window of the last 10 s) and, from the "
+               "first such window on, beyond a copy budget (`CopyBudget`: half the rate sent "
+               "then, +25 copies/s per calm window, halved per window under pressure); shed "
+               "copies are counted apart from those dropped by a full queue.",
                "each round runs every case once, the order rotating between rounds; the "
                "shadow set (`set_shadow`, 100 %) or cleared 1 s before each case; latency "
                "from the scheduled send time (no coordinated omission).",
