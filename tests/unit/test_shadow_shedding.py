@@ -160,7 +160,6 @@ def test_the_mirror_sheds_copies_over_the_budget_and_starts_afresh_for_a_new_sha
     budget = CopyBudget(floor=5.0, burst=0.1)
     mirror = Mirror(router, counters, pool=lambda: None, read_timeout=1.0,  # type: ignore
                     pressure=LivePressure(interval=1e9), budget=budget)
-    mirror._budgeted = ("b", 100)  # the budget is this shadow's
     mirror.tasks = [object()]  # type: ignore[list-item]  # no workers: copies stay queued
     budget.take(0.0)
     budget.adjust(1.0, pressure=True)  # 5 copies/s from now on

@@ -236,8 +236,10 @@ class Mirror:
         request_id = request_id_of(response_headers)
         if request_id is None or not selected(request_id, shadow.percent):
             return
-        if (shadow.slot, shadow.percent) != self._budgeted:  # a new shadow: a fresh budget
-            self._budgeted, self.budget = (shadow.slot, shadow.percent), CopyBudget()
+        if (shadow.slot, shadow.percent) != self._budgeted:
+            if self._budgeted is not None:  # another shadow than before: a fresh budget
+                self.budget = CopyBudget()
+            self._budgeted = (shadow.slot, shadow.percent)
         if self.under_pressure() or not self.budget.take(time.monotonic()):
             self.counters["shadow_shed"] += 1
             return
