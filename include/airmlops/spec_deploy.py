@@ -8,6 +8,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+DEPLOY_TASK_MARGIN_SECONDS = 600.0
+"""What the deploy task's timeout allows beyond waiting and trials: smoke tests, the switch,
+stopping the old version, recording."""
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -106,6 +110,22 @@ class DeployConfig(_Strict):
         default=3600.0, ge=60, le=604800,
         description="Manual promotion: how long to wait for a decision after the window; "
         "none by then rejects the shadow (the live version keeps serving).")
+
+    def deploy_task_timeout_seconds(self) -> float:
+        """The deploy task's timeout: the longest this section lets a deploy take, plus
+        :data:`DEPLOY_TASK_MARGIN_SECONDS`. Every server of the new version started and waited
+        for in turn (live ones, spares, one restart), then the strategy's trial held as long as
+        it can be: a canary's steps or a shadow's window each held once more (too few
+        requests), and a manual shadow's wait for a decision."""
+        trial = 0.0
+        if self.strategy == "canary":
+            trial = 2 * self.canary_step_seconds * len(self.canary_steps)
+        elif self.strategy == "shadow":
+            trial = 2 * self.shadow_seconds
+            if self.shadow_promotion == "manual":
+                trial += self.shadow_decision_timeout_seconds
+        servers = self.replicas + self.spares + 1
+        return servers * self.ready_timeout_seconds + trial + DEPLOY_TASK_MARGIN_SECONDS
 
     @field_validator("canary_steps")
     @classmethod

@@ -9,6 +9,7 @@ converted to and from XCom by :func:`~airmlops.dags.common.stage`.
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 
 from airflow.sdk import DAG, Asset, XComArg, dag, get_current_context, task
@@ -81,7 +82,7 @@ def build_training_dag(spec: PipelineSpec, spec_path: Path) -> DAG:
         params=training_params(),
     )
     def training() -> None:
-        _release_tasks(_training_tasks(spec, spec_path))
+        _release_tasks(spec, _training_tasks(spec, spec_path))
 
     return training()
 
@@ -125,7 +126,7 @@ def _training_tasks(spec: PipelineSpec, spec_path: Path) -> XComArg:
     return train(training_set)
 
 
-def _release_tasks(model: XComArg) -> None:
+def _release_tasks(spec: PipelineSpec, model: XComArg) -> None:
     """validate_model → register → should_deploy → containerize → deploy → monitor, after the
     ``train`` task whose output is ``model``, in the DAG being built."""
     from airmlops import stages
@@ -155,10 +156,11 @@ def _release_tasks(model: XComArg) -> None:
         pinned = run_spec()
         return stages.containerize(pinned.spec, pinned.path, registered, get_settings())
 
-    @task
+    @task(execution_timeout=dt.timedelta(seconds=spec.deploy.deploy_task_timeout_seconds()))
     @stage
     def deploy(packaged: Package, trained: TrainedModel) -> Deployment:
-        """Blue/green behind the stable address; any failure leaves the old version."""
+        """Blue/green (or canary, or shadow) behind the stable address; any failure, the task's
+        timeout included, leaves the old version."""
         return stages.deploy(run_spec().spec, packaged, trained, run_context(), get_settings())
 
     @task
