@@ -42,6 +42,9 @@ class Deployment:
     redis: KillableRedis
     alerts: AlertReceiver
     entities: list[str]
+    deploy_args: dict[str, Any]
+    """What the version serving was deployed with (besides its name and version): a test
+    deploys another version the same way."""
 
     def state(self) -> dict[str, Any]:
         from airmlops.serving.deploy import load_state
@@ -68,13 +71,14 @@ def deployment(model, bento, tmp_path_factory: pytest.TempPathFactory,
     env = {"MLOPS_DATA_ROOT": str(root), "MLOPS_SERVING_WORKERS": "2",
            "MLOPS_PREDICTION_LOG_REDIS_URL": redis_server.url}
     golden = [{"instances": [{"customer_id": e, "tenure_days": 120}]} for e in model.known[:3]]
+    args = dict(artifact=ref.tag, target="process", golden=golden, root=root,
+                proxy_port=port, ready_timeout=180, latency_budget_ms=2000, now=NOW, env=env,
+                bentoml_home=home, replicas=model.spec.deploy.replicas,
+                spares=model.spec.deploy.spares, alerts={"webhook": {"url": alerts.url}})
     try:
-        deploy(model.spec.name, model.version, ref.tag, "process", golden, root=root,
-               proxy_port=port, ready_timeout=180, latency_budget_ms=2000, now=NOW, env=env,
-               bentoml_home=home, replicas=model.spec.deploy.replicas,
-               spares=model.spec.deploy.spares, alerts={"webhook": {"url": alerts.url}})
+        deploy(model.spec.name, model.version, **args)
         yield Deployment(model.spec.name, root, f"http://127.0.0.1:{port}", port,
-                         redis_server, alerts, model.known)
+                         redis_server, alerts, model.known, args)
     finally:
         undeploy(model.spec.name, root)
         alerts.close()

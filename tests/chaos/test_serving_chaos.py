@@ -157,3 +157,55 @@ def test_redis_down_for_30_seconds_loses_no_acknowledged_prediction(
         "n/a (degraded /readyz)", "2xx throughout; each acknowledged prediction once"))
     assert failed == 0, [a for a in answers if not a.ok][:5]
     assert not missing and not twice
+
+
+def test_kill_the_shadows_server_mid_window_fails_no_live_request(
+        deployment, chaos_results) -> None:
+    import threading
+    from pathlib import Path
+
+    from airmlops.serving import cpu_class
+    from airmlops.serving.deploy import DeployError, ShadowPlan, deploy
+
+    live_version = deployment.live()["model_version"]
+    plan = ShadowPlan(8.0, lambda start, end: {"pairs": 0}, min_requests=1)
+    outcome: dict[str, BaseException | object] = {}
+
+    def shadow_deploy() -> None:
+        try:
+            outcome["result"] = deploy(deployment.pipeline, f"{live_version}0",
+                                       shadow=plan, supervise=False, **deployment.deploy_args)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    with LoadGenerator(deployment.url, deployment.entities) as load:
+        _settle(load, 2.0)
+        thread = threading.Thread(target=shadow_deploy, daemon=True)
+        thread.start()
+        groups = wait_for(lambda: [g for g in cpu_class.shadow_groups()
+                                   if (Path(g) / "cgroup.procs").read_text().split()], 240,
+                          "the shadow's servers to run (in the idle CPU class)")
+        wait_for(lambda: (deployment.state().get("shadow") or {}).get("status") == "running",
+                 60, "the shadow window to start")
+        fault_at = time.monotonic()
+        for group in groups:
+            for pid in (Path(group) / "cgroup.procs").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the shadow deploy did not end"
+        ended_at = time.monotonic()
+        _settle(load, 2.0)
+    answers = load.since(fault_at)
+    failed, streak, _first, _recovered = failure_streak(answers)
+    error = outcome.get("error")
+    chaos_results.append(FaultResult(
+        "kill -9 the shadow's server mid-window", len(answers), failed, streak,
+        ended_at - fault_at, "none (shadow rejected, live version unchanged)",
+        "task_failed (the deploy task's failure callback)",
+        "0 failed live requests, shadow rejected"))
+    assert failed == 0, [a for a in answers if not a.ok][:5]
+    assert isinstance(error, DeployError), outcome  # rejected (no answer, or the rule)
+    assert deployment.live()["model_version"] == live_version
+    assert deployment.state()["shadow"]["outcome"] == "rejected"
+    assert not cpu_class.shadow_groups()
+    assert _healthy_everywhere(deployment)
