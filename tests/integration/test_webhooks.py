@@ -278,6 +278,12 @@ BURST = 45
 """More concurrent deliveries than the API server's worker threads (anyio's default: 40)."""
 
 
+def webhook_log_lines(server: WebhookServer, last: int = 20) -> str:
+    """The API server log's last ``last`` lines of the webhook receiver (what a 503 names)."""
+    log = (server.platform.run_dir / "logs" / "api-server.log").read_text(errors="replace")
+    return "\n".join([line for line in log.splitlines() if "Webhook" in line][-last:])
+
+
 def test_a_burst_of_deliveries_triggers_every_run_without_starving_the_api(
     server: WebhookServer,
 ):
@@ -295,7 +301,8 @@ def test_a_burst_of_deliveries_triggers_every_run_without_starving_the_api(
     answers = asyncio.run(deliver_all())
     elapsed = time.perf_counter() - started
     print(f"\n{BURST} concurrent webhooks answered in {elapsed:.1f} s")
-    assert [a.status_code for a in answers] == [202] * BURST, answers[0].text
+    assert [a.status_code for a in answers] == [202] * BURST, (
+        f"{answers[0].text}\nthe API server's log on webhooks:\n{webhook_log_lines(server)}")
     assert server.run_count() == before + BURST
     assert elapsed < 60
 
