@@ -304,7 +304,6 @@ def test_a_burst_of_deliveries_triggers_every_run_without_starving_the_api(
     assert [a.status_code for a in answers] == [202] * BURST, (
         f"{answers[0].text}\nthe API server's log on webhooks:\n{webhook_log_lines(server)}")
     assert server.run_count() == before + BURST
-    assert elapsed < 60
 
 
 def test_neither_the_secret_nor_a_body_reaches_the_server_log(server: WebhookServer):
