@@ -202,6 +202,7 @@ def test_copies_carry_the_live_request_id_and_the_live_answers_are_unchanged(
     assert (state["shadow"], state["shadow_routing"]) == ({"slot": "shadow", "percent": 100},
                                                           True)
     assert (state["shadow_dropped"], state["shadow_shed"], state["shadow_errors"]) == (0, 0, 0)
+    assert state["shadow_budget_per_s"] is None  # live answers never slowed: no budget
     window = proxy_mod.step_window(stats_before, proxy_mod.slot_stats(proxy.port, "shadow"))
     assert (window["requests"], window["errors"]) == (20, 0)
     assert window["p50_ms"] is not None

@@ -170,3 +170,11 @@ def test_the_mirror_sheds_copies_over_the_budget_and_starts_afresh_for_a_new_sha
     mirror.offer(router.shadow, [(b"x-request-id", RID.encode())], "/predict", [], b"{}")
     assert mirror.budget is not budget and mirror.budget.rate is None
     assert mirror.queue.qsize() == 2
+
+
+def test_the_state_shows_the_budget_once_there_is_one() -> None:
+    from airmlops.serving.proxy.admin import render_state
+
+    router = shadowed_router()
+    assert render_state(router, {}, 1, "boot")["shadow_budget_per_s"] is None
+    assert render_state(router, {}, 1, "boot", 12.345)["shadow_budget_per_s"] == 12.3

@@ -180,8 +180,9 @@ def switch_answer(request: SwitchRequest, previous: RoutingTable, table: Routing
 
 
 def render_state(router: Router, counters: Mapping[str, int], generation: int,
-                 boot: str) -> dict[str, Any]:
-    """What ``GET /__proxy/state`` answers: the table with health, counters and stats."""
+                 boot: str, shadow_budget: float | None = None) -> dict[str, Any]:
+    """What ``GET /__proxy/state`` answers: the table with health, counters and stats, and
+    the shadow mirror's copy budget (copies per second; None while unlimited)."""
     table = router.table
     spec = table.active_spec
     return {
@@ -195,6 +196,7 @@ def render_state(router: Router, counters: Mapping[str, int], generation: int,
         "canary_routing": router.canary is not None,
         "shadow": table.shadow.to_json() if table.shadow else None,
         "shadow_routing": router.shadow is not None,
+        "shadow_budget_per_s": None if shadow_budget is None else round(shadow_budget, 1),
         **counters,
         "slots": {
             name: {"version": slot.version, "active": name == table.active,

@@ -378,7 +378,8 @@ class ReverseProxy:
 
     def state(self) -> dict[str, Any]:
         """What ``GET /__proxy/state`` answers: the table with health, counters and stats."""
-        return render_state(self.router, self.counters, self.generation, self.boot)
+        return render_state(self.router, self.counters, self.generation, self.boot,
+                            self.mirror.budget.rate)
 
     def metrics(self) -> str:
         """What ``GET /__proxy/metrics`` answers (Prometheus text format 0.0.4)."""
