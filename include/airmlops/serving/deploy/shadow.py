@@ -157,9 +157,10 @@ def idle_cpu_class(handles: Sequence[SlotHandle], prefix: str,
     not be taken out, since it must not take live traffic in that class."""
     records = [(handle, yield_cpu(handle, f"{prefix}-{handle.port}", docker_client))
                for handle in handles]
-    logger.info("shadow %s: CPU class %s", prefix, [record["how"] for _, record in records])
+    hows = [record["how"] for _, record in records]
+    logger.info("shadow %s: CPU class %s", prefix, hows)
     try:
-        yield [record["how"] for _, record in records]
+        yield hows
     except BaseException:
         for handle, record in records:
             with contextlib.suppress(Exception):  # it is stopped next anyway

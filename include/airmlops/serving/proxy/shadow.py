@@ -257,11 +257,11 @@ class Mirror:
         if active is None:
             return False
         stats = router.stats_for(active)
-        pressure = self.pressure
-        shedding = pressure.update(time.monotonic(), active, stats.requests, stats.sum_ms)
+        pressure, now = self.pressure, time.monotonic()
+        shedding = pressure.update(now, active, stats.requests, stats.sum_ms)
         if pressure.looks != self._looks:  # a window was judged: the budget follows it
             self._looks = pressure.looks
-            self.budget.adjust(time.monotonic(), shedding)
+            self.budget.adjust(now, shedding)
         return shedding
 
     async def _work(self) -> None:
