@@ -144,14 +144,6 @@ def set_case(proxy: Any, shadow: tuple[str, int] | None) -> None:
         proxy_mod.set_shadow(proxy.port, proxy.token, *shadow)
 
 
-def listening_pids(url: str) -> list[int]:
-    """The processes listening on the port of ``url`` (the benchmark's Redis)."""
-    import psutil
-
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    return sorted({c.pid for c in psutil.net_connections("tcp")
-                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid})
-
 
 def maximum(url: str, bodies: Path, seconds: float) -> dict[str, Any]:
     """The live path's maximum throughput, no shadow: an open-loop ramp (32 connections, x1.25
@@ -221,7 +213,8 @@ def measure(setup: dict[str, Any], redis_url: str, work: Path, args: argparse.Na
                     proxy_mod.register(proxy.port, proxy.token, slot, [started[slot][1]],
                                        version)
             groups = {"proxy": serving.server_processes(proxy.pid),
-                      "redis": listening_pids(redis_url),
+                      "redis": [pid for pid in [serving.proxy_pid(
+                          int(redis_url.rsplit(":", 1)[1].split("/")[0]))] if pid],
                       **{f"server {slot}": serving.server_processes(proc.pid)
                          for slot, (proc, _) in started.items()}}
             url = f"{proxy.url}/predict"
