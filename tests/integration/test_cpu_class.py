@@ -1,6 +1,7 @@
 """The shadow's idle CPU class on real processes: a process tree is put in it and taken out
 again (a cgroup of its own with ``cpu.idle`` where the cgroup tree is writable, else the
-SCHED_IDLE policy), a process it forks meanwhile inherits it, and what it refuses."""
+SCHED_IDLE policy), and a process it forks meanwhile inherits it. Its refusals are in
+tests/security/test_cpu_class_refusals.py."""
 
 from __future__ import annotations
 
@@ -122,13 +123,6 @@ def test_a_machine_that_cannot_gives_none_and_the_reason(
     assert record["how"] == "none" and "RLIMIT_NICE" in record["why"]
     assert not any(cpu_class.is_idle(pid) for pid in pids(tree))
     cpu_class.reclaim_cpu(handle_of(tree), record)  # nothing to undo
-
-
-@pytest.mark.parametrize("name", ["../etc", "a/b", "", "UPPER", "x" * 102, "-lead"])
-def test_a_slot_name_that_is_not_a_plain_name_is_refused(tree: subprocess.Popen,
-                                                        name: str) -> None:
-    with pytest.raises(ValueError, match="invalid slot name"):
-        cpu_class.yield_cpu(handle_of(tree), name)
 
 
 def test_a_gone_process_leaves_no_group(tree: subprocess.Popen) -> None:
